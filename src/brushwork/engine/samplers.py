@@ -1,0 +1,136 @@
+"""One table: the sampler names people know -> a diffusers scheduler class and its overrides.
+
+Names follow A1111 (v1.9+): a sampler ("DPM++ 2M") plus a schedule type ("Karras"). The old
+combined names ("DPM++ 2M Karras"), ComfyUI/k-diffusion spellings ("dpmpp_2m_karras",
+"euler_ancestral", "k_lms") and any case are accepted. Schedulers are always built fresh with
+``Cls.from_config({**base, **overrides})``; a shared scheduler config is never mutated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..request import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str  # A1111 name
+    scheduler: str  # diffusers class name
+    overrides: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential")  # schedule types it supports
+    needs: str | None = None  # an extra package it needs
+
+
+# The order is the order shown to users.
+SAMPLERS: tuple[Sampler, ...] = (
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m", "dpmpp_2m")),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("k_dpmpp_sde", "dpmpp_sde"), needs="torchsde"),
+    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m_sde", "dpmpp_2m_sde")),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", {},
+            ("k_euler_a", "k_euler_ancestral", "euler_ancestral", "euler_a"), schedules=("Automatic",)),
+    Sampler("Euler", "EulerDiscreteScheduler", {}, ("k_euler", "euler")),
+    Sampler("LMS", "LMSDiscreteScheduler", {}, ("k_lms", "lms")),
+    Sampler("Heun", "HeunDiscreteScheduler", {}, ("k_heun", "heun")),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2", "dpm_2"), schedules=("Automatic", "Karras")),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("k_dpm_2_a", "dpm_2_ancestral"),
+            schedules=("Automatic", "Karras")),
+    Sampler("DDIM", "DDIMScheduler",
+            # A1111's DDIM: timesteps range(0, 1000, 1000 // steps) + 1
+            {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False},
+            ("ddim",), schedules=("Automatic",)),
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "leading", "steps_offset": 1},
+            ("plms", "pndm"), schedules=("Automatic",)),
+    Sampler("UniPC", "UniPCMultistepScheduler", {}, ("uni_pc", "unipc"), schedules=("Automatic", "Karras")),
+    Sampler("LCM", "LCMScheduler", {}, ("lcm",), schedules=("Automatic",)),
+)
+
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
+    "Automatic": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+}
+
+
+def _key(name: str) -> str:
+    key = name.strip().lower().replace("dpmpp", "dpm++").replace("ancestral", "a")
+    key = re.sub(r"^k_", "", key)
+    return re.sub(r"[\s_\-]+", "", key)
+
+
+def _index() -> dict[str, Sampler]:
+    index: dict[str, Sampler] = {}
+    for sampler in SAMPLERS:
+        for name in (sampler.name, *sampler.aliases):
+            index[_key(name)] = sampler
+    return index
+
+
+def sampler_names() -> list[str]:
+    return [s.name for s in SAMPLERS]
+
+
+def parse_sampler(name: str, schedule: str | None = "Automatic") -> tuple[Sampler, str]:
+    """Resolve a user's sampler (and schedule type) name; raise a clear error for unknown names.
+
+    A combined name like "DPM++ 2M Karras" overrides ``schedule`` when ``schedule`` is Automatic.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
+    index = _index()
+    key = _key(name)
+    sched = _parse_schedule(schedule or "Automatic")
+    sampler = index.get(key)
+    if sampler is None:
+        for type_name in SCHEDULE_TYPES:
+            suffix = _key(type_name)
+            if type_name != "Automatic" and key.endswith(suffix) and key[: -len(suffix)] in index:
+                sampler = index[key[: -len(suffix)]]
+                if sched == "Automatic":
+                    sched = type_name
+                break
+    if sampler is None:
+        raise InvalidRequest(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
+    if sched not in sampler.schedules:
+        raise InvalidRequest(
+            f"sampler {sampler.name} does not support the {sched} schedule; choose one of: {', '.join(sampler.schedules)}"
+        )
+    return sampler, sched
+
+
+def _parse_schedule(schedule: str) -> str:
+    for type_name in SCHEDULE_TYPES:
+        if _key(schedule) == _key(type_name):
+            return type_name
+    raise InvalidRequest(f"unknown schedule type {schedule!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
+
+
+def build_scheduler(base_config: dict[str, Any], name: str, schedule: str = "Automatic"):
+    """A new diffusers scheduler for this sampler, from the model's base scheduler config."""
+    import diffusers
+
+    sampler, sched = parse_sampler(name, schedule)
+    if sampler.needs:
+        try:
+            __import__(sampler.needs)
+        except ImportError:
+            raise InvalidRequest(
+                f"sampler {sampler.name} needs the package {sampler.needs}; run: pip install {sampler.needs}"
+            ) from None
+    cls = getattr(diffusers, sampler.scheduler)
+    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    # settings of one scheduler that make no sense for another are dropped by from_config
+    config.update(sampler.overrides)
+    config.update(SCHEDULE_TYPES[sched])
+    return cls.from_config(config)
+
+
+def display_name(name: str, schedule: str = "Automatic") -> tuple[str, str | None]:
+    """(A1111 sampler name, schedule type or None when Automatic), for the infotext."""
+    sampler, sched = parse_sampler(name, schedule)
+    return sampler.name, (None if sched == "Automatic" else sched)

@@ -1,0 +1,75 @@
+"""Where brushwork keeps things, and the defaults a user can set once.
+
+Read from the environment (``BRUSHWORK_*``) and an optional ``settings.json`` in the home
+folder; nothing is read at import time, and nothing is global: build a ``Settings`` and pass it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("BRUSHWORK_HOME", Path.home() / ".brushwork")).expanduser()
+
+
+@dataclass
+class Settings:
+    home: Path = field(default_factory=_default_home)
+    models_dir: Path | None = None  # default: <home>/models
+    outputs_dir: Path = Path("outputs")
+    default_model: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    memory: str = "auto"
+    watermark: bool = True
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser()
+        self.models_dir = Path(self.models_dir).expanduser() if self.models_dir else self.home / "models"
+        self.outputs_dir = Path(self.outputs_dir).expanduser()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def data_dir(self) -> Path:
+        """The server's database, queue and uploaded files."""
+        return self.home / "data"
+
+    @classmethod
+    def load(cls, **overrides) -> Settings:
+        """Defaults < ``<home>/settings.json`` < ``BRUSHWORK_*`` environment < explicit overrides."""
+        home = Path(overrides.get("home") or _default_home()).expanduser()
+        values: dict = {}
+        path = home / "settings.json"
+        if path.is_file():
+            try:
+                values.update(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass  # a broken settings file must not stop the program; defaults apply
+        names = {f.name: f for f in fields(cls)}
+        for name in names:
+            env = os.environ.get(f"BRUSHWORK_{name.upper()}")
+            if env is not None:
+                values[name] = env.lower() in ("1", "true", "yes", "on") if name == "watermark" else env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for name in ("max_upload_bytes", "max_image_pixels"):
+            if name in values:
+                values[name] = int(values[name])
+        values = {k: v for k, v in values.items() if k in names}
+        values.setdefault("home", home)
+        return cls(**values)
+
+    def save(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        path = self.home / "settings.json"
+        data = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "home"}
+        path.write_text(json.dumps(data, indent=2))
+        return path
