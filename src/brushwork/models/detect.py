@@ -1,0 +1,178 @@
+"""Read a checkpoint's architecture from its tensor names and shapes (ComfyUI-style).
+
+Input is a mapping ``key -> shape`` (from a safetensors header, without reading the weights,
+or from a loaded state dict). Output is a ``Detected``: the family plus diffusers configs for
+the UNet, the VAE and the text encoder. Any fine-tune loads without a config file; a layout we
+do not know is an error naming what was found, never a silent default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..request import ModelError
+from .convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .families import SD_VAE_SCALING_FACTOR, Family, find_family
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass
+class Detected:
+    family: Family
+    unet: dict
+    vae: dict
+    text_encoder: dict  # transformers CLIPTextConfig kwargs
+    text_encoder_kind: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _indices(shapes: Shapes, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+
+
+def detect(shapes: Shapes, name: str = "checkpoint") -> Detected:
+    keys = shapes.keys()
+    has_unet = f"{UNET_PREFIX}input_blocks.0.0.weight" in shapes
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in shapes:
+        raise ModelError(f"{name} is an SDXL checkpoint; SDXL support is coming, this version loads SD 1.x and 2.x")
+    if any(k.startswith(("model.diffusion_model.joint_blocks", "double_blocks.", "transformer_blocks."))
+           for k in keys):
+        raise ModelError(f"{name} is a transformer (SD3/Flux-style) model; this version loads SD 1.x and 2.x")
+    if not has_unet:
+        sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+        if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+            raise ModelError(f"{name} looks like a VAE on its own; pass it with --vae and pick a model with --model")
+        if any("lora_" in k for k in keys):
+            raise ModelError(f"{name} looks like a LoRA, not a full model; LoRA support is coming")
+        raise ModelError(f"{name} is not a Stable Diffusion checkpoint I know (found keys like: {sample})")
+
+    if any(k.startswith(CLIP_PREFIX) for k in keys):
+        te_kind = "clip"
+    elif any(k.startswith(OPENCLIP_PREFIX) for k in keys):
+        te_kind = "openclip"
+    else:
+        raise ModelError(f"{name} has a UNet but no text encoder I know (CLIP or OpenCLIP); it cannot be used alone")
+    in_channels = shapes[f"{UNET_PREFIX}input_blocks.0.0.weight"][1]
+    family = find_family(te_kind, in_channels)
+    if family is None:
+        raise ModelError(
+            f"{name}: a {te_kind} model with a {in_channels}-channel UNet input is not supported yet "
+            "(known: 4 = text-to-image, 9 = inpainting)"
+        )
+    text_encoder = _clip_config(shapes) if te_kind == "clip" else _openclip_config(shapes)
+    unet = _unet_config(shapes, family, text_encoder["hidden_size"])
+    vae = _vae_config(shapes, name)
+    return Detected(family, unet, vae, text_encoder, te_kind)
+
+
+def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
+    p = UNET_PREFIX
+    model_channels, in_channels = shapes[f"{p}input_blocks.0.0.weight"][:2]
+    blocks = _indices(shapes, rf"{re.escape(p)}input_blocks\.(\d+)\.")
+    downsamplers = [i for i in blocks if f"{p}input_blocks.{i}.0.op.weight" in shapes]
+    per = (downsamplers[0] - 1) if downsamplers else len(blocks) - 1
+    n_levels = len(downsamplers) + 1
+    channels, down_types = [], []
+    for level in range(n_levels):
+        first = 1 + level * (per + 1)
+        channels.append(shapes[f"{p}input_blocks.{first}.0.out_layers.3.weight"][0])
+        has_attn = f"{p}input_blocks.{first}.1.proj_in.weight" in shapes
+        down_types.append("CrossAttnDownBlock2D" if has_attn else "DownBlock2D")
+    attn_keys = [k for k in shapes if ".attn2.to_k.weight" in k]
+    if not attn_keys:
+        raise ModelError("the UNet has no cross-attention layers; this is not a text-to-image Stable Diffusion model")
+    context_dim = shapes[attn_keys[0]][1]
+    if context_dim != text_width:
+        raise ModelError(f"the UNet expects text features of width {context_dim}, the text encoder gives {text_width}")
+    first_attn = next(f"{p}input_blocks.{1 + lv * (per + 1)}.1" for lv in range(n_levels)
+                      if down_types[lv].startswith("CrossAttn"))
+    depth = len(_indices(shapes, rf"{re.escape(first_attn)}\.transformer_blocks\.(\d+)\."))
+    linear = len(shapes[f"{first_attn}.proj_in.weight"]) == 2
+    if family.heads == "fixed8":
+        heads: int | list[int] = 8
+    else:
+        heads = [max(1, c // 64) for c in channels]
+    up_types = [t.replace("Down", "Up") for t in reversed(down_types)]
+    return {
+        "sample_size": family.default_size // 8,
+        "in_channels": in_channels,
+        "out_channels": shapes[f"{p}out.2.weight"][0],
+        "down_block_types": down_types,
+        "up_block_types": up_types,
+        "block_out_channels": channels,
+        "layers_per_block": per,
+        "cross_attention_dim": context_dim,
+        "attention_head_dim": heads,
+        "use_linear_projection": linear,
+        "transformer_layers_per_block": depth,
+        "upcast_attention": family.upcast_attention,
+        "norm_num_groups": 32 if min(channels) % 32 == 0 else _groups(min(channels)),
+    }
+
+
+def _groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def _vae_config(shapes: Shapes, name: str) -> dict:
+    p = VAE_PREFIX
+    if f"{p}encoder.conv_in.weight" not in shapes:
+        raise ModelError(f"{name} has no VAE (first_stage_model.*); pass one with --vae")
+    levels = _indices(shapes, rf"{re.escape(p)}encoder\.down\.(\d+)\.")
+    per = len(_indices(shapes, rf"{re.escape(p)}encoder\.down\.0\.block\.(\d+)\."))
+    channels = [shapes[f"{p}encoder.down.{i}.block.{per - 1}.conv2.weight"][0] for i in levels]
+    latent = shapes[f"{p}post_quant_conv.weight"][0]
+    return {
+        "in_channels": shapes[f"{p}encoder.conv_in.weight"][1],
+        "out_channels": shapes[f"{p}decoder.conv_out.weight"][0],
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "block_out_channels": channels,
+        "layers_per_block": per,
+        "latent_channels": latent,
+        "norm_num_groups": 32 if min(channels) % 32 == 0 else _groups(min(channels)),
+        "scaling_factor": SD_VAE_SCALING_FACTOR,
+        "sample_size": 512,
+    }
+
+
+def _clip_config(shapes: Shapes) -> dict:
+    p = CLIP_PREFIX + "text_model."
+    if f"{p}embeddings.token_embedding.weight" not in shapes:
+        p = CLIP_PREFIX  # checkpoints saved with old transformers have no "text_model." level
+    vocab, width = shapes[f"{p}embeddings.token_embedding.weight"]
+    layers = len(_indices(shapes, rf"{re.escape(p)}encoder\.layers\.(\d+)\."))
+    return {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": shapes[f"{p}encoder.layers.0.mlp.fc1.weight"][0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, width // 64),
+        "max_position_embeddings": shapes[f"{p}embeddings.position_embedding.weight"][0],
+        "hidden_act": "quick_gelu",
+        "projection_dim": width,
+    }
+
+
+def _openclip_config(shapes: Shapes) -> dict:
+    p = OPENCLIP_PREFIX
+    vocab, width = shapes[f"{p}token_embedding.weight"]
+    blocks = len(_indices(shapes, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\."))
+    if blocks < 2:
+        raise ModelError("the OpenCLIP text encoder has fewer than 2 layers; SD 2.x uses the penultimate one")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": shapes[f"{p}transformer.resblocks.0.mlp.c_fc.weight"][0],
+        "num_hidden_layers": blocks - 1,  # SD 2.x conditions on the penultimate layer
+        "num_attention_heads": max(1, width // 64),
+        "max_position_embeddings": shapes[f"{p}positional_embedding"][0],
+        "hidden_act": "gelu",
+        "projection_dim": shapes.get(f"{p}text_projection", (width, width))[-1],
+    }

@@ -1,0 +1,338 @@
+"""Files on disk -> ready diffusers/transformers components, offline and safely.
+
+Formats: ``.safetensors`` and ``.ckpt`` single files in the original CompVis/Stability key
+layout (architecture read from the tensor shapes, see ``detect.py``), diffusers folders, and hub
+ids (only when online). ``.ckpt`` files are unpickled with ``weights_only=True``: a pickle that
+wants to run code is refused. Conversion of the original layout uses diffusers' converters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..request import ModelError
+from .detect import Detected, Shapes, detect
+from .families import FAMILY_BY_NAME, KNOWN_PREDICTION_BY_HASH, SD_SCHEDULER_CONFIG, Family
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class ModelParts:
+    """What a pipeline needs, plus what we know about where it came from."""
+
+    name: str
+    family: Family
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    scheduler_config: dict
+    prediction: str  # "eps" | "v"
+    default_size: tuple[int, int]
+    source: str  # "single-file" | "diffusers"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def modules(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+
+# ---- reading files ---------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
+    """Tensor shapes and metadata of a .safetensors file, reading only its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises SafetensorError / OSError with varying text
+        raise ModelError(
+            f"{path.name} is not a valid .safetensors file ({_short(err)}); it may be truncated: download it again"
+        ) from None
+    return shapes, metadata
+
+
+def load_state_dict(path: Path) -> dict:
+    """All tensors of a single-file checkpoint. ``.ckpt``/``.pt`` are unpickled with ``weights_only=True``."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        read_safetensors_header(path)  # clear error for a broken file before loading
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise ModelError(f"{path.name} cannot be read ({_short(err)}); it may be truncated: download it again") from None
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError:
+        raise ModelError(
+            f"{path.name} contains code, not only weights, so it was not loaded; if you trust its source, "
+            f"convert it once with: brushwork models convert '{path}'"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ModelError(f"{path.name} is not a readable checkpoint ({_short(err)}); it may be truncated") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):
+        data = {k: v for k, v in data.items() if hasattr(v, "shape")} if isinstance(data, dict) else {}
+        if not data:
+            raise ModelError(f"{path.name} holds no tensors; it is not a model checkpoint")
+    return data
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:160]
+
+
+def read_shapes(path: Path) -> tuple[Shapes, dict[str, str], dict | None]:
+    """(shapes, metadata, state_dict or None). Safetensors: header only; pickles must be loaded."""
+    if path.suffix == ".safetensors":
+        shapes, metadata = read_safetensors_header(path)
+        return shapes, metadata, None
+    sd = load_state_dict(path)
+    return {k: tuple(v.shape) for k, v in sd.items()}, {}, sd
+
+
+# ---- interpreting what the keys cannot say -----------------------------------------------------
+
+
+def _yaml_hints(path: Path | None) -> dict:
+    """``parameterization`` and ``scale_factor`` from an original-style YAML config, if given."""
+    if path is None or not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+        params = config["model"]["params"]
+    except Exception:
+        raise ModelError(f"{path.name} is not a Stable Diffusion config YAML (model.params missing)") from None
+    hints = {}
+    if params.get("parameterization") in ("v", "eps"):
+        hints["prediction"] = params["parameterization"]
+    if isinstance(params.get("scale_factor"), int | float):
+        hints["scale_factor"] = float(params["scale_factor"])
+    return hints
+
+
+def _resolution(metadata: dict[str, str]) -> tuple[int, int] | None:
+    value = metadata.get("modelspec.resolution", "")
+    try:
+        w, h = (int(x) for x in value.lower().split("x"))
+        return (w, h) if w > 0 and h > 0 else None
+    except ValueError:
+        return None
+
+
+def decide_prediction(
+    family: Family, *, explicit: str | None, yaml_hints: dict, metadata: dict, short_hash, name: str
+) -> tuple[str, str]:
+    """(prediction, why). Order: explicit flag, YAML, file metadata, known official hash, family."""
+    if explicit:
+        return explicit, "--prediction"
+    if "prediction" in yaml_hints:
+        return yaml_hints["prediction"], "config YAML"
+    spec = metadata.get("modelspec.prediction_type", "").lower()
+    if spec in ("v", "v_prediction", "v-prediction"):
+        return "v", "file metadata"
+    if spec in ("eps", "epsilon"):
+        return "eps", "file metadata"
+    if family.prediction is not None:
+        return family.prediction, "family"
+    known = KNOWN_PREDICTION_BY_HASH.get(short_hash() or "")
+    if known:
+        return known[0], f"known file {known[1]}"
+    raise ModelError(
+        f"{name} is an SD 2.x model, which comes as 768x768 v-prediction or 512x512 eps and the weights "
+        "cannot tell which: add --prediction v (768 models) or --prediction eps (512 models), "
+        "or put its .yaml config beside it"
+    )
+
+
+# ---- building components -----------------------------------------------------------------------
+
+
+def _load_into(model, state: dict, what: str):
+    """Load tensors into a model built on the meta device; every parameter must be present."""
+    wanted = model.state_dict().keys()
+    if not any(k.startswith("text_model.") for k in wanted):  # transformers >= 5 CLIPTextModel
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in wanted}
+    missing = [k for k in wanted if k not in state and not k.endswith("position_ids")]
+    if missing:
+        raise ModelError(f"the {what} weights are incomplete: {len(missing)} tensors missing (e.g. {missing[0]})")
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:
+        raise ModelError(f"the {what} weights do not fit the detected architecture: {_short(err)}") from None
+    return model
+
+
+def build_from_original(sd: dict, det: Detected, *, scale_factor: float | None = None):
+    """(unet, vae, text_encoder) from an original-layout state dict and detected configs."""
+    import accelerate
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae_config = dict(det.vae)
+    if scale_factor:
+        vae_config["scaling_factor"] = scale_factor
+    with accelerate.init_empty_weights():
+        unet = UNet2DConditionModel.from_config(det.unet)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**det.text_encoder))
+    _load_into(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
+    _load_into(vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE")
+    if det.text_encoder_kind == "clip":
+        te = convert_ldm_clip_checkpoint(sd)
+        te = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.items()}
+    else:
+        te = convert_openclip(sd, det.text_encoder["num_hidden_layers"])
+    _load_into(text_encoder, te, "text encoder")
+    return unet, vae, text_encoder
+
+
+def convert_openclip(sd: dict, layers: int, prefix: str = "cond_stage_model.model.") -> dict:
+    """OpenCLIP text tower -> transformers CLIPTextModel keys, first ``layers`` blocks (penultimate for SD 2.x)."""
+    out = {
+        "text_model.embeddings.token_embedding.weight": sd[prefix + "token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": sd[prefix + "positional_embedding"],
+        "text_model.final_layer_norm.weight": sd[prefix + "ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd[prefix + "ln_final.bias"],
+    }
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    for i in range(layers):
+        src, dst = f"{prefix}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for theirs, ours in names.items():
+            for kind in ("weight", "bias"):
+                out[f"{dst}{ours}.{kind}"] = sd[f"{src}{theirs}.{kind}"]
+        for kind in ("weight", "bias"):
+            q, k, v = sd[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0)
+            out[f"{dst}self_attn.q_proj.{kind}"] = q
+            out[f"{dst}self_attn.k_proj.{kind}"] = k
+            out[f"{dst}self_attn.v_proj.{kind}"] = v
+    return out
+
+
+def load_single_file(
+    path: Path,
+    *,
+    prediction: str | None = None,
+    config_yaml: Path | None = None,
+    short_hash=lambda: None,
+) -> ModelParts:
+    from .tokenizers import tokenizer_for
+
+    shapes, metadata, sd = read_shapes(path)
+    det = detect(shapes, path.name)
+    yaml_path = config_yaml or next((p for p in (path.with_suffix(".yaml"),) if p.is_file()), None)
+    hints = _yaml_hints(yaml_path)
+    pred, why = decide_prediction(
+        det.family, explicit=prediction, yaml_hints=hints, metadata=metadata, short_hash=short_hash, name=path.name
+    )
+    if sd is None:
+        sd = load_state_dict(path)
+    unet, vae, text_encoder = build_from_original(sd, det, scale_factor=hints.get("scale_factor"))
+    del sd
+    size = _resolution(metadata) or ((768, 768) if pred == "v" and det.family.name == "sd2" else
+                                     (det.family.default_size,) * 2)
+    notes = [f"prediction {pred} (from {why})"] if why not in ("family",) else []
+    return ModelParts(
+        name=path.stem, family=det.family, unet=unet, vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer_for(det.text_encoder_kind),
+        scheduler_config=scheduler_config(pred), prediction=pred, default_size=size,
+        source="single-file", notes=notes,
+    )
+
+
+def scheduler_config(prediction: str) -> dict:
+    return {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir()
+
+
+def load_diffusers_folder(path: Path, *, prediction: str | None = None) -> ModelParts:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .tokenizers import tokenizer_for
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelError(f"the diffusers folder {path} is incomplete or broken: {_short(err)}") from None
+    kind = "openclip" if text_encoder.config.hidden_act == "gelu" else "clip"
+    family = next((f for f in FAMILY_BY_NAME.values() if f.matches(kind, unet.config.in_channels)), None)
+    if family is None:
+        raise ModelError(f"{path.name}: a {kind} model with {unet.config.in_channels} UNet input channels is not "
+                         "supported yet")
+    tokenizer = tokenizer_for(kind)
+    if (path / "tokenizer" / "vocab.json").is_file():
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    base = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(SD_SCHEDULER_CONFIG)
+    pred = prediction or ("v" if base.get("prediction_type") == "v_prediction" else "eps")
+    base["prediction_type"] = "v_prediction" if pred == "v" else "epsilon"
+    side = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return ModelParts(
+        name=path.name, family=family, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler_config=base, prediction=pred, default_size=(side, side), source="diffusers",
+    )
+
+
+def load_vae(path: Path):
+    """A VAE on its own: original layout (``.safetensors``/``.ckpt``/``.vae.pt``) or a diffusers folder."""
+    from diffusers import AutoencoderKL
+
+    if path.is_dir():
+        try:
+            return AutoencoderKL.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{path} is not a diffusers VAE folder: {_short(err)}") from None
+    _, _, sd = read_shapes(path)
+    sd = sd if sd is not None else load_state_dict(path)
+    if not any(k.startswith("first_stage_model.") for k in sd):
+        sd = {"first_stage_model." + k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv",
+                                                                                   "post_quant_conv"))}
+    import accelerate
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from .detect import _vae_config
+
+    config = _vae_config({k: tuple(v.shape) for k, v in sd.items()}, path.name)
+    with accelerate.init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    return _load_into(vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE")
