@@ -1,0 +1,279 @@
+"""``/api/v1``: the native API. Jobs in, progress as Server-Sent Events, images and history out.
+
+A job body is the ``GenerationRequest`` fields as JSON (the same names as the CLI options),
+with images as base64. Unknown fields are an error here (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..request import GenerationRequest, Mode, Precision
+from .app import HTTPError, ServerState
+from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, STATUSES, Job
+
+router = APIRouter(prefix="/api/v1", tags=["brushwork"])
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.brushwork
+
+
+class JobRequest(BaseModel):
+    """A generation request: the ``GenerationRequest`` fields (see ``brushwork txt2img --help``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    mode: Mode = Mode.TXT2IMG
+    model: str | None = Field(None, description="a model name from the library (GET /api/v1/models); null = default")
+    sampler: str = "Euler a"
+    scheduler: str = "Automatic"
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = Field(-1, description="-1 = random; the seed used is in the result")
+    width: int | None = Field(None, description="null = the model's native size")
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float = 0.0
+    clip_skip: int = 1
+    init_image: str | None = Field(None, description="base64 PNG/JPEG/WEBP or a data: URL (img2img, inpaint, ...)")
+    strength: float = 0.75
+    mask_image: str | None = None
+    mask_blur: int = 4
+    prediction: str | None = None
+    precision: Precision = Precision.AUTO
+    watermark: bool | None = None
+
+
+def _job_view(state: ServerState, job: Job) -> dict[str, Any]:
+    view = job.public()
+    view["position"] = state.store.queue_position(job.id) if job.status == QUEUED else None
+    live = state.worker.live
+    if job.status == RUNNING and live is not None and live.job_id == job.id:
+        view["progress"] = live.fraction
+        view["step"], view["total"] = live.step, live.total
+        view["eta"] = round(live.eta_relative, 2)
+    if job.result and job.result.get("images"):
+        for img in view["result"]["images"]:
+            img["url"] = f"/api/v1/images/{img['id']}"
+    return view
+
+
+def _get_job(state: ServerState, job_id: str) -> Job:
+    job = state.store.get(job_id)
+    if job is None:
+        raise HTTPError(404, f"job {job_id} not found")
+    return job
+
+
+@router.post("/jobs", status_code=202, summary="Queue a generation job")
+async def create_job(body: JobRequest, request: Request):
+    state = _state(request)
+    data = body.model_dump()
+    data["watermark"] = state.settings.watermark if body.watermark is None else body.watermark
+    init_b64, mask_b64 = data.pop("init_image"), data.pop("mask_image")
+    gen = GenerationRequest.from_dict(data)
+    if init_b64:
+        gen.init_image = state.decode_image(init_b64, "init image")
+    if mask_b64:
+        gen.mask_image = state.decode_image(mask_b64, "mask image")
+    job = state.submit(gen, source="api")
+    return _job_view(state, job)
+
+
+@router.get("/jobs", summary="List jobs, newest first")
+async def list_jobs(request: Request, status: str | None = None, limit: int = Query(50, ge=1, le=500),
+                    offset: int = Query(0, ge=0)):
+    state = _state(request)
+    if status is not None and status not in STATUSES:
+        raise HTTPError(400, f"unknown status {status!r}; choose one of: {', '.join(STATUSES)}")
+    jobs = state.store.list(status=status, limit=limit, offset=offset)
+    return {"jobs": [_job_view(state, j) for j in jobs], "counts": state.store.counts()}
+
+
+@router.get("/jobs/{job_id}", summary="One job: status, progress, result")
+async def get_job(job_id: str, request: Request):
+    state = _state(request)
+    return _job_view(state, _get_job(state, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", summary="Cancel a queued or running job")
+async def cancel_job(job_id: str, request: Request):
+    state = _state(request)
+    job = _get_job(state, job_id)
+    if job.status in FINISHED:
+        raise HTTPError(409, f"job {job_id} has already finished ({job.status})")
+    state.worker.cancel(job_id)
+    # a running job stops within a step; wait briefly so the answer usually says "cancelled"
+    for _ in range(50):
+        if state.store.status(job_id) in FINISHED:
+            break
+        await asyncio.sleep(0.1)
+    return _job_view(state, _get_job(state, job_id))
+
+
+@router.delete("/jobs/{job_id}", summary="Cancel a queued or running job")
+async def delete_job(job_id: str, request: Request):
+    return await cancel_job(job_id, request)
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@router.get("/jobs/{job_id}/events", summary="Progress as Server-Sent Events",
+            description="Events: queued {position}, progress {step, total, fraction, eta, preview}, "
+                        "done {job}, error {error, job}, cancelled {job}.")
+async def job_events(job_id: str, request: Request, previews: bool = True):
+    from .sdapi import preview_b64
+
+    state = _state(request)
+    _get_job(state, job_id)
+
+    async def stream():
+        last_position, last_progress, last_preview, last_sent = None, None, None, time.monotonic()
+        yield "retry: 1000\n\n"
+        while True:
+            if await request.is_disconnected():
+                return
+            job = state.store.get(job_id)
+            if job is None:
+                yield _sse("error", {"error": "job not found"})
+                return
+            if job.status in FINISHED:
+                event = {DONE: "done", FAILED: "error", CANCELLED: "cancelled"}[job.status]
+                payload = {"job": _job_view(state, job)}
+                if job.status == FAILED:
+                    payload["error"] = job.error
+                yield _sse(event, payload)
+                return
+            if job.status == QUEUED:
+                position = state.store.queue_position(job_id)
+                if position != last_position:
+                    last_position = position
+                    last_sent = time.monotonic()
+                    yield _sse("queued", {"position": position})
+            else:
+                live = state.worker.live
+                if live is not None and live.job_id == job_id:
+                    key = (live.step, live.batch, live.total)
+                    new_preview = previews and live.preview_version != last_preview and live.preview is not None
+                    if key != last_progress or new_preview:
+                        last_progress = key
+                        data = {"step": live.step, "total": live.total, "batch": live.batch,
+                                "batches": live.batches, "fraction": round(live.fraction, 4),
+                                "eta": round(live.eta_relative, 2), "preview": None}
+                        if new_preview:
+                            last_preview = live.preview_version
+                            b64 = preview_b64(state)
+                            data["preview"] = f"data:image/png;base64,{b64}" if b64 else None
+                        last_sent = time.monotonic()
+                        yield _sse("progress", data)
+            if time.monotonic() - last_sent > 15:
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---- images and history --------------------------------------------------------------------------
+
+
+def _image_view(row: dict[str, Any]) -> dict[str, Any]:
+    view = {k: v for k, v in row.items() if k != "path"}
+    view["file"] = row["path"]
+    view["url"] = f"/api/v1/images/{row['id']}"
+    return view
+
+
+@router.get("/images", summary="Image history, newest first; q searches the prompts")
+async def list_images(request: Request, q: str = "", limit: int = Query(50, ge=1, le=500),
+                      offset: int = Query(0, ge=0)):
+    state = _state(request)
+    return {"images": [_image_view(r) for r in state.store.search_images(q, limit=limit, offset=offset)]}
+
+
+@router.get("/history", summary="Same as GET /api/v1/images")
+async def history(request: Request, q: str = "", limit: int = Query(50, ge=1, le=500),
+                  offset: int = Query(0, ge=0)):
+    return await list_images(request, q, limit, offset)
+
+
+def _image_row(state: ServerState, image_id: int) -> dict[str, Any]:
+    row = state.store.get_image(image_id)
+    if row is None:
+        raise HTTPError(404, f"image {image_id} not found")
+    return row
+
+
+@router.get("/images/{image_id}", summary="The PNG file (with its parameters chunk)")
+async def get_image(image_id: int, request: Request, download: bool = False):
+    state = _state(request)
+    row = _image_row(state, image_id)
+    path = state.image_path(row["path"])
+    return FileResponse(path, media_type="image/png", filename=path.name if download else None,
+                        content_disposition_type="attachment" if download else "inline")
+
+
+@router.get("/images/{image_id}/meta", summary="An image's parameters")
+async def get_image_meta(image_id: int, request: Request):
+    state = _state(request)
+    row = _image_row(state, image_id)
+    view = _image_view(row)
+    try:
+        from ..output.infotext import parse_infotext
+
+        view["parameters"] = parse_infotext(row["infotext"]) if row["infotext"] else {}
+    except ImportError:
+        view["parameters"] = {}
+    job = state.store.get(row["job_id"])
+    if job is not None:
+        view["request"] = job.public()["request"]
+    return view
+
+
+# ---- models, samplers, status --------------------------------------------------------------------
+
+
+@router.get("/models", summary="The model library")
+async def models(request: Request):
+    state = _state(request)
+    current = state.current_model_entry()
+    out = []
+    for e in state.models():
+        out.append({"name": e.name, "title": getattr(e, "title", e.name), "family": getattr(e, "family", None),
+                    "hash": getattr(e, "short_hash", None), "sha256": getattr(e, "sha256", None),
+                    "current": current is not None and e.name == current.name})
+    return {"models": out}
+
+
+@router.get("/samplers", summary="Sampler names and the schedule types each supports")
+async def samplers(request: Request):
+    from ..engine.samplers import SAMPLERS, SCHEDULE_TYPES
+
+    return {"samplers": [{"name": s.name, "schedules": list(s.schedules), "aliases": list(s.aliases)}
+                         for s in SAMPLERS],
+            "schedule_types": list(SCHEDULE_TYPES)}
+
+
+@router.get("/status", summary="Queue counts, the running job, the worker")
+async def status(request: Request):
+    state = _state(request)
+    live = state.worker.live
+    return {"counts": state.store.counts(), "worker_alive": state.worker.alive,
+            "running": None if live is None else {"job_id": live.job_id, "step": live.step, "total": live.total,
+                                                  "fraction": live.fraction},
+            "limits": {"max_upload_bytes": state.settings.max_upload_bytes,
+                       "max_image_pixels": state.settings.max_image_pixels}}

@@ -1,0 +1,467 @@
+"""The server's persistent job queue (SQLite, WAL) and the worker thread that drains it.
+
+A job is accepted only once its row is committed, so a crash (even ``kill -9`` mid-run) loses
+nothing: on startup, jobs left ``running`` go back to ``queued`` and run again. Finished images
+are written atomically by ``brushwork.output.files.save_result`` before the job is marked done.
+
+Nothing here knows about HTTP: ``app.py``, ``sdapi.py`` and ``api.py`` translate to and from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..request import BrushworkError, Cancelled, GenerationRequest, ProgressInfo
+
+log = logging.getLogger("brushwork.server")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+FINISHED = (DONE, FAILED, CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT 'api',
+    request TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    progress REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    result TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    negative_prompt TEXT NOT NULL,
+    seed INTEGER,
+    width INTEGER,
+    height INTEGER,
+    model TEXT,
+    model_hash TEXT,
+    sampler TEXT,
+    steps INTEGER,
+    cfg_scale REAL,
+    infotext TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_job ON images (job_id);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    status: str
+    request: dict[str, Any]
+    created: float
+    source: str = "api"
+    started: float | None = None
+    finished: float | None = None
+    progress: float = 0.0
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    cancel_requested: bool = False
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.status == DONE
+
+    def public(self, *, with_images: bool = False) -> dict[str, Any]:
+        """A JSON-safe view for the HTTP APIs; init/mask images are left out unless asked for."""
+        request = dict(self.request)
+        if not with_images:
+            for key in ("init_image", "mask_image"):
+                if request.get(key) is not None:
+                    request[key] = "<image>"
+        return {
+            "id": self.id,
+            "status": self.status,
+            "source": self.source,
+            "request": request,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "progress": self.progress,
+            "error": self.error,
+            "result": self.result,
+        }
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        status=row["status"],
+        source=row["source"],
+        request=json.loads(row["request"]),
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        progress=row["progress"],
+        error=row["error"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+class JobStore:
+    """Jobs and the image history in one SQLite database (WAL). Safe to share between threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an accepted job is on disk before we answer
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    # ---- jobs ---------------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """After a crash: jobs that were running go back to the queue (or end, if cancelled). Returns how many."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status=?, finished=?, error='cancelled' WHERE status=? AND cancel_requested=1",
+                (CANCELLED, time.time(), RUNNING),
+            )
+            cur = self._db.execute(
+                "UPDATE jobs SET status=?, started=NULL, progress=0 WHERE status=?", (QUEUED, RUNNING)
+            )
+            return cur.rowcount
+
+    def create(self, request: dict[str, Any], *, source: str = "api") -> Job:
+        job = Job(id=uuid.uuid4().hex, status=QUEUED, request=request, created=time.time(), source=source)
+        with self._lock:
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            self._db.execute(
+                "INSERT INTO jobs (id, seq, status, source, request, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (job.id, seq, job.status, source, json.dumps(request), job.created),
+            )
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def status(self, job_id: str) -> str | None:
+        row = self._execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def list(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]:
+        if status:
+            rows = self._execute(
+                "SELECT * FROM jobs WHERE status=? ORDER BY seq DESC LIMIT ? OFFSET ?", (status, limit, offset)
+            ).fetchall()
+        else:
+            rows = self._execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        out = {s: 0 for s in STATUSES}
+        out.update({r[0]: r[1] for r in rows})
+        return out
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to run; None when the job is not queued."""
+        with self._lock:
+            row = self._db.execute("SELECT seq, status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if not row or row["status"] != QUEUED:
+                return None
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status=? AND seq<=?", (QUEUED, row["seq"])
+            ).fetchone()[0]
+
+    def claim_next(self) -> Job | None:
+        """Atomically move the oldest queued job to running and return it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE status=? ORDER BY seq LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            cur = self._db.execute(
+                "UPDATE jobs SET status=?, started=?, progress=0 WHERE id=? AND status=?",
+                (RUNNING, time.time(), row["id"], QUEUED),
+            )
+            if cur.rowcount != 1:
+                return None
+            return self.get(row["id"])
+
+    def finish(self, job_id: str, status: str, *, result: dict[str, Any] | None = None,
+               error: str | None = None) -> None:
+        self._execute(
+            "UPDATE jobs SET status=?, finished=?, progress=?, result=?, error=? WHERE id=?",
+            (status, time.time(), 1.0 if status == DONE else 0.0,
+             json.dumps(result) if result is not None else None, error, job_id),
+        )
+
+    def set_progress(self, job_id: str, progress: float) -> None:
+        self._execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
+
+    def cancel_queued(self, job_id: str) -> bool:
+        cur = self._execute(
+            "UPDATE jobs SET status=?, finished=?, error='cancelled' WHERE id=? AND status=?",
+            (CANCELLED, time.time(), job_id, QUEUED),
+        )
+        return cur.rowcount == 1
+
+    def mark_cancel_requested(self, job_id: str) -> bool:
+        cur = self._execute(
+            "UPDATE jobs SET cancel_requested=1 WHERE id=? AND status=?", (job_id, RUNNING)
+        )
+        return cur.rowcount == 1
+
+    # ---- image history ------------------------------------------------------------------------
+
+    def add_image(self, *, job_id: str, idx: int, path: str, request: dict[str, Any], seed: int | None,
+                  width: int, height: int, model: str | None, model_hash: str | None, infotext: str) -> int:
+        cur = self._execute(
+            "INSERT INTO images (job_id, idx, path, prompt, negative_prompt, seed, width, height, model, model_hash,"
+            " sampler, steps, cfg_scale, infotext, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, idx, path, request.get("prompt", ""), request.get("negative_prompt", ""), seed, width, height,
+             model, model_hash, request.get("sampler"), request.get("steps"), request.get("cfg_scale"),
+             infotext, time.time()),
+        )
+        return int(cur.lastrowid)
+
+    def get_image(self, image_id: int) -> dict[str, Any] | None:
+        row = self._execute("SELECT * FROM images WHERE id=?", (image_id,)).fetchone()
+        return dict(row) if row else None
+
+    def search_images(self, query: str = "", *, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Newest first; ``query`` matches the prompt (case-insensitive substring, every word must match)."""
+        words = [w for w in query.split() if w]
+        sql = "SELECT * FROM images"
+        params: list[Any] = []
+        if words:
+            sql += " WHERE " + " AND ".join("prompt LIKE ? ESCAPE '\\'" for _ in words)
+            for w in words:
+                escaped = w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                params.append(f"%{escaped}%")
+        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        return [dict(r) for r in self._execute(sql, tuple(params)).fetchall()]
+
+
+@dataclass
+class LiveProgress:
+    """What the running job is doing right now (kept in memory; the database holds the rest)."""
+
+    job_id: str
+    started: float
+    step: int = 0
+    total: int = 0
+    batch: int = 0
+    batches: int = 1
+    fraction: float = 0.0
+    preview: Any = None  # a small PIL image, or None
+    preview_version: int = 0
+    textinfo: str = ""
+    skipped: bool = False
+    interrupted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eta_relative(self) -> float:
+        elapsed = time.time() - self.started
+        if self.fraction <= 0:
+            return 0.0
+        return max(0.0, elapsed / self.fraction - elapsed)
+
+
+class Worker:
+    """One thread per device: takes the oldest queued job, runs it on the engine, saves its images.
+
+    ``engine`` is a ``brushwork.engine.core.Engine`` (anything with ``generate(request, *, progress,
+    cancel, want_previews)``). ``save`` writes a result's images and returns their paths.
+    """
+
+    def __init__(self, store: JobStore, engine: Any, outputs_dir: Path, *,
+                 save: Callable[[Any, Path], list[Path]] | None = None, poll_interval: float = 0.5,
+                 name: str = "brushwork-worker"):
+        self.store = store
+        self.engine = engine
+        self.outputs_dir = Path(outputs_dir)
+        self._save = save or _save_result
+        self._poll_interval = poll_interval
+        self._name = name
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._cancel: threading.Event | None = None
+        self.live: LiveProgress | None = None
+        self.engine_lock = threading.Lock()  # held while the engine runs; others (unload) take it too
+        self.last_finished: tuple[str, str] | None = None  # (job id, status) of the last job that ended
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            if self._cancel is not None:
+                self._cancel.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
+    def notify(self) -> None:
+        """A job was queued: wake the worker now instead of at the next poll."""
+        self._wake.set()
+
+    # ---- cancel -------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a queued or running job. Returns the job's status afterwards, or None if unknown."""
+        if self.store.cancel_queued(job_id):
+            return CANCELLED
+        with self._lock:
+            live, event = self.live, self._cancel
+            if live is not None and live.job_id == job_id and event is not None:
+                self.store.mark_cancel_requested(job_id)
+                live.interrupted = True
+                event.set()
+                return RUNNING  # stops within a step
+        return self.store.status(job_id)
+
+    def interrupt_current(self, *, skipped: bool = False) -> str | None:
+        """Stop the running job (A1111 interrupt/skip). Returns its id, or None when idle."""
+        with self._lock:
+            live = self.live
+        if live is None:
+            return None
+        if skipped:
+            live.skipped = True
+        self.cancel(live.job_id)
+        return live.job_id
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.store.claim_next()
+            except sqlite3.Error:
+                log.exception("job store unavailable")
+                job = None
+            if job is None:
+                self._wake.wait(self._poll_interval)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: Job) -> None:
+        cancel = threading.Event()
+        live = LiveProgress(job_id=job.id, started=time.time())
+        with self._lock:
+            self._cancel, self.live = cancel, live
+        status, result, error = FAILED, None, None
+        try:
+            request = GenerationRequest.from_dict(job.request).validate()
+            live.total, live.batches = request.steps, request.n_iter
+
+            def on_progress(info: ProgressInfo) -> None:
+                live.step, live.total, live.batch, live.batches = info.step, info.total, info.batch, info.batches
+                live.fraction = info.fraction
+                if info.preview is not None:
+                    live.preview = info.preview
+                    live.preview_version += 1
+                if cancel.is_set():
+                    raise Cancelled("cancelled")
+
+            with self.engine_lock:
+                out = self.engine.generate(request, progress=on_progress, cancel=cancel, want_previews=True)
+            if cancel.is_set():
+                raise Cancelled("cancelled")
+            result = self._record(job, out)
+            status = DONE
+        except Cancelled:
+            status, error = CANCELLED, "cancelled"
+        except BrushworkError as err:  # the caller's mistake (bad model, bad image, ...): HTTP 4xx
+            status, error, result = FAILED, str(err), {"error_type": type(err).__name__, "user_error": True}
+        except Exception as err:  # a bug or an engine crash must not kill the worker: the job fails, we go on
+            log.exception("job %s failed", job.id)
+            status, error = FAILED, f"internal error: {type(err).__name__}: {err}"
+            result = {"error_type": type(err).__name__, "user_error": False}
+        finally:
+            self.store.finish(job.id, status, result=result, error=error)
+            with self._lock:
+                self._cancel, self.live = None, None
+                self.last_finished = (job.id, status)
+
+    def _record(self, job: Job, out: Any) -> dict[str, Any]:
+        """Write the images (atomically), add them to the history, and return the job's result."""
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        paths = self._save(out, self.outputs_dir)
+        images = []
+        root = self.outputs_dir.resolve()
+        for i, path in enumerate(paths):
+            image = out.images[i] if i < len(out.images) else None
+            seed = out.seeds[i] if i < len(out.seeds) else None
+            infotext = out.infotexts[i] if i < len(out.infotexts) else ""
+            try:
+                rel = str(Path(path).resolve().relative_to(root))
+            except ValueError:
+                rel = str(path)
+            width, height = image.size if image is not None else (0, 0)
+            image_id = self.store.add_image(
+                job_id=job.id, idx=i, path=rel, request=job.request, seed=seed, width=width, height=height,
+                model=out.model_name, model_hash=out.model_hash, infotext=infotext,
+            )
+            images.append({"id": image_id, "path": rel, "seed": seed, "width": width, "height": height,
+                           "infotext": infotext})
+        return {
+            "images": images,
+            "seeds": list(out.seeds),
+            "infotexts": list(out.infotexts),
+            "model_name": out.model_name,
+            "model_hash": out.model_hash,
+            "notes": list(getattr(out, "notes", []) or []),
+            "timings": dict(getattr(out, "timings", {}) or {}),
+        }
+
+
+def _save_result(result: Any, outdir: Path) -> list[Path]:
+    from ..output.files import save_result
+
+    return list(save_result(result, outdir, grid=False))

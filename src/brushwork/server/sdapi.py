@@ -1,0 +1,530 @@
+"""``/sdapi/v1``: the AUTOMATIC1111 web UI API, close enough that existing clients work.
+
+Field names, defaults and response shapes follow A1111 (see docs/reference a1111-compat.md).
+Generation goes through the same persistent job queue as the native API, so it is saved,
+serialised with other work, and survives a restart; these routes wait for the job and answer
+the way A1111 does (``images`` as base64 PNG with the infotext inside, ``info`` a JSON string).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..request import GenerationRequest, InvalidRequest, Mode
+from .app import HTTPError, ServerState
+from .jobs import CANCELLED, DONE
+
+router = APIRouter(prefix="/sdapi/v1", tags=["sdapi (A1111-compatible)"])
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.brushwork
+
+
+# ---- request models (A1111 names and defaults; unknown fields are ignored) -------------------------
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+
+
+class Txt2ImgRequest(_Common):
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(_Common):
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class PNGInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str = ""
+
+
+class ExtrasSingleImageRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str = ""
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0
+    codeformer_visibility: float = 0
+    codeformer_weight: float = 0
+    upscaling_resize: float = 2
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float = 0
+    upscale_first: bool = False
+
+
+# ---- translation ---------------------------------------------------------------------------------
+
+
+def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequest:
+    overrides = dict(body.override_settings or {})
+    if body.script_name:
+        raise InvalidRequest(f"script {body.script_name!r} not found; this server has no scripts")
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        raise InvalidRequest("hires fix (enable_hr) is not supported yet; send enable_hr: false")
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", state.options.get("CLIP_stop_at_last_layers", 1))
+    try:
+        clip_skip = int(clip_skip)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"CLIP_stop_at_last_layers must be a whole number, got {clip_skip!r}") from None
+    request = GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        mode=mode,
+        model=overrides.get("sd_model_checkpoint"),
+        sampler=body.sampler_name or body.sampler_index or "Euler",
+        scheduler=body.scheduler or "Automatic",
+        steps=body.steps,
+        cfg_scale=body.cfg_scale,
+        seed=-1 if body.seed < 0 else body.seed,
+        width=body.width,
+        height=body.height,
+        batch_size=body.batch_size,
+        n_iter=body.n_iter,
+        eta=body.eta or 0.0,
+        clip_skip=clip_skip,
+        watermark=state.settings.watermark,
+    )
+    if isinstance(body, Img2ImgRequest):
+        if not body.init_images:
+            raise HTTPError(404, "Init image not found")
+        request.init_image = state.decode_image(body.init_images[0], "init image")
+        request.strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+        if body.mask:
+            request.mode = Mode.INPAINT
+            request.mask_image = state.decode_image(body.mask, "mask")
+            request.mask_blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
+    return request
+
+
+def _echo(body: _Common) -> dict[str, Any]:
+    params = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        params["init_images"] = None
+        params["mask"] = None
+    return params
+
+
+def _info(state: ServerState, request: GenerationRequest, job_result: dict[str, Any], body: _Common,
+          job_started: float | None) -> dict[str, Any]:
+    seeds = job_result.get("seeds") or [request.seed]
+    infotexts = job_result.get("infotexts") or []
+    images = job_result.get("images") or []
+    width = images[0]["width"] if images else request.width
+    height = images[0]["height"] if images else request.height
+    n = len(seeds)
+    return {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * n,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * n,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": body.subseed if body.subseed >= 0 else seeds[0],
+        "all_subseeds": [body.subseed + i if body.subseed >= 0 else s for i, s in enumerate(seeds)],
+        "subseed_strength": body.subseed_strength,
+        "width": width,
+        "height": height,
+        "sampler_name": request.sampler,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": job_result.get("model_name"),
+        "sd_model_hash": job_result.get("model_hash"),
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": request.strength if request.mode is not Mode.TXT2IMG else body.denoising_strength,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": body.styles,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job_started or time.time())),
+        "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": request.mode is Mode.INPAINT,
+        "version": "brushwork",
+        "notes": job_result.get("notes", []),
+    }
+
+
+async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, Any]:
+    request = _to_request(state, body, mode)
+    job = state.submit(request, source="sdapi")
+    job = await state.wait(job.id)
+    request = GenerationRequest.from_dict(job.request)
+    result = job.result or {}
+    if job.status == DONE:
+        images = []
+        if body.send_images:
+            for img in result.get("images", []):
+                images.append(base64.b64encode(state.image_path(img["path"]).read_bytes()).decode("ascii"))
+        return {"images": images, "parameters": _echo(body),
+                "info": json.dumps(_info(state, request, result, body, job.started))}
+    if job.status == CANCELLED:  # A1111 answers an interrupted run with what it has: here, nothing
+        return {"images": [], "parameters": _echo(body),
+                "info": json.dumps({**_info(state, request, {}, body, job.started), "interrupted": True})}
+    status = 400 if result.get("user_error") else 500
+    raise HTTPError(status, job.error or "generation failed", error=result.get("error_type") or "GenerationError")
+
+
+@router.post("/txt2img")
+async def txt2img(body: Txt2ImgRequest, request: Request):
+    return await _generate(_state(request), body, Mode.TXT2IMG)
+
+
+@router.post("/img2img")
+async def img2img(body: Img2ImgRequest, request: Request):
+    return await _generate(_state(request), body, Mode.IMG2IMG)
+
+
+# ---- progress and control ------------------------------------------------------------------------
+
+
+def preview_b64(state: ServerState) -> str | None:
+    """The running job's latest preview as base64 PNG (encoded once per new preview)."""
+    live = state.worker.live
+    if live is None or live.preview is None:
+        return None
+    key = (live.job_id, live.preview_version)
+    cached = state.options.get("_preview_cache")
+    if cached and cached[0] == key:
+        return cached[1]
+    buf = io.BytesIO()
+    live.preview.save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    state.options["_preview_cache"] = (key, data)
+    return data
+
+
+@router.get("/progress")
+async def progress(request: Request, skip_current_image: bool = False):
+    state = _state(request)
+    live = state.worker.live
+    counts = state.store.counts()
+    job_count = counts["queued"] + counts["running"]
+    if live is None:
+        return {"progress": 0.0, "eta_relative": 0.0,
+                "state": {"skipped": False, "interrupted": False, "job": "", "job_count": job_count,
+                          "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+                "current_image": None, "textinfo": None}
+    return {
+        "progress": round(live.fraction, 4),
+        "eta_relative": round(live.eta_relative, 3),
+        "state": {
+            "skipped": live.skipped, "interrupted": live.interrupted, "job": live.job_id, "job_count": job_count,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(live.started)),
+            "job_no": live.batch, "sampling_step": live.step, "sampling_steps": live.total,
+        },
+        "current_image": None if skip_current_image else preview_b64(state),
+        "textinfo": f"step {live.step}/{live.total}",
+    }
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request):
+    _state(request).worker.interrupt_current()
+    return {}
+
+
+@router.post("/skip")
+async def skip(request: Request):
+    # one job runs as a unit here, so skipping the current image stops the running job
+    _state(request).worker.interrupt_current(skipped=True)
+    return {}
+
+
+# ---- options and models --------------------------------------------------------------------------
+
+
+def _model_info(entry: Any) -> dict[str, Any]:
+    return {"title": getattr(entry, "title", entry.name), "model_name": Path(entry.name).stem,
+            "hash": getattr(entry, "short_hash", None), "sha256": getattr(entry, "sha256", None),
+            "filename": str(entry.path), "config": None}
+
+
+@router.get("/options")
+async def get_options(request: Request):
+    state = _state(request)
+    entry = state.current_model_entry()
+    options = {k: v for k, v in state.options.items() if not k.startswith("_")}
+    return {
+        "sd_model_checkpoint": getattr(entry, "title", None) if entry else None,
+        "sd_checkpoint_hash": getattr(entry, "sha256", None) if entry else None,
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "samples_format": "png",
+        "outdir_samples": str(state.outputs_dir),
+        "eta_noise_seed_delta": 0,
+        "live_previews_enable": True,
+        "show_progress_every_n_steps": 1,
+        "enable_pnginfo": True,
+        **options,
+    }
+
+
+@router.post("/options")
+async def set_options(body: dict[str, Any], request: Request):
+    state = _state(request)
+    if "sd_model_checkpoint" in body:
+        state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
+    if "CLIP_stop_at_last_layers" in body:
+        value = body["CLIP_stop_at_last_layers"]
+        if not isinstance(value, int) or not 1 <= value <= 12:
+            raise InvalidRequest(f"CLIP_stop_at_last_layers must be between 1 and 12, got {value!r}")
+    state.options.update({k: v for k, v in body.items() if not k.startswith("_")})
+    return None
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request):
+    return [_model_info(e) for e in _state(request).models() if "upscal" not in str(getattr(e, "family", ""))]
+
+
+@router.post("/refresh-checkpoints")
+async def refresh_checkpoints(request: Request):
+    engine = _state(request).engine
+    if hasattr(engine, "refresh_models"):
+        engine.refresh_models()
+    return None
+
+
+@router.post("/unload-checkpoint")
+async def unload_checkpoint(request: Request):
+    import anyio
+
+    state = _state(request)
+
+    def _unload() -> None:
+        with state.worker.engine_lock:  # never pull a model out from under a running job
+            state.engine.unload()
+
+    await anyio.to_thread.run_sync(_unload)
+    return None
+
+
+@router.post("/reload-checkpoint")
+async def reload_checkpoint(request: Request):
+    return None  # the next job loads the selected model
+
+
+@router.get("/sd-vae")
+async def sd_vae(request: Request):
+    return []
+
+
+@router.get("/samplers")
+async def samplers(request: Request):
+    from ..engine.samplers import SAMPLERS
+
+    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+
+
+@router.get("/schedulers")
+async def schedulers(request: Request):
+    from ..engine.samplers import SCHEDULE_TYPES
+
+    out = []
+    for label in SCHEDULE_TYPES:
+        out.append({"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
+                    "default_rho": 7.0 if label == "Karras" else -1, "need_inner_model": False})
+    return out
+
+
+def _upscalers(state: ServerState) -> list[Any]:
+    return [e for e in state.models() if "upscal" in str(getattr(e, "family", ""))]
+
+
+@router.get("/upscalers")
+async def upscalers(request: Request):
+    out = [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+    for e in _upscalers(_state(request)):
+        out.append({"name": e.name, "model_name": e.name, "model_path": str(e.path), "model_url": None, "scale": 4})
+    return out
+
+
+@router.get("/latent-upscale-modes")
+async def latent_upscale_modes(request: Request):
+    return []
+
+
+@router.get("/embeddings")
+async def embeddings(request: Request):
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.get("/scripts")
+async def scripts(request: Request):
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/script-info")
+async def script_info(request: Request):
+    return []
+
+
+@router.get("/cmd-flags")
+async def cmd_flags(request: Request):
+    state = _state(request)
+    return {"api": True, "nowebui": False, "ckpt_dir": str(state.settings.models_dir),
+            "data_dir": str(state.settings.data_dir), "outdir_samples": str(state.outputs_dir),
+            "device": state.settings.device, "memory": state.settings.memory}
+
+
+def _read_meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+@router.get("/memory")
+async def memory(request: Request):
+    import resource
+
+    info = _read_meminfo()
+    total, free = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    ram = {"free": free, "used": total - free, "total": total,
+           "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    cuda: dict[str, Any] = {"error": "CUDA is not available"}
+    torch = sys.modules.get("torch")  # only report what is already loaded; never import torch for this
+    if torch is not None and torch.cuda.is_available():
+        free_b, total_b = torch.cuda.mem_get_info()
+        cuda = {"system": {"free": free_b, "used": total_b - free_b, "total": total_b},
+                "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+                "reserved": {"current": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_reserved()}}
+    return {"ram": ram, "cuda": cuda}
+
+
+# ---- images ------------------------------------------------------------------------------------
+
+
+@router.post("/png-info")
+async def png_info(body: PNGInfoRequest, request: Request):
+    state = _state(request)
+    if not body.image.strip():
+        return {"info": "", "items": {}, "parameters": {}}
+    image = state.decode_image(body.image)
+    items = {k: v for k, v in (image.info or {}).items() if isinstance(v, str | int | float)}
+    text = items.pop("parameters", "") or ""
+    parameters: dict[str, Any] = {}
+    if text:
+        from ..output.infotext import parse_infotext
+
+        parameters = parse_infotext(text)
+    return {"info": text, "items": items, "parameters": parameters}
+
+
+@router.post("/extra-single-image")
+async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
+    state = _state(request)
+    available = _upscalers(state)
+    if not available:
+        raise InvalidRequest("no upscaler model available; put an x4-upscaler model in the models folder")
+    if not body.image:
+        raise HTTPError(404, "Image not found")
+    chosen = None
+    for e in available:
+        if body.upscaler_1 in (e.name, getattr(e, "title", None)):
+            chosen = e
+    if chosen is None:
+        names = ", ".join(e.name for e in available)
+        raise InvalidRequest(f"unknown upscaler {body.upscaler_1!r}; choose one of: {names}")
+    gen = GenerationRequest(mode=Mode.UPSCALE, model=chosen.name, init_image=state.decode_image(body.image),
+                            steps=20, sampler="Euler", watermark=state.settings.watermark)
+    job = state.submit(gen, source="sdapi")
+    job = await state.wait(job.id)
+    if job.status != DONE:
+        result = job.result or {}
+        raise HTTPError(400 if result.get("user_error") else 500, job.error or "upscale failed")
+    img = job.result["images"][0]
+    data = base64.b64encode(state.image_path(img["path"]).read_bytes()).decode("ascii")
+    return {"image": data, "html_info": img.get("infotext", "")}
