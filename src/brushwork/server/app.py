@@ -254,7 +254,7 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
         return FileResponse(WEB_DIR / "index.html", media_type="text/html",
                             headers={"Cache-Control": "no-cache"})
 
-    app.mount("/ui", StaticFiles(directory=str(WEB_DIR), html=True), name="ui")
+    app.mount("/ui", StaticFiles(directory=str(WEB_DIR)), name="ui")
 
     if start_worker:
         worker.start()
