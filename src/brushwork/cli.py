@@ -1,0 +1,320 @@
+"""The ``brushwork`` command: a thin shell over ``Engine`` (imports no torch until a command runs).
+
+The research scripts' spellings keep working: ``txt2img --prompt "..." --plms --ckpt sd-v1-4.ckpt
+--skip_grid --n_samples 1 --ddim_steps 50 --scale 7.5 --H 512 --W 512 --n_iter 1 --outdir DIR``.
+User mistakes print one ``error:`` line naming the problem and the fix, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .request import BrushworkError
+
+EXIT_USER_ERROR = 1
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def friendly_errors(fn):
+    """Turn library errors into one line and a non-zero exit; tracebacks only with BRUSHWORK_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BrushworkError as err:
+            _fail(str(err))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as err:
+            if os.environ.get("BRUSHWORK_DEBUG"):
+                raise
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            _fail(f"unexpected {type(err).__name__}: {first} (run with BRUSHWORK_DEBUG=1 to see the traceback)")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="brushwork", prog_name="brushwork")
+def main() -> None:
+    """brushwork: Stable Diffusion on your own machine (CPU or GPU, offline).
+
+    \b
+      brushwork txt2img "a hamster painting with a brush" --model sd-v1-4.ckpt
+      brushwork img2img "a bird on a branch" --init-img bird.png --strength 0.8
+      brushwork serve                        # web UI + HTTP API on 127.0.0.1:7860
+    """
+
+
+def generation_options(fn):
+    opts = [
+        click.argument("prompt_arg", metavar="PROMPT", required=False),
+        click.option("--prompt", "prompt_opt", help="The prompt (same as the PROMPT argument)."),
+        click.option("--negative-prompt", "--negative_prompt", "-N", default="", help="What to keep out."),
+        click.option("--model", "--ckpt", "model", help="Checkpoint file, diffusers folder, library name or hub id."),
+        click.option("--vae", help="A VAE file or folder to use instead of the model's own."),
+        click.option("--config", "config_yaml", type=click.Path(dir_okay=False),
+                     help="The model's original .yaml config (tells SD 2.x v-prediction from eps)."),
+        click.option("--prediction", type=click.Choice(["eps", "v"]), help="Prediction type (SD 2.x 768 = v)."),
+        click.option("--sampler", default=None, help='Sampler, e.g. "Euler a", "DPM++ 2M Karras", ddim, plms.'),
+        click.option("--scheduler", "--schedule", "schedule", default="Automatic",
+                     help="Schedule type: Automatic, Karras, Exponential."),
+        click.option("--plms", is_flag=True, help="Use the PLMS sampler (research scripts' flag)."),
+        click.option("--dpm", is_flag=True, help="Use DPM++ 2M (Stability v2 scripts' flag)."),
+        click.option("--steps", "--ddim_steps", "--ddim-steps", "steps", type=int, default=None,
+                     help="Sampling steps [20]."),
+        click.option("--cfg-scale", "--cfg_scale", "--scale", "cfg_scale", type=float, default=7.0,
+                     show_default=True, help="Classifier-free guidance scale."),
+        click.option("--seed", type=int, default=-1, help="Seed; -1 = random (the seed used is printed)."),
+        click.option("--width", "--W", "-W", "width", type=int, help="Width in pixels (multiple of 8)."),
+        click.option("--height", "--H", "-H", "height", type=int, help="Height in pixels (multiple of 8)."),
+        click.option("--n-samples", "--n_samples", "--batch-size", "-n", "batch_size", type=int, default=1,
+                     show_default=True, help="Images per batch."),
+        click.option("--n-iter", "--n_iter", "n_iter", type=int, default=1, show_default=True,
+                     help="Batches to run."),
+        click.option("--ddim-eta", "--ddim_eta", "--eta", "eta", type=float, default=0.0,
+                     help="Eta for DDIM/ancestral noise."),
+        click.option("--clip-skip", "--clip_skip", "clip_skip", type=int, default=1, help="A1111 CLIP skip."),
+        click.option("--grid/--skip-grid", "grid", default=True, help="Also save a grid of the batch."),
+        click.option("--skip_grid", "skip_grid_legacy", is_flag=True, hidden=True),
+        click.option("--outdir", type=click.Path(file_okay=False), help="Output folder [outputs]."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--precision", default="auto", show_default=True,
+                     type=click.Choice(["auto", "fp32", "fp16", "bf16", "full", "autocast"]),
+                     help="Number format; 'full' = fp32, 'autocast' = auto (research scripts)."),
+        click.option("--bf16", is_flag=True, hidden=True),
+        click.option("--memory", default="auto", show_default=True,
+                     type=click.Choice(["auto", "high", "medium", "low", "minimal"]), help="GPU memory mode."),
+        click.option("--no-watermark", "no_watermark", is_flag=True, help="Do not embed the invisible watermark."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the file paths."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _quiet_libraries() -> None:
+    """transformers/diffusers chatter (e.g. about torchvision) is not for our users; BRUSHWORK_DEBUG shows it."""
+    if not os.environ.get("BRUSHWORK_DEBUG"):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _request(mode: str, o: dict, **extra):
+    from .request import GenerationRequest, InvalidRequest, Mode, Precision
+    from .settings import Settings
+
+    _quiet_libraries()
+    prompt = o["prompt_opt"] if o["prompt_opt"] is not None else o["prompt_arg"]
+    if prompt is None:
+        raise InvalidRequest('give a prompt: brushwork txt2img "a red circle on a white background"')
+    sampler = o["sampler"] or ("PLMS" if o["plms"] else "DPM++ 2M" if o["dpm"] else "Euler a")
+    precision = {"full": "fp32", "autocast": "auto"}.get(o["precision"], o["precision"])
+    if o["bf16"]:
+        precision = "bf16"
+    settings = Settings.load()
+    req = GenerationRequest(
+        prompt=prompt, negative_prompt=o["negative_prompt"], mode=Mode(mode), model=o["model"], vae=o["vae"],
+        sampler=sampler, scheduler=o["schedule"], steps=o["steps"] or 20, cfg_scale=o["cfg_scale"],
+        seed=o["seed"], width=o["width"], height=o["height"], batch_size=o["batch_size"], n_iter=o["n_iter"],
+        eta=o["eta"], clip_skip=o["clip_skip"], prediction=o["prediction"], device=o["device"],
+        precision=Precision(precision), memory=o["memory"],
+        watermark=settings.watermark and not o["no_watermark"], **extra,
+    )
+    if o["config_yaml"]:
+        req.extra["config_yaml"] = o["config_yaml"]
+    return settings, req.validate()
+
+
+def _run(settings, req, o: dict) -> None:
+    from .engine.core import Engine
+    from .output.files import save_result
+
+    engine = Engine(settings)
+    bar = None
+    quiet = o["quiet"]
+
+    def progress(info):
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=info.total * info.batches, unit="step", file=sys.stderr, dynamic_ncols=True,
+                       desc="sampling")
+        bar.n = info.batch * info.total + info.step
+        bar.refresh()
+
+    try:
+        result = engine.generate(req, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    outdir = Path(o["outdir"]) if o["outdir"] else settings.outputs_dir
+    paths = save_result(result, outdir, grid=o["grid"] and not o["skip_grid_legacy"])
+    if not quiet:
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        seeds = result.seeds
+        seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"
+        click.echo(f"model {result.model_name} [{result.model_hash}], seed {seed_text}, "
+                   f"{result.timings.get('total_s', 0):.1f}s", err=True)
+    for path in paths:
+        click.echo(str(path))
+
+
+@main.command()
+@generation_options
+@friendly_errors
+def txt2img(**o):
+    """Make images from a text prompt."""
+    settings, req = _request("txt2img", o)
+    _run(settings, req, o)
+
+
+@main.command()
+@generation_options
+@click.option("--init-img", "--init_img", "init_img", required=True, type=click.Path(dir_okay=False),
+              help="The image to start from.")
+@click.option("--strength", "--denoising-strength", type=float, default=0.75, show_default=True,
+              help="How much to change it: 0 = keep, 1 = ignore it.")
+@friendly_errors
+def img2img(init_img, strength, **o):
+    """Change an image guided by a prompt (the output size defaults to the input's, rounded to 8)."""
+    from .output.images import open_image_file
+
+    image = open_image_file(init_img)
+    settings, req = _request("img2img", o, init_image=image, strength=strength)
+    _run(settings, req, o)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the parameters as JSON.")
+@friendly_errors
+def info(image, as_json):
+    """Print the generation parameters stored in an image (A1111 'parameters' text)."""
+    from .output.files import read_infotext
+    from .output.images import open_image_file
+    from .output.infotext import parse_infotext
+
+    text = read_infotext(open_image_file(image))
+    if not text:
+        raise BrushworkError(f"{image} carries no generation parameters")
+    click.echo(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if as_json else text)
+
+
+@main.group()
+def watermark():
+    """Find the invisible watermark in images."""
+
+
+@watermark.command("detect")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@friendly_errors
+def watermark_detect(images):
+    """Say for each image whether it carries brushwork's (or Stable Diffusion's) watermark."""
+    from .output.images import open_image_file
+    from .output.watermark import detect
+
+    labels = {"brushwork": "brushwork watermark", "StableDiffusionV1": "Stable Diffusion v1 watermark",
+              "SDV2": "Stable Diffusion v2 watermark"}
+    for name in images:
+        try:
+            found = detect(open_image_file(name))
+        except BrushworkError as err:
+            click.echo(f"{name}: error: {err}")
+            continue
+        click.echo(f"{name}: {labels.get(found.kind, found.kind) if found.found else 'no watermark found'}")
+
+
+@main.group()
+def models():
+    """List, hash and convert models."""
+
+
+@models.command("list")
+@friendly_errors
+def models_list():
+    """The models in your library (and the bundled one)."""
+    from .models.store import ModelStore
+    from .settings import Settings
+
+    settings = Settings.load()
+    store = ModelStore(settings)
+    entries = store.scan()
+    click.echo(f"library: {settings.models_dir}")
+    for e in entries:
+        store.with_hash(e)
+        click.echo(f"  {e.name:30} {e.format:12} {e.short_hash or '-':10}  {e.path}")
+
+
+@models.command("hash")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@friendly_errors
+def models_hash(file):
+    """Print A1111's model hash (first 10 hex digits of sha256) and the full sha256."""
+    from .models.store import HashCache
+    from .settings import Settings
+
+    digest = HashCache(Settings.load().cache_dir / "hashes.json").sha256(Path(file))
+    click.echo(f"{digest[:10]}  {digest}  {file}")
+
+
+@models.command("convert")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Output .safetensors [FILE with .safetensors].")
+@friendly_errors
+def models_convert(file, out):
+    """Convert a pickled .ckpt you trust into .safetensors (runs the pickle: only for files you trust)."""
+    import torch
+    from safetensors.torch import save_file
+
+    src = Path(file)
+    dst = Path(out) if out else src.with_suffix(".safetensors")
+    if dst.exists():
+        raise BrushworkError(f"{dst} already exists; pass --out to choose another name")
+    click.echo(f"loading {src.name} with full unpickling (you said you trust it)...", err=True)
+    data = torch.load(str(src), map_location="cpu", weights_only=False)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    tensors = {k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
+    if not tensors:
+        raise BrushworkError(f"{src.name} holds no tensors to convert")
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(dst)
+    click.echo(str(dst))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--auth", help="user:password (required when listening beyond this machine).")
+@friendly_errors
+def serve(host, port, auth):
+    """Start the web UI and the HTTP APIs (A1111-compatible /sdapi/v1 and /api/v1)."""
+    from .server.app import serve as run_server
+    from .settings import Settings
+
+    run_server(Settings.load(), host=host, port=port, auth=auth)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,170 @@
+"""The Engine: settings in, images out. Every front end (CLI, HTTP, web UI) goes through it.
+
+    engine = Engine()                      # Settings.load() by default
+    result = engine.generate(GenerationRequest(prompt="a red circle", steps=20, seed=1))
+    result.images[0].save("out.png")
+
+One model is kept loaded at a time; a request naming another model swaps it. ``generate`` is
+thread-safe (one run at a time per engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models.store import ModelEntry, ModelStore
+from ..request import GenerationRequest, GenerationResult, ModelError, ProgressInfo
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    parts: object  # models.load.ModelParts, on the device
+    policy: object  # engine.device.DevicePolicy
+    vae_name: str | None
+    key: tuple
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings.load()
+        self.store = ModelStore(self.settings)
+        self._loaded: LoadedModel | None = None
+        self._lock = threading.RLock()
+
+    # ---- models -------------------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelEntry]:
+        return [self.store.with_hash(e) for e in self.store.scan()]
+
+    def refresh_models(self) -> list[ModelEntry]:
+        return self.list_models()
+
+    @property
+    def current_model(self) -> ModelEntry | None:
+        return self._loaded.entry if self._loaded else None
+
+    def unload(self) -> None:
+        with self._lock:
+            self._loaded = None
+            _free_device_memory()
+
+    def resolve(self, name: str | None) -> tuple[ModelEntry, str | None]:
+        return self.store.resolve(name, default=self.settings.default_model)
+
+    def load(self, request: GenerationRequest) -> tuple[LoadedModel, list[str]]:
+        """Load (or reuse) the model a request names, placed per the device policy."""
+        from . import device as device_mod
+
+        policy = device_mod.choose(
+            request.device if request.device != "auto" else self.settings.device,
+            request.precision.value if request.precision.value != "auto" else self.settings.precision,
+        )
+        entry, hint = self.resolve(request.model)
+        notes = [hint] if hint else []
+        key = (str(entry.path), request.vae, request.prediction, policy)
+        with self._lock:
+            if self._loaded is not None and self._loaded.key == key:
+                return self._loaded, notes
+            self._loaded = None
+            _free_device_memory()
+            parts = self._load_parts(entry, request)
+            _place(parts, policy)
+            self._loaded = LoadedModel(entry, parts, policy, request.vae, key)
+            return self._loaded, notes + list(parts.notes)
+
+    def _load_parts(self, entry: ModelEntry, request: GenerationRequest):
+        from ..models import load as load_mod
+        from ..models.store import download_hub_model
+
+        if entry.format == "hub":
+            parts = load_mod.load_diffusers_folder(download_hub_model(entry.name), prediction=request.prediction)
+        elif entry.format == "diffusers":
+            parts = load_mod.load_diffusers_folder(entry.path, prediction=request.prediction)
+        else:
+            if not entry.path.is_file():
+                raise ModelError(f"model file not found: {entry.path}")
+            config = request.extra.get("config_yaml")
+            parts = load_mod.load_single_file(
+                entry.path,
+                prediction=request.prediction,
+                config_yaml=Path(config) if config else None,
+                short_hash=lambda: self.store.with_hash(entry).short_hash,
+            )
+        if entry.bundled:
+            parts.name = entry.name
+        if request.vae:
+            vae_path = Path(request.vae).expanduser()
+            if not vae_path.exists():
+                raise ModelError(f"VAE not found: {vae_path}")
+            vae = load_mod.load_vae(vae_path)
+            vae.register_to_config(scaling_factor=parts.vae.config.scaling_factor)
+            parts.vae = vae
+        return parts
+
+    # ---- generating ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        progress: Callable[[ProgressInfo], None] | None = None,
+        cancel: threading.Event | None = None,
+        want_previews: bool = False,
+    ) -> GenerationResult:
+        from . import memory, run
+
+        request.validate()
+        memory.check_mode(request.memory if request.memory != "auto" else self.settings.memory)
+        started = time.perf_counter()
+        with self._lock:
+            loaded, notes = self.load(request)
+            load_s = time.perf_counter() - started
+            entry = self.store.with_hash(loaded.entry) if loaded.entry.path.is_file() else loaded.entry
+            result = run.generate(
+                loaded.parts,
+                loaded.policy,
+                request,
+                model_name=loaded.parts.name,
+                model_hash=entry.short_hash,
+                memory_mode=request.memory if request.memory != "auto" else self.settings.memory,
+                progress=progress,
+                cancel=cancel,
+                want_previews=want_previews,
+                version=__version__,
+            )
+        result.notes[:0] = notes
+        result.timings["load_s"] = round(load_s, 3)
+        result.timings["total_s"] = round(time.perf_counter() - started, 3)
+        return result
+
+
+def _place(parts, policy) -> None:
+    for module, dtype in ((parts.unet, policy.dtype), (parts.text_encoder, policy.dtype),
+                          (parts.vae, policy.vae_dtype)):
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+        module.to(policy.device).eval()
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,263 @@
+"""One request through a diffusers pipeline: the fixed lifecycle every image takes.
+
+1. sizes and seeds  2. scheduler from the sampler table  3. pipeline for the mode
+4. per batch: CPU-seeded noise -> denoise loop (progress, cancel, previews) -> latents
+5. decode (fp16 NaNs are redone in fp32)  6. watermark + infotext  7. result
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from ..request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest, Mode, ProgressInfo
+from . import memory
+from .samplers import build_scheduler, display_name
+
+
+def resolve_size(request: GenerationRequest, default_size: tuple[int, int]) -> tuple[int, int]:
+    if request.init_image is not None and request.mode is not Mode.TXT2IMG:
+        w, h = request.init_image.size
+        default_size = (max(8, w - w % 8), max(8, h - h % 8))
+    width = request.width or default_size[0]
+    height = request.height or default_size[1]
+    return width, height
+
+
+def _pipelines(parts, mode: Mode, scheduler):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    if parts.family.unet_in_channels != 4:
+        raise InvalidRequest(
+            f"{parts.name} is an inpainting model ({parts.family.label}); inpainting arrives in a later version, "
+            "use a text-to-image model for txt2img/img2img"
+        )
+    components = dict(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    cls = StableDiffusionImg2ImgPipeline if mode is Mode.IMG2IMG else StableDiffusionPipeline
+    pipe = cls(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(
+    parts,
+    policy,
+    request: GenerationRequest,
+    *,
+    model_name: str,
+    model_hash: str | None,
+    memory_mode: str,
+    progress=None,
+    cancel=None,
+    want_previews: bool = False,
+    version: str = "0",
+) -> GenerationResult:
+    import torch
+
+    timings = {"sample_s": 0.0, "decode_s": 0.0}
+    notes: list[str] = []
+    if request.mode not in (Mode.TXT2IMG, Mode.IMG2IMG):
+        raise InvalidRequest(f"{request.mode.value} arrives in a later version; this one does txt2img and img2img")
+
+    # 1. sizes and seeds
+    width, height = resolve_size(request, parts.default_size)
+    seed = request.seed if request.seed != -1 else secrets.randbelow(2**32)
+    init = None
+    if request.mode is Mode.IMG2IMG:
+        init = request.init_image.convert("RGB")
+        if init.size != (width, height):
+            from PIL import Image
+
+            init = init.resize((width, height), Image.Resampling.LANCZOS)
+
+    # 2. scheduler, 3. pipeline
+    scheduler = build_scheduler(parts.scheduler_config, request.sampler, request.scheduler)
+    strength = float(request.strength)
+    img2img_denoises = request.mode is Mode.IMG2IMG and 0 < strength < 1 and int(request.steps * strength) >= 1
+    pipe = _pipelines(parts, Mode.IMG2IMG if img2img_denoises else Mode.TXT2IMG, scheduler)
+    mode = memory.initial_mode(memory_mode, policy, _model_bytes(parts))
+    memory.apply(pipe, mode, policy, large_image=width * height > 1024 * 1024)
+
+    images, seeds = [], []
+    for batch in range(request.n_iter):
+        batch_seeds = [(seed + batch * request.batch_size + i) % 2**32 for i in range(request.batch_size)]
+        if request.mode is Mode.IMG2IMG and not img2img_denoises and strength < 1:
+            # nothing to denoise: the init image is the answer
+            images += [init.copy() for _ in batch_seeds]
+            seeds += batch_seeds
+            continue
+        while True:
+            try:
+                t0 = time.perf_counter()
+                latents = _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init,
+                                   strength if img2img_denoises else None, progress, cancel, want_previews)
+                t1 = time.perf_counter()
+                decoded, fell_back = decode(parts.vae, latents)
+                timings["sample_s"] += t1 - t0
+                timings["decode_s"] += time.perf_counter() - t1
+                if fell_back:
+                    notes.append("the fp16 VAE gave NaNs; decoded again in fp32")
+                break
+            except Cancelled:
+                raise
+            except Exception as err:
+                if memory_mode != "auto" or not memory.is_oom(err) or memory.next_mode(mode) is None:
+                    if memory.is_oom(err):
+                        raise InvalidRequest(
+                            f"out of memory in memory mode {mode}; try --memory minimal or a smaller size"
+                        ) from None
+                    raise
+                new_mode = memory.next_mode(mode)
+                notes.append(f"out of memory in mode {mode}; retrying in mode {new_mode}")
+                _reset(pipe)
+                mode = new_mode
+                memory.apply(pipe, mode, policy, large_image=width * height > 1024 * 1024)
+        images += decoded
+        seeds += batch_seeds
+
+    # 6. watermark + infotext
+    if request.watermark:
+        from ..output.watermark import embed
+
+        images = [embed(im) for im in images]
+    infotexts = [
+        infotext_for(request, seed=s, width=width, height=height, model_name=model_name, model_hash=model_hash,
+                     version=version)
+        for s in seeds
+    ]
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    return GenerationResult(images, seeds, infotexts, request, model_name, model_hash, timings, notes)
+
+
+def _model_bytes(parts) -> int:
+    return sum(p.numel() * p.element_size() for m in parts.modules.values() for p in m.parameters())
+
+
+def _reset(pipe) -> None:
+    import gc
+
+    import torch
+
+    try:
+        pipe.remove_all_hooks()
+    except Exception:  # not every diffusers version has it; nothing to undo then
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init, strength, progress, cancel,
+             want_previews):
+    """Run the denoising loop for one batch; returns latents."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+    latent_channels = parts.unet.config.in_channels
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    kwargs = dict(
+        prompt=[request.prompt] * len(batch_seeds),
+        negative_prompt=[request.negative_prompt] * len(batch_seeds) if request.negative_prompt else None,
+        num_inference_steps=request.steps,
+        guidance_scale=float(request.cfg_scale),
+        eta=float(request.eta),
+        generator=generators,
+        output_type="latent",
+        clip_skip=(request.clip_skip - 1) or None,
+    )
+    if strength is not None:
+        kwargs.update(image=init, strength=strength)
+    else:
+        # the initial noise is drawn on the CPU, one generator per image: same seed, same image on any device
+        noise = torch.stack([
+            torch.randn((latent_channels, height // factor, width // factor), generator=g) for g in generators
+        ])
+        kwargs.update(latents=noise.to(policy.device, policy.dtype), height=height, width=width)
+
+    def on_step_end(p, i, t, callback_kwargs):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled")
+        if progress is not None:
+            preview = None
+            if want_previews:
+                preview = latent_preview(parts.vae, callback_kwargs["latents"])
+            total = getattr(p, "_num_timesteps", None) or request.steps
+            progress(ProgressInfo(step=i + 1, total=total, batch=batch, batches=request.n_iter, preview=preview))
+        return callback_kwargs
+
+    with torch.inference_mode():
+        out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+    return out.images
+
+
+def decode(vae, latents) -> tuple[list, bool]:
+    """Latents -> PIL images. A fp16 VAE that gives NaNs (a known SD problem) is redone in fp32."""
+    import torch
+
+    def run(model, x):
+        with torch.inference_mode():
+            return model.decode(x.to(model.dtype) / model.config.scaling_factor).sample
+
+    pixels = run(vae, latents)
+    fell_back = False
+    if torch.isnan(pixels).any() and vae.dtype != torch.float32:
+        vae.to(torch.float32)
+        pixels = run(vae, latents.float())
+        fell_back = True
+    return to_pil(pixels), fell_back
+
+
+def to_pil(pixels) -> list:
+    import numpy as np
+    from PIL import Image
+
+    arr = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to("cpu").permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a.astype(np.uint8)) for a in arr]
+
+
+# A1111's "Approx cheap" latent -> RGB factors for SD's 4-channel latent space.
+_CHEAP_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def latent_preview(vae, latents):
+    """A small preview of the first image of the batch: a real decode for small VAEs, else a linear map."""
+    import torch
+
+    small = sum(p.numel() for p in vae.parameters()) < 5_000_000
+    with torch.inference_mode():
+        if small:
+            return to_pil(vae.decode(latents[:1].to(vae.dtype) / vae.config.scaling_factor).sample)[0]
+        factors = torch.tensor(_CHEAP_RGB, dtype=latents.dtype, device=latents.device)
+        rgb = torch.einsum("chw,cr->rhw", latents[0, :4], factors)
+        return to_pil(rgb[None])[0]
+
+
+def infotext_for(request: GenerationRequest, *, seed, width, height, model_name, model_hash, version) -> str:
+    from ..output.infotext import format_infotext
+
+    sampler, schedule = display_name(request.sampler, request.scheduler)
+    params = {
+        "Steps": request.steps,
+        "Sampler": sampler,
+        "Schedule type": schedule,
+        "CFG scale": request.cfg_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+        "VAE": _stem(request.vae) if request.vae else None,
+        "Denoising strength": request.strength if request.mode is not Mode.TXT2IMG else None,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        "Eta": request.eta if request.eta else None,
+        "Version": f"brushwork {version}",
+    }
+    return format_infotext(request.prompt, request.negative_prompt, params)
+
+
+def _stem(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name

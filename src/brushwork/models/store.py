@@ -1,0 +1,184 @@
+"""The user's model library: find models by name, path, hash or hub id; hash them once.
+
+Models live in ``Settings.models_dir`` (``~/.brushwork/models``): single files
+(``.safetensors``, ``.ckpt``) and diffusers folders. The bundled mini model is always there as
+the last resort. Hashes follow A1111: "Model hash" = the first 10 hex digits of the file's
+sha256, cached by path, size and modification time so a 4 GB file is read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..request import ModelError
+from ..settings import Settings
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt")
+BUNDLED_NAME = "mini"
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("brushwork.models").joinpath("mini/mini.safetensors")))
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: Path
+    format: str  # "safetensors" | "ckpt" | "diffusers" | "hub"
+    bundled: bool = False
+    sha256: str | None = None
+
+    @property
+    def short_hash(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def title(self) -> str:
+        """A1111's checkpoint title: ``file name [short hash]``."""
+        label = self.path.name if self.format != "hub" else self.name
+        return f"{label} [{self.short_hash}]" if self.short_hash else label
+
+
+class HashCache:
+    """sha256 of files, remembered in ``<home>/cache/hashes.json``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._data: dict | None = None
+
+    def _load(self) -> dict:
+        if self._data is None:
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        key = str(file.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        data = self._load()
+        entry = data.get(key)
+        if entry and entry.get("stamp") == stamp:
+            return entry["sha256"]
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        value = digest.hexdigest()
+        data[key] = {"stamp": stamp, "sha256": value}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home only costs re-hashing next time
+        return value
+
+
+def legacy_hash(file: Path) -> str:
+    """A1111's old 8-hex hash: sha256 of 64 KiB at offset 1 MiB."""
+    with open(file, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+class ModelStore:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.hashes = HashCache(settings.cache_dir / "hashes.json")
+
+    @property
+    def root(self) -> Path:
+        return self.settings.models_dir
+
+    def scan(self) -> list[ModelEntry]:
+        """Every model in the library (sorted by name), then the bundled one."""
+        found: list[ModelEntry] = []
+        if self.root.is_dir():
+            for path in sorted(self.root.rglob("*")):
+                if path.is_file() and path.suffix in MODEL_SUFFIXES and not _is_vae_file(path):
+                    found.append(ModelEntry(path.stem, path, path.suffix[1:]))
+                elif path.is_dir() and (path / "model_index.json").is_file():
+                    found.append(ModelEntry(path.name, path, "diffusers"))
+        bundled = bundled_model_path()
+        if bundled.is_file():
+            found.append(ModelEntry(BUNDLED_NAME, bundled, "safetensors", bundled=True))
+        return found
+
+    def with_hash(self, entry: ModelEntry) -> ModelEntry:
+        if entry.sha256 is None and entry.path.is_file():
+            entry.sha256 = self.hashes.sha256(entry.path)
+        return entry
+
+    def resolve(self, name: str | None, *, default: str | None = None) -> tuple[ModelEntry, str | None]:
+        """(entry, a hint for the user or None). Order: name, configured default, library, bundled."""
+        if name:
+            return self._find(name), None
+        if default:
+            return self._find(default), None
+        entries = self.scan()
+        library = [e for e in entries if not e.bundled]
+        if library:
+            return library[0], None
+        if entries:
+            return entries[-1], (
+                "using the bundled mini model (64x64 shapes); for real pictures put a Stable Diffusion "
+                f"checkpoint in {self.root} or pass --model FILE"
+            )
+        raise ModelError(f"no model found; put a Stable Diffusion checkpoint in {self.root} or pass --model FILE")
+
+    def _find(self, name: str) -> ModelEntry:
+        path = Path(name).expanduser()
+        if path.is_file():
+            if path.suffix not in MODEL_SUFFIXES + (".pt", ".pth", ".bin"):
+                raise ModelError(f"{path.name} is not a model file (expected .safetensors or .ckpt)")
+            return ModelEntry(path.stem, path, path.suffix[1:])
+        if path.is_dir():
+            if (path / "model_index.json").is_file():
+                return ModelEntry(path.name, path, "diffusers")
+            raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+        entries = self.scan()
+        wanted = re.sub(r"\s*\[[0-9a-f]{8,10}\]$", "", name.strip())  # A1111 titles: "name [hash]"
+        for entry in entries:
+            if wanted in (entry.name, entry.path.name) or str(entry.path).endswith("/" + wanted):
+                return entry
+        if re.fullmatch(r"[0-9a-fA-F]{8,10}", name.strip()):
+            for entry in entries:
+                if entry.path.is_file():
+                    if len(name) == 10 and self.with_hash(entry).short_hash == name.lower():
+                        return entry
+                    if len(name) == 8 and legacy_hash(entry.path) == name.lower():
+                        return entry
+        if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.endswith(MODEL_SUFFIXES):
+            return ModelEntry(name, Path(name), "hub")
+        known = ", ".join(e.name for e in entries) or "none"
+        raise ModelError(f"model {name!r} not found: not a file, and not in the library {self.root} (has: {known})")
+
+
+def _is_vae_file(path: Path) -> bool:
+    return path.name.endswith((".vae.safetensors", ".vae.ckpt", ".vae.pt"))
+
+
+def download_hub_model(repo_id: str) -> Path:
+    """A diffusers model from the Hugging Face hub (cached). Offline: only what is already cached."""
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    patterns = ["model_index.json", "*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors",
+                "text_encoder/*.safetensors", "tokenizer/*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline, etag_timeout=10))
+    except Exception as err:
+        why = "offline (HF_HUB_OFFLINE=1) and not in the cache" if offline else f"download failed: {err}"
+        raise ModelError(f"cannot get {repo_id} from the hub: {str(why).splitlines()[0][:160]}; "
+                         "download the checkpoint yourself and pass --model FILE") from None

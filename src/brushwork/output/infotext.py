@@ -1,0 +1,104 @@
+"""The A1111 "parameters" text: write it exactly as A1111 does, and read it back.
+
+Layout: the prompt (may span lines); ``Negative prompt: ...`` only when set; then one line of
+``Key: value`` pairs joined by ``, `` in A1111's key order. Values holding ``,`` ``:`` or a
+newline are JSON-quoted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+KEY_ORDER = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+    "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Seed resize from",
+    "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD", "Token merging ratio",
+    "Init image hash", "RNG", "Tiling",
+)
+
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def quote(value) -> str:
+    text = str(value)
+    if "," in text or ":" in text or "\n" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _number(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
+    """``params`` maps A1111 keys to values; None values are left out; unknown keys go after the known ones."""
+    ordered = [k for k in KEY_ORDER if k in params] + [k for k in params if k not in KEY_ORDER and k != "Version"]
+    if "Version" in params:
+        ordered.append("Version")
+    pairs = [f"{k}: {quote(_number(params[k]))}" for k in ordered if params[k] is not None]
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_infotext(text: str) -> dict:
+    """A1111-style parse: {"Prompt", "Negative prompt", and every Key: value}; numbers stay strings.
+
+    A combined sampler name ("DPM++ 2M Karras") is split into Sampler + Schedule type, as A1111 does.
+    """
+    lines = text.strip().split("\n")
+    params: dict[str, str] = {}
+    last = lines[-1] if lines else ""
+    if len(_PARAM_RE.findall(last)) >= 3:
+        for key, value in _PARAM_RE.findall(last):
+            params[key.strip()] = _unquote(value)
+        lines = lines[:-1]
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].lstrip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    result = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    result.update(params)
+    sampler = result.get("Sampler", "")
+    if sampler and "Schedule type" not in result:
+        for schedule in ("Karras", "Exponential"):
+            if sampler.endswith(" " + schedule):
+                result["Sampler"] = sampler[: -len(schedule) - 1]
+                result["Schedule type"] = schedule
+    return result
+
+
+def request_from_infotext(text: str) -> dict:
+    """Keyword arguments for ``GenerationRequest`` that reproduce the image this infotext describes."""
+    p = parse_infotext(text)
+    out: dict = {"prompt": p.get("Prompt", ""), "negative_prompt": p.get("Negative prompt", "")}
+    conv = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+            "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
+            "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str)}
+    for key, (name, cast) in conv.items():
+        if key in p:
+            try:
+                out[name] = cast(p[key])
+            except ValueError:
+                pass
+    if "Size" in p and re.fullmatch(r"\d+x\d+", p["Size"]):
+        w, h = p["Size"].split("x")
+        out["width"], out["height"] = int(w), int(h)
+    return out
