@@ -1,0 +1,96 @@
+"""The job store (SQLite, WAL) on its own, and the rule that a network listener needs a password."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from brushwork.request import BrushworkError, GenerationRequest
+from brushwork.server.app import check_bind, is_loopback
+from brushwork.server.jobs import CANCELLED, DONE, QUEUED, RUNNING, JobStore
+
+
+def _request(prompt: str = "a red circle") -> dict:
+    return GenerationRequest(prompt=prompt, steps=2, width=32, height=32).to_dict()
+
+
+def test_jobs_run_in_order_and_a_reopened_store_still_has_them(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite3")
+    first, second = store.create(_request("one")), store.create(_request("two"))
+    assert store.queue_position(first.id) == 1 and store.queue_position(second.id) == 2
+    claimed = store.claim_next()
+    assert claimed.id == first.id and claimed.status == RUNNING
+    assert store.queue_position(second.id) == 1
+    store.finish(first.id, DONE, result={"images": []})
+    store.close()
+
+    reopened = JobStore(tmp_path / "db.sqlite3")
+    assert reopened.get(first.id).status == DONE
+    assert reopened.get(second.id).status == QUEUED
+    assert reopened.get(second.id).request["prompt"] == "two"
+    mode = sqlite3.connect(tmp_path / "db.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode.lower() == "wal"
+
+
+def test_a_job_left_running_by_a_crash_is_queued_again_unless_it_was_being_cancelled(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite3")
+    crashed, cancelling = store.create(_request("crashed")), store.create(_request("cancelling"))
+    store.claim_next()
+    store.claim_next()
+    store.mark_cancel_requested(cancelling.id)
+    store.close()  # the process dies here
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    assert store.recover() == 1
+    assert store.get(crashed.id).status == QUEUED
+    assert store.get(cancelling.id).status == CANCELLED
+    assert store.claim_next().id == crashed.id
+
+
+def test_only_a_queued_job_can_be_cancelled_from_the_queue(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite3")
+    job = store.create(_request())
+    assert store.cancel_queued(job.id)
+    assert store.get(job.id).status == CANCELLED
+    assert store.claim_next() is None  # a cancelled job never runs
+    assert not store.cancel_queued(job.id)
+
+
+def test_history_search_matches_every_word_and_treats_wildcards_literally(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite3")
+    for i, prompt in enumerate(["a red cat", "a blue cat on a mat", "a dog", "100% orange"]):
+        store.add_image(job_id="j", idx=i, path=f"{i}.png", request={"prompt": prompt}, seed=i, width=32,
+                        height=32, model="tiny", model_hash=None, infotext=prompt)
+    assert [r["prompt"] for r in store.search_images("cat")] == ["a blue cat on a mat", "a red cat"]
+    assert [r["prompt"] for r in store.search_images("CAT mat")] == ["a blue cat on a mat"]
+    assert [r["prompt"] for r in store.search_images("%")] == ["100% orange"]
+    assert len(store.search_images("")) == 4
+    assert store.search_images("_") == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_hosts_need_no_password(host):
+    assert is_loopback(host)
+    check_bind(host, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.com"])
+def test_listening_on_a_network_without_a_password_is_refused(host):
+    assert not is_loopback(host)
+    with pytest.raises(BrushworkError, match="--auth"):
+        check_bind(host, None)
+    check_bind(host, "user:secret")
+
+
+def test_serve_command_refuses_a_network_address_without_auth_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "brushwork.cli", "serve", "--host", "0.0.0.0", "--port", "7999"],
+        capture_output=True, text=True, timeout=60, env={"BRUSHWORK_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "--auth" in lines[0] and "0.0.0.0" in lines[0]

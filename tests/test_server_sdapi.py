@@ -1,0 +1,197 @@
+"""``/sdapi/v1`` in process, through the real engine and a tiny model: what an A1111 client sees."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from serverkit import decode_png, make_home, make_settings, png_b64, tiny_model_file  # noqa: F401
+
+SMALL = {"width": 32, "height": 32, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_file, tmp_path_factory):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from brushwork.engine.core import Engine
+    from brushwork.server.app import create_app
+
+    paths = make_home(tmp_path_factory.mktemp("sdapi"), tiny_model_file, "tiny", "tiny2")
+    settings = make_settings(paths, max_upload_bytes=200_000, max_image_pixels=512 * 512)
+    app = create_app(Engine(settings), settings)
+    with TestClient(app) as c:
+        c.paths = paths
+        yield c
+
+
+def test_txt2img_answers_like_a1111_with_the_infotext_inside_the_png(client):
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 5, "batch_size": 2,
+            "sampler_name": "Euler a", "sampler_index": "Euler", "some_new_field": 1, **SMALL}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert set(data) >= {"images", "parameters", "info"}
+    assert isinstance(data["info"], str)  # clients json.loads it
+    info = json.loads(data["info"])
+    assert info["all_seeds"] == [5, 6] and info["seed"] == 5
+    assert info["sampler_name"] == "Euler a" and info["width"] == 32 and len(info["infotexts"]) == 2
+    assert info["sd_model_hash"] and len(info["sd_model_hash"]) == 10
+    assert len(data["images"]) == 2
+    image = decode_png(data["images"][0])
+    assert image.size == (32, 32)
+    text = image.info["parameters"]
+    assert text.startswith("a red circle\nNegative prompt: blue\n")
+    assert "Seed: 5" in text and "Steps: 2" in text and "Sampler: Euler a" in text
+    assert decode_png(data["images"][1]).info["parameters"].count("Seed: 6") == 1
+    assert data["parameters"]["prompt"] == "a red circle" and data["parameters"]["seed"] == 5
+
+
+def test_png_info_reads_back_the_parameters(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a green square", "seed": 11, **SMALL})
+    image = r.json()["images"][0]
+    info = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + image}).json()
+    assert info["info"].startswith("a green square")
+    assert str(info["parameters"]["Seed"]) == "11"
+    assert str(info["parameters"]["Steps"]) == "2"
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"sampler_name": "Euler b"}, 400, "unknown sampler"),
+    ({"width": 33}, 400, "multiple of 8"),
+    ({"steps": 0}, 400, "steps"),
+    ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 400, "unknown model"),
+    ({"override_settings": {"sd_model_checkpoint": "../models/tiny.safetensors"}}, 400, "unknown model"),
+    ({"steps": "many"}, 422, "steps"),
+    ({"enable_hr": True}, 400, "hires"),
+])
+def test_caller_mistakes_are_4xx_with_a1111_error_fields(client, body, status, words):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL, **body})
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert set(err) == {"error", "detail", "body", "errors"}
+    assert words in err["detail"]
+
+
+def test_img2img_takes_a_data_url_and_keeps_the_size(client):
+    r = client.post("/sdapi/v1/img2img", json={
+        "prompt": "a red circle", "init_images": ["data:image/png;base64," + png_b64((32, 32))],
+        "denoising_strength": 0.5, "seed": 3, **SMALL})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert decode_png(data["images"][0]).size == (32, 32)
+    assert json.loads(data["info"])["denoising_strength"] == 0.5
+    assert data["parameters"]["init_images"] is None  # not echoed back unless include_init_images
+
+
+def test_img2img_without_an_init_image_is_404_like_a1111(client):
+    r = client.post("/sdapi/v1/img2img", json={"prompt": "x", **SMALL})
+    assert r.status_code == 404
+    assert "Init image" in r.json()["detail"]
+
+
+def test_uploads_that_are_not_images_too_big_or_bombs_are_refused(client):
+    import base64
+    import io
+
+    from PIL import Image
+
+    not_image = base64.b64encode(b"hello, I am not a picture" * 10).decode()
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [not_image], **SMALL})
+    assert r.status_code == 400 and "not an image" in r.json()["detail"]
+
+    buf = io.BytesIO()
+    Image.new("1", (4000, 4000)).save(buf, format="PNG")  # a few KB that decode to 16 million pixels
+    bomb = base64.b64encode(buf.getvalue()).decode()
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [bomb], **SMALL})
+    assert r.status_code == 400 and "pixels" in r.json()["detail"]
+
+    big = base64.b64encode(bytes(300_000)).decode()  # over this app's 200 kB upload limit
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [big], **SMALL})
+    assert r.status_code == 413
+
+
+def test_progress_shows_a_running_job_and_interrupt_stops_it(client):
+    answer = {}
+
+    def run():
+        answer["r"] = client.post("/sdapi/v1/txt2img", json={"prompt": "slow", "width": 32, "height": 32,
+                                                             "steps": 400, "seed": 1})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    seen = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        p = client.get("/sdapi/v1/progress").json()
+        if p["state"]["sampling_step"] >= 2 and p["current_image"]:
+            seen = p
+            break
+        time.sleep(0.1)
+    assert seen is not None, "the job never reported progress"
+    assert 0 < seen["progress"] < 1 and seen["eta_relative"] > 0
+    assert seen["state"]["sampling_steps"] == 400 and seen["state"]["job_count"] >= 1
+    assert decode_png(seen["current_image"]).size[0] > 0  # the live preview is a real picture
+    assert client.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
+
+    started = time.monotonic()
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - started < 10
+    r = answer["r"]
+    assert r.status_code == 200
+    assert r.json()["images"] == [] and json.loads(r.json()["info"])["interrupted"] is True
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["current_image"] is None
+
+
+def test_models_options_and_switching_checkpoints(client):
+    models = client.get("/sdapi/v1/sd-models").json()
+    titles = {m["model_name"]: m["title"] for m in models}
+    assert {"tiny", "tiny2"} <= set(titles)
+    assert titles["tiny2"].startswith("tiny2.safetensors [") and len(models[0]["hash"]) == 10
+
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "no-such-model"})
+    assert r.status_code == 400 and "tiny2" in r.json()["detail"]  # names the choices
+
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles["tiny2"]}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["tiny2"]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1, **SMALL})
+    assert json.loads(r.json()["info"])["sd_model_name"] == "tiny2"
+    assert "Model: tiny2" in decode_png(r.json()["images"][0]).info["parameters"]
+
+    client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"})
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1, **SMALL})
+    assert json.loads(r.json()["info"])["sd_model_name"] == "tiny"
+
+
+def test_refresh_checkpoints_finds_a_new_file(client, tiny_model_file):  # noqa: F811
+    import shutil
+
+    shutil.copyfile(tiny_model_file, client.paths["models"] / "fresh.safetensors")
+    assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    assert "fresh" in {m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()}
+
+
+def test_listing_routes_have_the_shapes_clients_read(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    assert {"Euler a", "DPM++ 2M", "DDIM", "PLMS"} <= set(names)
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert "Karras" in {s["label"] for s in schedulers}
+    assert client.get("/sdapi/v1/upscalers").json()[0]["name"] == "None"
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert client.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["ckpt_dir"] == str(client.paths["models"])
+
+
+def test_extra_single_image_says_no_upscaler_is_available(client):
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(), "upscaler_1": "R-ESRGAN 4x+"})
+    assert r.status_code == 400
+    assert "no upscaler model available" in r.json()["detail"]
