@@ -86,6 +86,7 @@ class LiveServer:
             "BRUSHWORK_MODELS_DIR": str(self.paths["models"]),
             "BRUSHWORK_OUTPUTS_DIR": str(self.paths["outputs"]),
             "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",  # tiny models: one thread is fastest, and the machine is shared
             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
         })
         self.paths["home"].mkdir(parents=True, exist_ok=True)
