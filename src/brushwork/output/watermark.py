@@ -96,6 +96,14 @@ class Detection:
     z: float | None = None
     note: str = ""
 
+    def summary(self) -> str:
+        """One line for people, e.g. for ``brushwork watermark detect``."""
+        if self.found and self.z is not None:
+            return f"{self.kind} watermark (z={self.z:.1f}, {self.confidence:.1%} of {self.bits} bits agree)"
+        if self.found:
+            return f"{self.kind} watermark (dwtDct, {self.bit_errors} of {self.bits} payload bits wrong)"
+        return f"no watermark: {self.note}" if self.note else "no known watermark"
+
 
 # --- keyed sequence and transform ----------------------------------------------------------------
 
@@ -123,6 +131,12 @@ def _dct_matrix():
     m = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
     m[0, :] = np.sqrt(1.0 / n)
     return m
+
+
+def _low_dct_rows(coeff_positions):
+    """The first k rows of the DCT matrix, enough for every position used (k x k of the 8 x 8)."""
+    k = 1 + max(max(r, c) for r, c in coeff_positions)
+    return _dct_matrix()[:k]
 
 
 def _luma(rgb):
@@ -174,8 +188,8 @@ def _embed_array(rgb, tag: str, coeff_positions, step: float):
     if by * bx < MIN_BLOCKS:
         return None
     bits, dither = _sequence(tag, by, bx, len(coeff_positions))
-    d = _dct_matrix()
-    coeffs = d @ _blocks(_luma(rgb), by, bx) @ d.T  # (by, bx, 8, 8)
+    d = _low_dct_rows(coeff_positions)
+    coeffs = d @ _blocks(_luma(rgb), by, bx) @ d.T  # (by, bx, k, k): only the low k x k we use
     rows = np.array([r for r, _ in coeff_positions])
     cols = np.array([c for _, c in coeff_positions])
     current = coeffs[:, :, rows, cols]
@@ -183,7 +197,7 @@ def _embed_array(rgb, tag: str, coeff_positions, step: float):
     target = (np.round(current / step - offset) + offset) * step
     delta_coeffs = np.zeros_like(coeffs)
     delta_coeffs[:, :, rows, cols] = target - current
-    delta_blocks = d.T @ delta_coeffs @ d  # back to pixels
+    delta_blocks = d.T @ delta_coeffs @ d  # back to pixels, (by, bx, 8, 8)
     delta = np.zeros((h, w))
     delta[: by * _BLOCK, : bx * _BLOCK] = delta_blocks.swapaxes(1, 2).reshape(by * _BLOCK, bx * _BLOCK)
     # The same amount on R, G and B moves luma by exactly that amount and leaves chroma alone.
@@ -203,7 +217,7 @@ def _ours(rgb, tag: str, coeff_positions=_COEFFS, step: float = _STEP) -> Detect
             note=f"image is {w}x{h}, too small to carry the watermark reliably (needs {MIN_SIDE}x{MIN_SIDE})",
         )
     bits, dither = _sequence(tag, by, bx, len(coeff_positions))
-    d = _dct_matrix()
+    d = _low_dct_rows(coeff_positions)
     coeffs = d @ _blocks(_luma(rgb), by, bx) @ d.T
     rows = np.array([r for r, _ in coeff_positions])
     cols = np.array([c for _, c in coeff_positions])
