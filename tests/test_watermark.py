@@ -70,6 +70,7 @@ def test_png_round_trip_detects_ours_and_changes_little(image):
     result = wm.detect(saved(marked))
     assert result.found and result.kind == "brushwork"
     assert result.confidence > 0.8 and result.z >= wm._Z_THRESHOLD
+    assert result.summary().startswith("brushwork watermark")
     assert not wm.detect(saved(image)).found
 
 
@@ -117,7 +118,9 @@ def test_too_small_images_are_left_alone_and_reported_honestly():
     marked = wm.embed(tiny)
     assert np.array_equal(np.asarray(marked), np.asarray(tiny))
     result = wm.detect(marked)
-    assert not result.found and "too small" in result.note
+    assert not result.found and "too small" in result.note and "too small" in result.summary()
+    assert "JPEG" in wm.detect(natural(8, 40, 40)).note  # carries a mark, but JPEG may have lost it
+    assert wm.detect(natural(8, 64, 64)).note == ""
 
 
 def test_rgba_keeps_alpha_and_odd_border_is_untouched():
