@@ -12,16 +12,18 @@ on the luma channel, in the same 8x8 DCT blocks that JPEG uses:
   image);
 - detection correlates the soft decisions (cos of the lattice phase) with the expected bits; the sum
   has a known distribution on unmarked images (mean 0, variance n/2), so the z-score maps directly
-  to a false-positive probability. ``found`` needs z >= ``_Z_THRESHOLD`` (about 1e-9 by chance).
+  to a false-positive probability. ``found`` needs z >= ``_Z_THRESHOLD``: about 1e-9 by chance under
+  the normal approximation, and at most exp(-9) ~ 1e-4 by Hoeffding's bound even for the smallest
+  images (each term lies in [-1, 1]).
 
 The change to luma is added equally to R, G and B, so colour is untouched. JPEG at quality 90 moves
-these coefficients by at most 1.6 (its quantization steps there are 2 to 3.2), less than the quarter
+these coefficients by about 1.6 at most (its quantization steps there are 2 to 3.2), less than the quarter
 step (2.5) that would flip a bit; rounding to 8 bits moves them by about 0.3. The coefficients and
 the step were chosen with ``benchmarks/watermark.py --sweep`` (PSNR against the detection margin
 after JPEG q90/q75 on 64x64 images, the hardest case).
 
-Why not plain invisible-watermark dwtDct: it needs at least 256x256 pixels, truncates (not rounds)
-floats into uint8 (which also wraps around near 0 and 255), hides bits in the largest AC coefficient
+Why not plain invisible-watermark dwtDct: it needs at least 256x256 pixels, casts floats into uint8
+without rounding or clipping, only uses the U channel, hides bits in the largest AC coefficient
 of each block (whose position can change under the mark itself), and compares a decoded payload bit
 for bit, so a single flipped bit out of 72 loses it. ``benchmarks/watermark.py`` measures both.
 
