@@ -286,16 +286,19 @@ class LiveProgress:
     preview: Any = None  # a small PIL image, or None
     preview_version: int = 0
     textinfo: str = ""
+    sampling_since: tuple[float, float] | None = None  # (time, fraction) at the first step: loading is not sampling
     skipped: bool = False
     interrupted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def eta_relative(self) -> float:
-        elapsed = time.time() - self.started
-        if self.fraction <= 0:
+        """Seconds left, from the speed of the steps so far (model loading does not count)."""
+        if self.sampling_since is None or self.fraction <= self.sampling_since[1]:
             return 0.0
-        return max(0.0, elapsed / self.fraction - elapsed)
+        since, fraction0 = self.sampling_since
+        rate = (self.fraction - fraction0) / max(1e-6, time.time() - since)
+        return max(0.0, (1.0 - self.fraction) / rate)
 
 
 class Worker:
@@ -403,6 +406,8 @@ class Worker:
             def on_progress(info: ProgressInfo) -> None:
                 live.step, live.total, live.batch, live.batches = info.step, info.total, info.batch, info.batches
                 live.fraction = info.fraction
+                if live.sampling_since is None:
+                    live.sampling_since = (time.time(), info.fraction)
                 if info.preview is not None:
                     live.preview = info.preview
                     live.preview_version += 1
