@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,12 +83,16 @@ async def create_job(body: JobRequest, request: Request):
     data = body.model_dump()
     data["watermark"] = state.settings.watermark if body.watermark is None else body.watermark
     init_b64, mask_b64 = data.pop("init_image"), data.pop("mask_image")
-    gen = GenerationRequest.from_dict(data)
-    if init_b64:
-        gen.init_image = state.decode_image(init_b64, "init image")
-    if mask_b64:
-        gen.mask_image = state.decode_image(mask_b64, "mask image")
-    job = state.submit(gen, source="api")
+
+    def accept() -> Job:  # decoding images and hashing a new model file take a while: not on the event loop
+        gen = GenerationRequest.from_dict(data)
+        if init_b64:
+            gen.init_image = state.decode_image(init_b64, "init image")
+        if mask_b64:
+            gen.mask_image = state.decode_image(mask_b64, "mask image")
+        return state.submit(gen, source="api")
+
+    job = await anyio.to_thread.run_sync(accept)
     return _job_view(state, job)
 
 
@@ -248,7 +253,7 @@ async def get_image_meta(image_id: int, request: Request):
 
 
 @router.get("/models", summary="The model library")
-async def models(request: Request):
+def models(request: Request):
     state = _state(request)
     current = state.current_model_entry()
     out = []

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -233,8 +234,10 @@ def _info(state: ServerState, request: GenerationRequest, job_result: dict[str, 
 
 
 async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, Any]:
-    request = _to_request(state, body, mode)
-    job = state.submit(request, source="sdapi")
+    def accept():  # decoding images and hashing a new model file take a while: not on the event loop
+        return state.submit(_to_request(state, body, mode), source="sdapi")
+
+    job = await anyio.to_thread.run_sync(accept)
     job = await state.wait(job.id)
     request = GenerationRequest.from_dict(job.request)
     result = job.result or {}
@@ -328,7 +331,7 @@ def _model_info(entry: Any) -> dict[str, Any]:
 
 
 @router.get("/options")
-async def get_options(request: Request):
+def get_options(request: Request):
     state = _state(request)
     entry = state.current_model_entry()
     options = {k: v for k, v in state.options.items() if not k.startswith("_")}
@@ -348,7 +351,7 @@ async def get_options(request: Request):
 
 
 @router.post("/options")
-async def set_options(body: dict[str, Any], request: Request):
+def set_options(body: dict[str, Any], request: Request):
     state = _state(request)
     if "sd_model_checkpoint" in body:
         state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
@@ -361,12 +364,12 @@ async def set_options(body: dict[str, Any], request: Request):
 
 
 @router.get("/sd-models")
-async def sd_models(request: Request):
+def sd_models(request: Request):
     return [_model_info(e) for e in _state(request).models() if "upscal" not in str(getattr(e, "family", ""))]
 
 
 @router.post("/refresh-checkpoints")
-async def refresh_checkpoints(request: Request):
+def refresh_checkpoints(request: Request):
     engine = _state(request).engine
     if hasattr(engine, "refresh_models"):
         engine.refresh_models()
@@ -375,8 +378,6 @@ async def refresh_checkpoints(request: Request):
 
 @router.post("/unload-checkpoint")
 async def unload_checkpoint(request: Request):
-    import anyio
-
     state = _state(request)
 
     def _unload() -> None:
@@ -420,7 +421,7 @@ def _upscalers(state: ServerState) -> list[Any]:
 
 
 @router.get("/upscalers")
-async def upscalers(request: Request):
+def upscalers(request: Request):
     out = [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
     for e in _upscalers(_state(request)):
         out.append({"name": e.name, "model_name": e.name, "model_path": str(e.path), "model_url": None, "scale": 4})
@@ -488,7 +489,7 @@ async def memory(request: Request):
 
 
 @router.post("/png-info")
-async def png_info(body: PNGInfoRequest, request: Request):
+def png_info(body: PNGInfoRequest, request: Request):
     state = _state(request)
     if not body.image.strip():
         return {"info": "", "items": {}, "parameters": {}}
@@ -506,7 +507,7 @@ async def png_info(body: PNGInfoRequest, request: Request):
 @router.post("/extra-single-image")
 async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
     state = _state(request)
-    available = _upscalers(state)
+    available = await anyio.to_thread.run_sync(_upscalers, state)
     if not available:
         raise InvalidRequest("no upscaler model available; put an x4-upscaler model in the models folder")
     if not body.image:
@@ -518,9 +519,12 @@ async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
     if chosen is None:
         names = ", ".join(e.name for e in available)
         raise InvalidRequest(f"unknown upscaler {body.upscaler_1!r}; choose one of: {names}")
-    gen = GenerationRequest(mode=Mode.UPSCALE, model=chosen.name, init_image=state.decode_image(body.image),
-                            steps=20, sampler="Euler", watermark=state.settings.watermark)
-    job = state.submit(gen, source="sdapi")
+    def accept():
+        gen = GenerationRequest(mode=Mode.UPSCALE, model=chosen.name, init_image=state.decode_image(body.image),
+                                steps=20, sampler="Euler", watermark=state.settings.watermark)
+        return state.submit(gen, source="sdapi")
+
+    job = await anyio.to_thread.run_sync(accept)
     job = await state.wait(job.id)
     if job.status != DONE:
         result = job.result or {}
