@@ -192,3 +192,19 @@ def test_basic_auth_guards_everything_when_set(client, tmp_path):
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
     assert c.get("/api/v1/status", auth=("ann", "wrong")).status_code == 401
     assert c.get("/api/v1/status", auth=("ann", "s3cret")).status_code == 200
+
+
+def test_stopping_the_server_puts_the_running_job_back_in_the_queue(client, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from brushwork.server.app import create_app
+
+    engine = client.app.state.brushwork.engine  # already loaded: no second model load
+    settings = make_settings({"home": tmp_path / "h", "models": client.paths["models"], "outputs": tmp_path / "o"})
+    with TestClient(create_app(engine, settings)) as first:
+        job = first.post("/api/v1/jobs", json={"prompt": "interrupted by a shutdown", "width": 32, "height": 32,
+                                               "steps": 300, "seed": 3}).json()
+        wait_running(first, job["id"], min_step=2)
+    # the app has shut down (Ctrl+C): the job is not lost and not marked cancelled
+    with TestClient(create_app(engine, settings, start_worker=False)) as second:
+        assert second.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "queued"

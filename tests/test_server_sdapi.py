@@ -163,6 +163,15 @@ def test_models_options_and_switching_checkpoints(client):
     assert json.loads(r.json()["info"])["sd_model_name"] == "tiny2"
     assert "Model: tiny2" in decode_png(r.json()["images"][0]).info["parameters"]
 
+    # the choice outlives a restart, like A1111's config.json
+    from fastapi.testclient import TestClient
+
+    from brushwork.server.app import create_app
+
+    settings = make_settings(client.paths)
+    restarted = TestClient(create_app(client.app.state.brushwork.engine, settings, start_worker=False))
+    assert restarted.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles["tiny2"]
+
     client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"})
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1, **SMALL})
     assert json.loads(r.json()["info"])["sd_model_name"] == "tiny"

@@ -188,7 +188,9 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
     if recovered:
         log.info("%d job(s) interrupted by a restart are queued again", recovered)
     worker = Worker(store, engine, outputs_dir)
-    state = ServerState(engine=engine, settings=settings, store=store, worker=worker, outputs_dir=outputs_dir)
+    state = ServerState(engine=engine, settings=settings, store=store, worker=worker, outputs_dir=outputs_dir,
+                        selected_model=store.get_option("sd_model_checkpoint"),
+                        options=store.get_option("sdapi_options", {}))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -317,4 +319,5 @@ def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int =
     app = create_app(engine, settings, auth=auth)
     shown = f"[{host}]" if ":" in host else host
     print(f"brushwork: serving on http://{shown}:{port}/  (API docs at /docs; Ctrl+C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", workers=1)
+    # open event streams (a browser tab) must not hold up Ctrl+C for long
+    uvicorn.run(app, host=host, port=port, log_level="warning", workers=1, timeout_graceful_shutdown=3)

@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS images (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_job ON images (job_id);
+CREATE TABLE IF NOT EXISTS options (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -234,11 +238,26 @@ class JobStore:
         )
         return cur.rowcount == 1
 
+    def requeue(self, job_id: str) -> None:
+        """A running job interrupted by a shutdown goes back to the front of the queue."""
+        self._execute("UPDATE jobs SET status=?, started=NULL, progress=0 WHERE id=? AND status=?",
+                      (QUEUED, job_id, RUNNING))
+
     def mark_cancel_requested(self, job_id: str) -> bool:
         cur = self._execute(
             "UPDATE jobs SET cancel_requested=1 WHERE id=? AND status=?", (job_id, RUNNING)
         )
         return cur.rowcount == 1
+
+    # ---- options that outlive a restart (the selected model, ...) ------------------------------
+
+    def get_option(self, key: str, default: Any = None) -> Any:
+        row = self._execute("SELECT value FROM options WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_option(self, key: str, value: Any) -> None:
+        self._execute("INSERT INTO options (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                      (key, json.dumps(value)))
 
     # ---- image history ------------------------------------------------------------------------
 
@@ -421,7 +440,8 @@ class Worker:
             result = self._record(job, out)
             status = DONE
         except Cancelled:
-            status, error = CANCELLED, "cancelled"
+            # the server is stopping (not a user's cancel): the job runs again after the restart
+            status, error = (QUEUED, None) if self._stop.is_set() and not live.interrupted else (CANCELLED, "cancelled")
         except BrushworkError as err:  # the caller's mistake (bad model, bad image, ...): HTTP 4xx
             status, error, result = FAILED, str(err), {"error_type": type(err).__name__, "user_error": True}
         except Exception as err:  # a bug or an engine crash must not kill the worker: the job fails, we go on
@@ -429,7 +449,10 @@ class Worker:
             status, error = FAILED, f"internal error: {type(err).__name__}: {err}"
             result = {"error_type": type(err).__name__, "user_error": False}
         finally:
-            self.store.finish(job.id, status, result=result, error=error)
+            if status == QUEUED:
+                self.store.requeue(job.id)
+            else:
+                self.store.finish(job.id, status, result=result, error=error)
             with self._lock:
                 self._cancel, self.live = None, None
                 self.last_finished = (job.id, status)

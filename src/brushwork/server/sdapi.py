@@ -353,13 +353,15 @@ def get_options(request: Request):
 @router.post("/options")
 def set_options(body: dict[str, Any], request: Request):
     state = _state(request)
-    if "sd_model_checkpoint" in body:
-        state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
     if "CLIP_stop_at_last_layers" in body:
         value = body["CLIP_stop_at_last_layers"]
         if not isinstance(value, int) or not 1 <= value <= 12:
             raise InvalidRequest(f"CLIP_stop_at_last_layers must be between 1 and 12, got {value!r}")
+    if "sd_model_checkpoint" in body:
+        state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
+        state.store.set_option("sd_model_checkpoint", state.selected_model)
     state.options.update({k: v for k, v in body.items() if not k.startswith("_")})
+    state.store.set_option("sdapi_options", {k: v for k, v in state.options.items() if not k.startswith("_")})
     return None
 
 
