@@ -137,6 +137,20 @@ def test_img2img_upload_modifiers_styles_and_cancel(browser, server, tmp_path):
     assert page.input_value("#prompt") == "a cat, a bird, watercolor"
     assert page.input_value("#negative_prompt") == "bright"
 
+    # drag and drop a picture onto the drop zone
+    page.evaluate("""async () => {
+        const canvas = Object.assign(document.createElement('canvas'), {width: 32, height: 32});
+        canvas.getContext('2d').fillRect(0, 0, 16, 16);
+        const blob = await new Promise((ok) => canvas.toBlob(ok, 'image/png'));
+        const data = new DataTransfer();
+        data.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+        document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
+    }""")
+    page.wait_for_selector("#init-preview:not([hidden])")
+    assert page.get_attribute("#init-preview", "src").startswith("data:image/png;base64,")
+    page.click("#init-clear")
+    assert page.locator("#init-preview").is_hidden()
+    # or choose a file
     init = tmp_path / "init.png"
     Image.new("RGB", (32, 32), (30, 200, 30)).save(init)
     page.set_input_files("#init-file", str(init))
@@ -159,6 +173,13 @@ def test_img2img_upload_modifiers_styles_and_cancel(browser, server, tmp_path):
     page.click("#generate")
     page.wait_for_function(f"document.querySelectorAll('#gallery figure').length > {before}", timeout=60_000)
     assert page.locator("#results img").count() == 1
+
+    # the gallery search finds pictures by prompt
+    page.fill("#gallery-search", "zebra")
+    page.wait_for_selector("#gallery .empty")
+    assert "No pictures match" in page.inner_text("#gallery")
+    page.fill("#gallery-search", "watercolor")
+    page.wait_for_function("document.querySelectorAll('#gallery figure').length === 1")
 
 
 def test_phone_width_has_no_sideways_scrolling(browser, server, tmp_path):
