@@ -72,11 +72,12 @@ class ServerState:
         for entry in entries:
             candidates = {entry.name, getattr(entry, "title", None), Path(str(entry.path)).name,
                           Path(str(entry.path)).stem, getattr(entry, "short_hash", None)}
-            if wanted in candidates or wanted.lower() in {str(c).lower() for c in candidates if c}:
-                return entry.name
             sha = getattr(entry, "sha256", None) or ""
-            if len(wanted) >= 8 and sha and sha.lower().startswith(wanted.lower()):
-                return entry.name
+            if (wanted in candidates or wanted.lower() in {str(c).lower() for c in candidates if c}
+                    or (len(wanted) >= 8 and sha.lower().startswith(wanted.lower()))):
+                # the engine reads a name that exists as a path (relative to where the server runs) as that
+                # path; hand it this entry's own file then, so a name always means the library entry
+                return str(entry.path) if Path(entry.name).exists() else entry.name
         names = ", ".join(e.name for e in entries) or "(the model library is empty)"
         raise InvalidRequest(f"unknown model {wanted!r}; choose one of: {names}")
 
@@ -85,7 +86,7 @@ class ServerState:
         entries = self.models()
         if self.selected_model:
             for e in entries:
-                if e.name == self.selected_model:
+                if self.selected_model in (e.name, str(e.path)):
                     return e
         current = getattr(self.engine, "current_model", None)
         if current is not None:
