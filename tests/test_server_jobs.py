@@ -59,6 +59,19 @@ def test_only_a_queued_job_can_be_cancelled_from_the_queue(tmp_path):
     assert not store.cancel_queued(job.id)
 
 
+def test_uploaded_images_are_kept_apart_from_the_request_and_come_back_for_the_run(tmp_path):
+    from PIL import Image
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    request = GenerationRequest(prompt="p", mode="img2img", init_image=Image.new("RGB", (16, 16), "red")).to_dict()
+    job = store.create(request)
+    assert store.get(job.id).request["init_image"] == "<image>"  # listings stay small
+    assert store.list()[0].request["init_image"] == "<image>"
+    claimed = store.claim_next()
+    again = GenerationRequest.from_dict(claimed.request)
+    assert again.init_image.size == (16, 16) and again.init_image.getpixel((0, 0)) == (255, 0, 0)
+
+
 def test_history_search_matches_every_word_and_treats_wildcards_literally(tmp_path):
     store = JobStore(tmp_path / "db.sqlite3")
     for i, prompt in enumerate(["a red cat", "a blue cat on a mat", "a dog", "100% orange"]):

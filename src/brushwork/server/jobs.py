@@ -27,6 +27,8 @@ log = logging.getLogger("brushwork.server")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINISHED = (DONE, FAILED, CANCELLED)
+INPUT_IMAGES = ("init_image", "mask_image")  # kept apart from the request: listing jobs must not read megabytes
+IMAGE_MARK = "<image>"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,6 +65,12 @@ CREATE TABLE IF NOT EXISTS images (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_job ON images (job_id);
+CREATE TABLE IF NOT EXISTS job_inputs (
+    job_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
 CREATE TABLE IF NOT EXISTS options (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -92,9 +100,9 @@ class Job:
         """A JSON-safe view for the HTTP APIs; init/mask images are left out unless asked for."""
         request = dict(self.request)
         if not with_images:
-            for key in ("init_image", "mask_image"):
+            for key in INPUT_IMAGES:
                 if request.get(key) is not None:
-                    request[key] = "<image>"
+                    request[key] = IMAGE_MARK
         return {
             "id": self.id,
             "status": self.status,
@@ -162,18 +170,37 @@ class JobStore:
             return cur.rowcount
 
     def create(self, request: dict[str, Any], *, source: str = "api") -> Job:
-        job = Job(id=uuid.uuid4().hex, status=QUEUED, request=request, created=time.time(), source=source)
+        inputs = {k: request[k] for k in INPUT_IMAGES if request.get(k)}
+        stored = {**request, **{k: IMAGE_MARK for k in inputs}}
+        job = Job(id=uuid.uuid4().hex, status=QUEUED, request=stored, created=time.time(), source=source)
         with self._lock:
-            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            self._db.execute(
-                "INSERT INTO jobs (id, seq, status, source, request, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (job.id, seq, job.status, source, json.dumps(request), job.created),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+                self._db.execute(
+                    "INSERT INTO jobs (id, seq, status, source, request, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job.id, seq, job.status, source, json.dumps(stored), job.created),
+                )
+                for name, data in inputs.items():
+                    self._db.execute("INSERT INTO job_inputs (job_id, name, data) VALUES (?, ?, ?)",
+                                     (job.id, name, data))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        row = self._execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _row_to_job(row) if row else None
+    def get(self, job_id: str, *, with_inputs: bool = False) -> Job | None:
+        """One job; ``with_inputs`` puts the uploaded images back into its request (for running it)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = _row_to_job(row)
+            if with_inputs:
+                for name, data in self._db.execute("SELECT name, data FROM job_inputs WHERE job_id=?", (job_id,)):
+                    job.request[name] = data
+        return job
 
     def status(self, job_id: str) -> str | None:
         row = self._execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -218,7 +245,7 @@ class JobStore:
             )
             if cur.rowcount != 1:
                 return None
-            return self.get(row["id"])
+            return self.get(row["id"], with_inputs=True)
 
     def finish(self, job_id: str, status: str, *, result: dict[str, Any] | None = None,
                error: str | None = None) -> None:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..request import GenerationRequest, InvalidRequest, Mode
 from .app import HTTPError, ServerState
-from .jobs import CANCELLED, DONE
+from .jobs import CANCELLED, DONE, INPUT_IMAGES
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi (A1111-compatible)"])
 
@@ -239,7 +239,7 @@ async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, 
 
     job = await anyio.to_thread.run_sync(accept)
     job = await state.wait(job.id)
-    request = GenerationRequest.from_dict(job.request)
+    request = GenerationRequest.from_dict({k: v for k, v in job.request.items() if k not in INPUT_IMAGES})
     result = job.result or {}
     if job.status == DONE:
         images = []
