@@ -70,6 +70,8 @@ def test_uploaded_images_are_kept_apart_from_the_request_and_come_back_for_the_r
     claimed = store.claim_next()
     again = GenerationRequest.from_dict(claimed.request)
     assert again.init_image.size == (16, 16) and again.init_image.getpixel((0, 0)) == (255, 0, 0)
+    store.finish(job.id, DONE, result={})
+    assert store.get(job.id, with_inputs=True).request["init_image"] == "<image>"  # not kept once done
 
 
 def test_history_search_matches_every_word_and_treats_wildcards_literally(tmp_path):

@@ -249,21 +249,26 @@ class JobStore:
 
     def finish(self, job_id: str, status: str, *, result: dict[str, Any] | None = None,
                error: str | None = None) -> None:
-        self._execute(
-            "UPDATE jobs SET status=?, finished=?, progress=?, result=?, error=? WHERE id=?",
-            (status, time.time(), 1.0 if status == DONE else 0.0,
-             json.dumps(result) if result is not None else None, error, job_id),
-        )
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status=?, finished=?, progress=?, result=?, error=? WHERE id=?",
+                (status, time.time(), 1.0 if status == DONE else 0.0,
+                 json.dumps(result) if result is not None else None, error, job_id),
+            )
+            self._db.execute("DELETE FROM job_inputs WHERE job_id=?", (job_id,))  # uploads are only needed to run
 
     def set_progress(self, job_id: str, progress: float) -> None:
         self._execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
 
     def cancel_queued(self, job_id: str) -> bool:
-        cur = self._execute(
-            "UPDATE jobs SET status=?, finished=?, error='cancelled' WHERE id=? AND status=?",
-            (CANCELLED, time.time(), job_id, QUEUED),
-        )
-        return cur.rowcount == 1
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET status=?, finished=?, error='cancelled' WHERE id=? AND status=?",
+                (CANCELLED, time.time(), job_id, QUEUED),
+            )
+            if cur.rowcount == 1:
+                self._db.execute("DELETE FROM job_inputs WHERE job_id=?", (job_id,))
+            return cur.rowcount == 1
 
     def requeue(self, job_id: str) -> None:
         """A running job interrupted by a shutdown goes back to the front of the queue."""
