@@ -442,7 +442,11 @@ class Worker:
                 self._wake.wait(self._poll_interval)
                 self._wake.clear()
                 continue
-            self.run_job(job)
+            try:
+                self.run_job(job)
+            except Exception:  # e.g. the disk is full: keep serving; the job is queued again at the next start
+                log.exception("could not record the end of job %s", job.id)
+                time.sleep(self._poll_interval)
 
     def run_job(self, job: Job) -> None:
         cancel = threading.Event()

@@ -304,6 +304,9 @@ function followNext() {
 }
 
 function showResults(job) {
+  const notes = (job.result && job.result.notes) || [];
+  $("notes").textContent = notes.join("\n");
+  $("notes").hidden = !notes.length;
   $("live-preview").hidden = true;
   $("stage-empty").hidden = true;
   const images = (job.result && job.result.images) || [];
