@@ -485,13 +485,13 @@ class Worker:
             status, error = FAILED, f"internal error: {type(err).__name__}: {err}"
             result = {"error_type": type(err).__name__, "user_error": False}
         finally:
+            with self._lock:
+                self._cancel, self.live = None, None
+                self.last_finished = (job.id, status)
             if status == QUEUED:
                 self.store.requeue(job.id)
             else:
                 self.store.finish(job.id, status, result=result, error=error)
-            with self._lock:
-                self._cancel, self.live = None, None
-                self.last_finished = (job.id, status)
 
     def _record(self, job: Job, out: Any) -> dict[str, Any]:
         """Write the images (atomically), add them to the history, and return the job's result."""
