@@ -208,3 +208,26 @@ def test_stopping_the_server_puts_the_running_job_back_in_the_queue(client, tmp_
     # the app has shut down (Ctrl+C): the job is not lost and not marked cancelled
     with TestClient(create_app(engine, settings, start_worker=False)) as second:
         assert second.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+
+def test_a_job_that_fails_in_the_engine_reports_why_and_the_worker_goes_on(client):
+    import json as jsonlib
+
+    (client.paths["models"] / "broken.safetensors").write_bytes(b"this is not a checkpoint")
+    r = client.post("/api/v1/jobs", json={"prompt": "x", "model": "broken", **SMALL})
+    assert r.status_code == 202  # it is in the library, so it is accepted; loading it fails
+    job = wait_done(client, r.json()["id"])
+    assert job["status"] == "failed" and "broken" in job["error"]
+    with client.stream("GET", f"/api/v1/jobs/{job['id']}/events") as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert "event: error" in lines
+    payload = jsonlib.loads(lines[lines.index("event: error") + 1][len("data: "):])
+    assert payload["error"] == job["error"]
+
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {"sd_model_checkpoint": "broken"},
+                                               **SMALL})
+    assert r.status_code == 400 and "broken" in r.json()["detail"]
+
+    (client.paths["models"] / "broken.safetensors").unlink()
+    after = client.post("/api/v1/jobs", json={"prompt": "still working", **SMALL}).json()
+    assert wait_done(client, after["id"])["status"] == "done"
