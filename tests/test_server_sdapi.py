@@ -30,7 +30,7 @@ def client(tiny_model_file, tmp_path_factory):  # noqa: F811
 
 def test_txt2img_answers_like_a1111_with_the_infotext_inside_the_png(client):
     body = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 5, "batch_size": 2,
-            "sampler_name": "Euler a", "sampler_index": "Euler", "some_new_field": 1, **SMALL}
+            "sampler_name": "euler_a", "sampler_index": "Euler", "some_new_field": 1, **SMALL}
     r = client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 200, r.text
     data = r.json()

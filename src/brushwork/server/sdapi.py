@@ -20,6 +20,7 @@ import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.samplers import display_name
 from ..request import GenerationRequest, InvalidRequest, Mode
 from .app import HTTPError, ServerState
 from .jobs import CANCELLED, DONE, INPUT_IMAGES
@@ -196,6 +197,7 @@ def _info(state: ServerState, request: GenerationRequest, job_result: dict[str, 
     width = images[0]["width"] if images else request.width
     height = images[0]["height"] if images else request.height
     n = len(seeds)
+    sampler_name, schedule = display_name(request.sampler, request.scheduler)
     return {
         "prompt": request.prompt,
         "all_prompts": [request.prompt] * n,
@@ -208,7 +210,7 @@ def _info(state: ServerState, request: GenerationRequest, job_result: dict[str, 
         "subseed_strength": body.subseed_strength,
         "width": width,
         "height": height,
-        "sampler_name": request.sampler,
+        "sampler_name": sampler_name,
         "cfg_scale": request.cfg_scale,
         "steps": request.steps,
         "batch_size": request.batch_size,
@@ -221,7 +223,7 @@ def _info(state: ServerState, request: GenerationRequest, job_result: dict[str, 
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": request.strength if request.mode is not Mode.TXT2IMG else body.denoising_strength,
-        "extra_generation_params": {},
+        "extra_generation_params": {"Schedule type": schedule} if schedule else {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": body.styles,
