@@ -242,9 +242,10 @@ async function generate() {
   }
 }
 
-function setProgress(fraction, text) {
+function setProgress(fraction, text, failed = false) {
   const pct = Math.round(fraction * 100);
   $("progress-wrap").hidden = false;
+  $("progress-text").classList.toggle("failed", failed);
   $("bar").style.width = `${pct}%`;
   $("progressbar").setAttribute("aria-valuenow", String(pct));
   $("progress-text").textContent = text;
@@ -288,7 +289,7 @@ function followNext() {
     if (e.data) {
       const { error } = JSON.parse(e.data);
       showError(error || "the job failed");
-      setProgress(0, "failed");
+      setProgress(0, `failed: ${error || "unknown error"}`, true);
       $("live-preview").hidden = true;
       close();
     } else if (source.readyState === EventSource.CLOSED) {
