@@ -50,6 +50,25 @@ def test_txt2img_answers_like_a1111_with_the_infotext_inside_the_png(client):
     assert data["parameters"]["prompt"] == "a red circle" and data["parameters"]["seed"] == 5
 
 
+def test_the_full_payload_of_a_popular_client_library_is_accepted(client):
+    # what webuiapi 0.9 sends for api.txt2img(prompt=..., steps=..., width=..., height=...) with its defaults
+    payload = {
+        "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
+        "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+        "hr_negative_prompt": "", "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0,
+        "prompt": "a cat", "styles": [], "seed": 9, "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": 0,
+        "seed_resize_from_w": 0, "batch_size": 1, "n_iter": 1, "steps": 2, "cfg_scale": 7.0, "width": 32,
+        "height": 32, "restore_faces": False, "tiling": False, "do_not_save_samples": False,
+        "do_not_save_grid": False, "negative_prompt": "", "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0,
+        "s_noise": 1, "override_settings": {}, "override_settings_restore_afterwards": True,
+        "sampler_name": "Euler a", "scheduler": "Automatic", "sampler_index": "Euler a", "script_name": None,
+        "script_args": [], "send_images": True, "save_images": False, "alwayson_scripts": {},
+    }
+    r = client.post("/sdapi/v1/txt2img", json=payload)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["seed"] == 9 and len(r.json()["images"]) == 1
+
+
 def test_png_info_reads_back_the_parameters(client):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "a green square", "seed": 11, **SMALL})
     image = r.json()["images"][0]
@@ -67,6 +86,9 @@ def test_png_info_reads_back_the_parameters(client):
     ({"override_settings": {"sd_model_checkpoint": "../models/tiny.safetensors"}}, 400, "unknown model"),
     ({"steps": "many"}, 422, "steps"),
     ({"enable_hr": True}, 400, "hires"),
+    ({"restore_faces": True}, 400, "face restoration"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, 422, "controlnet"),
+    ({"script_name": "x/y/z plot"}, 422, "Script"),
 ])
 def test_caller_mistakes_are_4xx_with_a1111_error_fields(client, body, status, words):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL, **body})

@@ -142,10 +142,18 @@ class ExtrasSingleImageRequest(BaseModel):
 
 def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequest:
     overrides = dict(body.override_settings or {})
+    # features that would change the picture are refused, never silently dropped (A1111 answers 422 for
+    # scripts it does not have, too)
     if body.script_name:
-        raise InvalidRequest(f"script {body.script_name!r} not found; this server has no scripts")
+        raise HTTPError(422, f"Script '{body.script_name}' not found; this server has no scripts")
+    for name in body.alwayson_scripts or {}:
+        raise HTTPError(422, f"always on script {name} not found; this server has no extensions")
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         raise InvalidRequest("hires fix (enable_hr) is not supported yet; send enable_hr: false")
+    if body.restore_faces:
+        raise InvalidRequest("face restoration is not supported; send restore_faces: false")
+    if body.tiling:
+        raise InvalidRequest("tiling is not supported; send tiling: false")
     clip_skip = overrides.get("CLIP_stop_at_last_layers", state.options.get("CLIP_stop_at_last_layers", 1))
     try:
         clip_skip = int(clip_skip)
