@@ -151,18 +151,19 @@ async def job_events(job_id: str, request: Request, previews: bool = True):
         while True:
             if await request.is_disconnected():
                 return
-            job = state.store.get(job_id)
-            if job is None:
+            status = state.store.status(job_id)  # cheap; the whole job is read once, at the end
+            if status is None:
                 yield _sse("error", {"error": "job not found"})
                 return
-            if job.status in FINISHED:
+            if status in FINISHED:
+                job = state.store.get(job_id)
                 event = {DONE: "done", FAILED: "error", CANCELLED: "cancelled"}[job.status]
                 payload = {"job": _job_view(state, job)}
                 if job.status == FAILED:
                     payload["error"] = job.error
                 yield _sse(event, payload)
                 return
-            if job.status == QUEUED:
+            if status == QUEUED:
                 position = state.store.queue_position(job_id)
                 if position != last_position:
                     last_position = position
