@@ -458,11 +458,17 @@ class Worker:
             request = GenerationRequest.from_dict(job.request).validate()
             live.total, live.batches = request.steps, request.n_iter
 
+            saved_at = [0.0]
+
             def on_progress(info: ProgressInfo) -> None:
                 live.step, live.total, live.batch, live.batches = info.step, info.total, info.batch, info.batches
                 live.fraction = info.fraction
+                now = time.time()
                 if live.sampling_since is None:
-                    live.sampling_since = (time.time(), info.fraction)
+                    live.sampling_since = (now, info.fraction)
+                if now - saved_at[0] >= 1.0:  # the database copy of the progress, at most once a second
+                    saved_at[0] = now
+                    self.store.set_progress(job.id, info.fraction)
                 if info.preview is not None:
                     live.preview = info.preview
                     live.preview_version += 1
