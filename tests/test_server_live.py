@@ -110,3 +110,17 @@ def test_an_accepted_job_survives_kill_9_and_runs_after_restart(live):
         assert httpx.get(base + image["url"]).status_code == 200
     # no half-written files are left in the outputs folder by the crash
     assert not [p for p in paths["outputs"].rglob("*") if p.name.startswith(".tmp")]
+
+
+def test_a_second_server_on_the_same_data_folder_is_refused(live):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, BRUSHWORK_HOME=str(live.paths["home"]))
+    proc = subprocess.run([sys.executable, "-m", "brushwork.cli", "serve", "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "another brushwork server" in lines[0], proc.stderr
+    assert httpx.get(live.server.url + "/api/v1/status").status_code == 200  # the first one is unharmed

@@ -306,6 +306,23 @@ def check_bind(host: str, auth: str | None) -> None:
         )
 
 
+def _lock_data_dir(data_dir: Path):
+    """One server per data folder: a second one would run (and, after a restart, re-run) the same jobs."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "server.lock", "w")  # noqa: SIM115 (kept open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise BrushworkError(
+            f"another brushwork server is already using {data_dir}; stop it first, or give this one its own "
+            "home with BRUSHWORK_HOME"
+        ) from None
+    return handle
+
+
 def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int = 7860,
           auth: str | None = None, *, engine: Any = None) -> None:
     """Run the server until interrupted (``brushwork serve``)."""
@@ -313,6 +330,7 @@ def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int =
 
     check_bind(host, auth)
     settings = settings or Settings.load()
+    lock = _lock_data_dir(settings.data_dir)  # noqa: F841 (held until the process ends)
     if engine is None:
         from ..engine.core import Engine
 
