@@ -75,6 +75,10 @@ def test_a_job_is_queued_runs_and_its_picture_is_served_with_parameters(client):
     download = client.get(f"{images[0]['url']}?download=true")
     assert "attachment" in download.headers["content-disposition"]
 
+    thumb = client.get(f"{images[0]['url']}/thumb")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(thumb.content)).size == (32, 32)  # never enlarged
+
 
 def test_img2img_job_with_a_base64_upload(client):
     r = client.post("/api/v1/jobs", json={"prompt": "a bird", "mode": "img2img", "init_image": png_b64((32, 32)),
@@ -231,3 +235,17 @@ def test_a_job_that_fails_in_the_engine_reports_why_and_the_worker_goes_on(clien
     (client.paths["models"] / "broken.safetensors").unlink()
     after = client.post("/api/v1/jobs", json={"prompt": "still working", **SMALL}).json()
     assert wait_done(client, after["id"])["status"] == "done"
+
+
+def test_gallery_thumbnails_are_small(client):
+    from PIL import Image
+
+    big = client.paths["outputs"] / "txt2img" / "big-for-thumb.png"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (600, 400), "orange").save(big)
+    image_id = client.store.add_image(job_id="x", idx=0, path="txt2img/big-for-thumb.png", request={"prompt": "b"},
+                                      seed=1, width=600, height=400, model=None, model_hash=None, infotext="")
+    thumb = client.get(f"/api/v1/images/{image_id}/thumb")
+    assert thumb.status_code == 200
+    assert Image.open(io.BytesIO(thumb.content)).size == (256, 171)
+    assert len(thumb.content) < big.stat().st_size

@@ -201,6 +201,7 @@ def _image_view(row: dict[str, Any]) -> dict[str, Any]:
     view = {k: v for k, v in row.items() if k != "path"}
     view["file"] = row["path"]
     view["url"] = f"/api/v1/images/{row['id']}"
+    view["thumb_url"] = f"/api/v1/images/{row['id']}/thumb"
     return view
 
 
@@ -231,6 +232,38 @@ async def get_image(image_id: int, request: Request, download: bool = False):
     path = state.image_path(row["path"])
     return FileResponse(path, media_type="image/png", filename=path.name if download else None,
                         content_disposition_type="attachment" if download else "inline")
+
+
+THUMB_SIDE = 256
+
+
+def _thumbnail(state: ServerState, image_id: int, path) -> Any:
+    """A small WEBP of an image for the gallery, made once and kept in the data folder."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    folder = state.settings.data_dir / "thumbs"
+    thumb = folder / f"{image_id}.webp"
+    if thumb.is_file() and thumb.stat().st_mtime >= path.stat().st_mtime:
+        return thumb
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(path) as image:
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".webp")
+        with os.fdopen(fd, "wb") as f:
+            image.convert("RGB").save(f, format="WEBP", quality=85)
+    os.replace(tmp, thumb)
+    return thumb
+
+
+@router.get("/images/{image_id}/thumb", summary="A small preview (WEBP, at most 256 pixels a side)")
+def get_thumbnail(image_id: int, request: Request):
+    state = _state(request)
+    row = _image_row(state, image_id)
+    thumb = _thumbnail(state, image_id, state.image_path(row["path"]))
+    return FileResponse(thumb, media_type="image/webp", headers={"Cache-Control": "max-age=86400"})
 
 
 @router.get("/images/{image_id}/meta", summary="An image's parameters")

@@ -360,7 +360,7 @@ async function refreshGallery(append = false) {
     data = await api(`images?q=${q}&limit=${PAGE}&offset=${state.galleryOffset}`);
   } catch (err) { showError(err.message); return; }
   const items = data.images.map((img) => el("figure", { onclick: () => openDetails(img.id), title: img.prompt },
-    el("img", { src: img.url, alt: img.prompt, loading: "lazy" }),
+    el("img", { src: img.thumb_url, alt: img.prompt, loading: "lazy" }),
     el("figcaption", {}, img.prompt || "(no prompt)")));
   const gallery = $("gallery");
   if (append) gallery.append(...items);
