@@ -67,6 +67,7 @@ def _job_view(state: ServerState, job: Job) -> dict[str, Any]:
     if job.result and job.result.get("images"):
         for img in view["result"]["images"]:
             img["url"] = f"/api/v1/images/{img['id']}"
+            img["thumb_url"] = f"/api/v1/images/{img['id']}/thumb"
     return view
 
 
