@@ -130,7 +130,7 @@ def _request(mode: str, o: dict, **extra):
     settings = Settings.load()
     req = GenerationRequest(
         prompt=prompt, negative_prompt=o["negative_prompt"], mode=Mode(mode), model=o["model"], vae=o["vae"],
-        sampler=sampler, scheduler=o["schedule"], steps=o["steps"] or 20, cfg_scale=o["cfg_scale"],
+        sampler=sampler, scheduler=o["schedule"], steps=o["steps"] if o["steps"] is not None else 20, cfg_scale=o["cfg_scale"],
         seed=o["seed"], width=o["width"], height=o["height"], batch_size=o["batch_size"], n_iter=o["n_iter"],
         eta=o["eta"], clip_skip=o["clip_skip"], prediction=o["prediction"], device=o["device"],
         precision=Precision(precision), memory=o["memory"],
@@ -230,18 +230,15 @@ def watermark():
 @friendly_errors
 def watermark_detect(images):
     """Say for each image whether it carries brushwork's (or Stable Diffusion's) watermark."""
-    from .output.images import open_image_file
-    from .output.watermark import detect
+    from .output.watermark import detect_files
 
-    labels = {"brushwork": "brushwork watermark", "StableDiffusionV1": "Stable Diffusion v1 watermark",
-              "SDV2": "Stable Diffusion v2 watermark"}
     for name in images:
         try:
-            found = detect(open_image_file(name))
+            (_, found), = detect_files([name])
         except BrushworkError as err:
             click.echo(f"{name}: error: {err}")
             continue
-        click.echo(f"{name}: {labels.get(found.kind, found.kind) if found.found else 'no watermark found'}")
+        click.echo(f"{name}: {found.summary()}")
 
 
 @main.group()

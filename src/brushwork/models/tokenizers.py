@@ -53,8 +53,12 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     return tok
 
 
+@lru_cache(maxsize=2)
 def tokenizer_for(text_encoder_kind: str):
-    """The tokenizer a family's text encoder expects: ``clip`` (SD 1.x) or ``openclip`` (SD 2.x)."""
+    """The tokenizer a family's text encoder expects: ``clip`` (SD 1.x) or ``openclip`` (SD 2.x).
+
+    Built once per process (about a second); tokenizers are only read from, so it is shared.
+    """
     if text_encoder_kind == "openclip":
         return clip_tokenizer(pad_token="!")
     return clip_tokenizer()

@@ -1,0 +1,55 @@
+"""Shared fixtures: offline environment, tiny models in every format, an engine with its own home."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests must never reach the network: any hidden download fails loudly.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_configure(config):
+    # the tiny test models gain nothing from threads, and threads fight over 2 cores
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own brushwork home (models, cache, data) and runs in a scratch folder."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("BRUSHWORK_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of tiny random models: tiny["sd1"]["safetensors" | "ckpt" | "diffusers"], same weights per family."""
+    from tinymodels import FAMILY_SPECS, save_diffusers, save_single
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for family in FAMILY_SPECS:
+        out[family] = {
+            "safetensors": save_single(root / f"tiny-{family}.safetensors", family),
+            "ckpt": save_single(root / f"tiny-{family}.ckpt", family),
+        }
+    out["sd1"]["diffusers"] = save_diffusers(root / "tiny-sd1-diffusers", "sd1")
+    return out
+
+
+@pytest.fixture
+def engine(tmp_path):
+    from brushwork import Engine, Settings
+
+    return Engine(Settings(home=tmp_path / "home"))

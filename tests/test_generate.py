@@ -1,0 +1,143 @@
+"""Generating through the public Engine: determinism, seeds, img2img strength, samplers, cancel."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brushwork import Cancelled, GenerationRequest, InvalidRequest, Mode
+from brushwork.engine.samplers import SAMPLERS, parse_sampler
+
+
+def req(tiny, **kw):
+    base = dict(prompt="a red circle on the left", model=str(tiny["sd1"]["safetensors"]), steps=3, seed=1234,
+                width=32, height=32, watermark=False)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def px(result, i=0):
+    return np.asarray(result.images[i]).astype(int)
+
+
+def test_golden_slice_pins_determinism(tiny, engine):
+    result = engine.generate(req(tiny, sampler="Euler a"))
+    expected = np.array([[153, 120, 129], [162, 86, 89], [148, 125, 122]])
+    assert np.abs(px(result)[-3:, -3:, 0] - expected).max() <= 2
+    again = engine.generate(req(tiny, sampler="Euler a"))
+    assert np.array_equal(px(result), px(again))
+
+
+def test_image_i_of_a_batch_uses_seed_plus_i(tiny, engine):
+    batch = engine.generate(req(tiny, batch_size=2, n_iter=2))
+    assert batch.seeds == [1234, 1235, 1236, 1237]
+    assert len(batch.images) == 4
+    single = engine.generate(req(tiny, seed=1237))
+    assert np.abs(px(batch, 3) - px(single)).max() <= 2  # same picture (batched math may round differently)
+    assert np.abs(px(batch, 0) - px(batch, 1)).mean() > 1  # different seeds, different pictures
+    assert "Seed: 1237," in batch.infotexts[3]
+
+
+def test_random_seed_is_reported_and_reproduces(tiny, engine):
+    first = engine.generate(req(tiny, seed=-1))
+    assert 0 <= first.seed < 2**32
+    again = engine.generate(req(tiny, seed=first.seed))
+    assert np.array_equal(px(first), px(again))
+
+
+def _init_image():
+    rng = np.random.default_rng(0)
+    arr = np.zeros((40, 48, 3), np.uint8)
+    arr[:, :24] = (220, 30, 30)
+    arr[:, 24:] = (30, 30, 220)
+    arr += rng.integers(0, 10, arr.shape, dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def test_img2img_strength_zero_returns_the_init_image(tiny, engine):
+    init = _init_image()
+    result = engine.generate(req(tiny, mode=Mode.IMG2IMG, init_image=init, strength=0.0, width=None, height=None))
+    assert result.images[0].size == (48, 40)  # its own size, already a multiple of 8
+    assert np.abs(px(result) - np.asarray(init).astype(int)).max() <= 1
+
+
+def test_img2img_strength_one_ignores_the_init_image(tiny, engine):
+    a = engine.generate(req(tiny, mode=Mode.IMG2IMG, init_image=_init_image(), strength=1.0))
+    b = engine.generate(req(tiny, mode=Mode.IMG2IMG, init_image=Image.new("RGB", (32, 32), "white"), strength=1.0))
+    assert np.abs(px(a) - px(b)).max() <= 1
+
+
+def test_img2img_partial_strength_depends_on_init_and_is_resized(tiny, engine):
+    a = engine.generate(req(tiny, mode=Mode.IMG2IMG, init_image=_init_image(), strength=0.5, steps=4))
+    b = engine.generate(req(tiny, mode=Mode.IMG2IMG, init_image=Image.new("RGB", (50, 50), "white"), strength=0.5,
+                            steps=4))
+    assert a.images[0].size == (32, 32)
+    assert np.abs(px(a) - px(b)).mean() > 3
+    assert "Denoising strength: 0.5" in a.infotexts[0]
+
+
+@pytest.mark.parametrize("sampler", [s.name for s in SAMPLERS])
+def test_every_sampler_draws(tiny, engine, sampler):
+    result = engine.generate(req(tiny, sampler=sampler, steps=2))
+    image = px(result)
+    assert image.shape == (32, 32, 3) and image.std() > 1
+    assert f"Sampler: {sampler}," in result.infotexts[0]
+
+
+def test_schedule_types_change_the_picture(tiny, engine):
+    plain = engine.generate(req(tiny, sampler="DPM++ 2M", steps=4))
+    karras = engine.generate(req(tiny, sampler="DPM++ 2M Karras", steps=4))
+    assert "Schedule type: Karras" in karras.infotexts[0]
+    assert not np.array_equal(px(plain), px(karras))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("DPM++ 2M Karras", ("DPM++ 2M", "Karras")), ("dpmpp_2m_karras", ("DPM++ 2M", "Karras")),
+    ("euler_ancestral", ("Euler a", "Automatic")), ("k_lms", ("LMS", "Automatic")), ("plms", ("PLMS", "Automatic")),
+    ("DPM2 a Karras", ("DPM2 a", "Karras")), ("uni_pc", ("UniPC", "Automatic")),
+])
+def test_sampler_names_people_use(name, expected):
+    sampler, schedule = parse_sampler(name)
+    assert (sampler.name, schedule) == expected
+
+
+def test_unknown_sampler_lists_the_valid_ones():
+    with pytest.raises(InvalidRequest, match=r"unknown sampler 'euler_b'; choose one of: DPM\+\+ 2M, .*Euler a"):
+        parse_sampler("euler_b")
+
+
+def test_progress_and_cancel(tiny, engine):
+    seen = []
+    engine.generate(req(tiny, steps=3), progress=seen.append)
+    assert [p.step for p in seen] == [1, 2, 3] and seen[-1].fraction == 1.0
+    cancel = threading.Event()
+
+    def stop_after_first(info):
+        cancel.set()
+
+    with pytest.raises(Cancelled):
+        engine.generate(req(tiny, steps=5), progress=stop_after_first, cancel=cancel)
+
+
+def test_previews_are_images(tiny, engine):
+    previews = []
+    engine.generate(req(tiny, steps=2), progress=lambda p: previews.append(p.preview), want_previews=True)
+    assert all(isinstance(p, Image.Image) for p in previews) and previews[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(width=65), "not a multiple of 8"), (dict(height=100000), "too large"), (dict(steps=0), "steps"),
+    (dict(strength=1.5, mode=Mode.IMG2IMG, init_image=Image.new("RGB", (8, 8))), "strength"),
+    (dict(mode=Mode.IMG2IMG), "init image"), (dict(precision="fp16", device="cpu"), "fp16"),
+])
+def test_bad_requests_are_clear_errors(tiny, engine, kw, message):
+    with pytest.raises(InvalidRequest, match=message):
+        engine.generate(req(tiny, **kw))
+
+
+def test_inpainting_model_says_what_it_is(tiny, engine):
+    with pytest.raises(InvalidRequest, match="inpainting model"):
+        engine.generate(req(tiny, model=str(tiny["sd1-inpaint"]["safetensors"])))

@@ -1,0 +1,139 @@
+"""Loading every format of every family through the public loader, and refusing bad files."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from brushwork import GenerationRequest, ModelError
+from brushwork.models.load import load_diffusers_folder, load_single_file
+
+
+def _state(model):
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint"])
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_single_file_round_trips_every_tensor(tiny, family, fmt):
+    from tinymodels import build_components
+
+    parts = load_single_file(tiny[family][fmt], prediction="eps" if family == "sd2" else None)
+    assert parts.family.name == family
+    for original, loaded in zip(build_components(family), (parts.unet, parts.vae, parts.text_encoder), strict=True):
+        a, b = _state(original), _state(loaded)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), "a tensor changed on the way through the original layout"
+
+
+def test_detects_architecture_from_shapes(tiny):
+    parts = load_single_file(tiny["sd2"]["safetensors"], prediction="v")
+    assert parts.unet.config.block_out_channels == (32, 64) or list(parts.unet.config.block_out_channels) == [32, 64]
+    assert parts.unet.config.use_linear_projection is True  # SD 2.x
+    assert parts.text_encoder.config.hidden_act == "gelu"  # OpenCLIP
+    assert parts.text_encoder.config.num_hidden_layers == 2  # penultimate of 3 blocks
+    assert parts.scheduler_config["prediction_type"] == "v_prediction"
+    assert parts.default_size == (768, 768)
+    sd1 = load_single_file(tiny["sd1"]["safetensors"])
+    assert sd1.unet.config.attention_head_dim == 8 and sd1.default_size == (512, 512)
+    assert sd1.tokenizer.pad_token == "<|endoftext|>"
+    assert parts.tokenizer.pad_token == "!"
+
+
+def test_sd2_prediction_needs_a_flag_yaml_or_known_hash(tiny, tmp_path):
+    with pytest.raises(ModelError, match="--prediction v"):
+        load_single_file(tiny["sd2"]["safetensors"])
+    model = tmp_path / "my-sd2.safetensors"
+    shutil.copy(tiny["sd2"]["safetensors"], model)
+    model.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n    scale_factor: 0.18215\n")
+    assert load_single_file(model).prediction == "v"
+    model.with_suffix(".yaml").unlink()
+    assert load_single_file(model, short_hash=lambda: "dcd690123c").prediction == "v"  # official 768 file
+    assert load_single_file(model, short_hash=lambda: "df955bdf6b").prediction == "eps"  # official 512 file
+
+
+def test_modelspec_resolution_sets_default_size(tmp_path):
+    from tinymodels import save_single
+
+    path = save_single(tmp_path / "m.safetensors", "sd1", metadata={"modelspec.resolution": "64x96"})
+    assert load_single_file(path).default_size == (64, 96)
+
+
+def test_same_weights_in_three_formats_give_identical_images(tiny, engine):
+    images = []
+    for fmt in ("safetensors", "ckpt", "diffusers"):
+        req = GenerationRequest(prompt="a red circle", model=str(tiny["sd1"][fmt]), steps=2, seed=7, width=32,
+                                height=32, watermark=False)
+        images.append(np.asarray(engine.generate(req).images[0]))
+    assert np.array_equal(images[0], images[1])
+    assert np.array_equal(images[0], images[2])
+
+
+def test_diffusers_folder_loads(tiny):
+    parts = load_diffusers_folder(tiny["sd1"]["diffusers"])
+    assert parts.family.name == "sd1" and parts.source == "diffusers"
+
+
+def test_truncated_safetensors_is_a_clear_error(tiny, tmp_path):
+    data = tiny["sd1"]["safetensors"].read_bytes()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="truncated"):
+        load_single_file(broken)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelError, match="not a valid .safetensors"):
+        load_single_file(garbage)
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_ckpt_is_refused_and_runs_nothing(tmp_path):
+    target = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil(str(target))}, evil, pickle_module=pickle)
+    with pytest.raises(ModelError, match="brushwork models convert"):
+        load_single_file(evil)
+    assert not target.exists()
+
+
+def test_unknown_layout_names_what_was_found(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"some.random.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelError, match="some.random.weight"):
+        load_single_file(path)
+    vae_only = tmp_path / "vae.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)}, str(vae_only))
+    with pytest.raises(ModelError, match="--vae"):
+        load_single_file(vae_only)
+
+
+def test_vae_swap(tiny, engine, tmp_path):
+    from safetensors.torch import save_file
+
+    from brushwork.models.convert import vae_to_original
+    from tinymodels import build_components
+
+    _, other_vae, _ = build_components("sd1", seed=5)
+    sd = {k.removeprefix("first_stage_model."): v for k, v in vae_to_original(other_vae.state_dict(),
+                                                                               other_vae.config).items()}
+    vae_file = tmp_path / "other.vae.safetensors"
+    save_file(sd, str(vae_file))
+    base = GenerationRequest(prompt="x", model=str(tiny["sd1"]["safetensors"]), steps=2, seed=1, width=32, height=32,
+                             watermark=False)
+    plain = np.asarray(engine.generate(base).images[0])
+    swapped = engine.generate(GenerationRequest(**{**base.__dict__, "vae": str(vae_file)}))
+    assert not np.array_equal(plain, np.asarray(swapped.images[0]))
+    assert "VAE: other.vae.safetensors" in swapped.infotexts[0]
