@@ -158,15 +158,20 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
     generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
     latent_channels = parts.unet.config.in_channels
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    from .prompts import encode
+
+    n = len(batch_seeds)
+    prompt_embeds, negative_embeds = encode(parts.text_encoder, parts.tokenizer, request.prompt,
+                                            request.negative_prompt, clip_skip=request.clip_skip,
+                                            device=policy.device)
     kwargs = dict(
-        prompt=[request.prompt] * len(batch_seeds),
-        negative_prompt=[request.negative_prompt] * len(batch_seeds) if request.negative_prompt else None,
+        prompt_embeds=prompt_embeds.repeat(n, 1, 1),
+        negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
         num_inference_steps=request.steps,
         guidance_scale=float(request.cfg_scale),
         eta=float(request.eta),
         generator=generators,
         output_type="latent",
-        clip_skip=(request.clip_skip - 1) or None,
     )
     if strength is not None:
         kwargs.update(image=init, strength=strength)
