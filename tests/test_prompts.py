@@ -56,6 +56,8 @@ def test_weights_and_words_after_token_75_change_the_picture(tiny, engine):
                               height=32, watermark=False)
         return np.asarray(engine.generate(r).images[0]).astype(int)
 
+    # a 77-token cut would make these pairs pixel-identical
     base = "a cat, " * 40
-    assert np.abs(image(base + "green") - image(base + "purple")).mean() > 0.5
-    assert np.abs(image("a (red:1.6) circle") - image("a red circle")).mean() > 0.5
+    assert not np.array_equal(image(base + "green"), image(base + "purple"))
+    assert not np.array_equal(image("a (red:1.6) circle"), image("a red circle"))
+    assert np.array_equal(image("a (red:1.0) circle"), image("a red circle"))
