@@ -88,14 +88,22 @@ def test_every_sampler_draws(tiny, engine, sampler):
 
 
 def test_schedule_types_change_the_picture(tiny, engine):
-    plain = engine.generate(req(tiny, sampler="DPM++ 2M", steps=4))
-    karras = engine.generate(req(tiny, sampler="DPM++ 2M Karras", steps=4))
-    assert "Schedule type: Karras" in karras.infotexts[0]
+    plain = engine.generate(req(tiny, sampler="Euler", steps=4))
+    karras = engine.generate(req(tiny, sampler="Euler", scheduler="Karras", steps=4))
+    assert "Schedule type: Karras" in karras.infotexts[0] and "Schedule type" not in plain.infotexts[0]
     assert not np.array_equal(px(plain), px(karras))
+
+
+def test_automatic_schedule_is_a1111s(tiny, engine):
+    auto = engine.generate(req(tiny, sampler="DPM++ 2M", steps=4))
+    karras = engine.generate(req(tiny, sampler="DPM++ 2M Karras", steps=4))
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in auto.infotexts[0]
+    assert np.array_equal(px(auto), px(karras))
 
 
 @pytest.mark.parametrize("name,expected", [
     ("DPM++ 2M Karras", ("DPM++ 2M", "Karras")), ("dpmpp_2m_karras", ("DPM++ 2M", "Karras")),
+    ("DPM++ 2M SDE", ("DPM++ 2M SDE", "Exponential")), ("Euler", ("Euler", "Automatic")),
     ("euler_ancestral", ("Euler a", "Automatic")), ("k_lms", ("LMS", "Automatic")), ("plms", ("PLMS", "Automatic")),
     ("DPM2 a Karras", ("DPM2 a", "Karras")), ("uni_pc", ("UniPC", "Automatic")),
 ])

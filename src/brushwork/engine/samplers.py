@@ -23,23 +23,27 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential")  # schedule types it supports
     needs: str | None = None  # an extra package it needs
+    automatic: str = "Automatic"  # what the "Automatic" schedule means for it (A1111 v1.9+)
 
 
 # The order is the order shown to users.
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m", "dpmpp_2m")),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("k_dpmpp_sde", "dpmpp_sde"), needs="torchsde"),
+            {"algorithm_type": "dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m", "dpmpp_2m"), automatic="Karras"),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, ("k_dpmpp_sde", "dpmpp_sde"), needs="torchsde",
+            automatic="Karras"),
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m_sde", "dpmpp_2m_sde")),
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m_sde", "dpmpp_2m_sde"),
+            automatic="Exponential"),
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", {},
             ("k_euler_a", "k_euler_ancestral", "euler_ancestral", "euler_a"), schedules=("Automatic",)),
     Sampler("Euler", "EulerDiscreteScheduler", {}, ("k_euler", "euler")),
     Sampler("LMS", "LMSDiscreteScheduler", {}, ("k_lms", "lms")),
     Sampler("Heun", "HeunDiscreteScheduler", {}, ("k_heun", "heun")),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2", "dpm_2"), schedules=("Automatic", "Karras")),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2", "dpm_2"), schedules=("Automatic", "Karras"),
+            automatic="Karras"),
     Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("k_dpm_2_a", "dpm_2_ancestral"),
-            schedules=("Automatic", "Karras")),
+            schedules=("Automatic", "Karras"), automatic="Karras"),
     Sampler("DDIM", "DDIMScheduler",
             # A1111's DDIM: timesteps range(0, 1000, 1000 // steps) + 1
             {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False},
@@ -79,6 +83,8 @@ def parse_sampler(name: str, schedule: str | None = "Automatic") -> tuple[Sample
     """Resolve a user's sampler (and schedule type) name; raise a clear error for unknown names.
 
     A combined name like "DPM++ 2M Karras" overrides ``schedule`` when ``schedule`` is Automatic.
+    "Automatic" resolves as in A1111 v1.9+: Karras for DPM++ 2M / SDE and DPM2, Exponential for
+    DPM++ 2M SDE, the model's own schedule for the rest. The result names the schedule used.
     """
     if not isinstance(name, str) or not name.strip():
         raise InvalidRequest(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
@@ -96,6 +102,8 @@ def parse_sampler(name: str, schedule: str | None = "Automatic") -> tuple[Sample
                 break
     if sampler is None:
         raise InvalidRequest(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
+    if sched == "Automatic":
+        sched = sampler.automatic
     if sched not in sampler.schedules:
         raise InvalidRequest(
             f"sampler {sampler.name} does not support the {sched} schedule; choose one of: {', '.join(sampler.schedules)}"
