@@ -149,3 +149,27 @@ def test_bad_requests_are_clear_errors(tiny, engine, kw, message):
 def test_inpainting_model_says_what_it_is(tiny, engine):
     with pytest.raises(InvalidRequest, match="inpainting model"):
         engine.generate(req(tiny, model=str(tiny["sd1-inpaint"]["safetensors"])))
+
+
+def test_sd2_v_and_eps_both_draw_and_differ(tiny, engine):
+    v = engine.generate(req(tiny, model=str(tiny["sd2"]["safetensors"]), prediction="v"))
+    eps = engine.generate(req(tiny, model=str(tiny["sd2"]["ckpt"]), prediction="eps"))
+    assert px(v).std() > 1 and not np.array_equal(px(v), px(eps))
+
+
+def test_half_precision_vae_nans_are_redone_in_fp32(tiny):
+    """fp16 VAEs overflow to NaN on some latents (black images); the decode is redone in fp32."""
+    import torch
+
+    from brushwork.engine.run import decode
+    from brushwork.models.load import load_single_file
+
+    vae = load_single_file(tiny["sd1"]["safetensors"]).vae.to(torch.bfloat16)
+
+    def overflow_unless_fp32(module, args, output):
+        return output if output.dtype == torch.float32 else output * float("nan")
+
+    vae.decoder.conv_out.register_forward_hook(overflow_unless_fp32)
+    images, fell_back = decode(vae, torch.randn(1, 4, 4, 4))
+    assert fell_back and vae.dtype == torch.float32
+    assert np.asarray(images[0]).std() > 1  # a real picture, not a black square
