@@ -83,7 +83,6 @@ def tokenize_weighted(tokenizer, text: str) -> list[list[tuple[int, float]]]:
 
 def encode(text_encoder, tokenizer, prompt: str, negative: str, *, clip_skip: int = 1, device=None):
     """(prompt_embeds, negative_prompt_embeds), each (1, 77*k, width) with the same k."""
-    import torch
 
     pos, neg = tokenize_weighted(tokenizer, prompt), tokenize_weighted(tokenizer, negative)
     k = max(len(pos), len(neg))
