@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.store import ModelEntry, ModelStore
@@ -33,6 +33,7 @@ class LoadedModel:
     policy: object  # engine.device.DevicePolicy
     vae_name: str | None
     key: tuple
+    memory_state: dict = field(default_factory=dict)  # the memory mode an out-of-memory error stepped down to
 
 
 class Engine:
@@ -66,20 +67,22 @@ class Engine:
         """Load (or reuse) the model a request names, placed per the device policy."""
         from . import device as device_mod
 
-        policy = device_mod.choose(
-            request.device if request.device != "auto" else self.settings.device,
-            request.precision.value if request.precision.value != "auto" else self.settings.precision,
-        )
+        device = request.device if request.device != "auto" else self.settings.device
+        precision = request.precision.value if request.precision.value != "auto" else self.settings.precision
+        device_mod.choose(device, precision)  # a request that cannot run here fails before any loading
         entry, hint = self.resolve(request.model)
         notes = [hint] if hint else []
-        key = (str(entry.path), request.vae, request.prediction, policy)
+        key = (str(entry.path), request.vae, request.prediction, device, precision)
         with self._lock:
             if self._loaded is not None and self._loaded.key == key:
                 return self._loaded, notes
             self._loaded = None
             _free_device_memory()
             parts = self._load_parts(entry, request)
-            _place(parts, policy)
+            # the dtype can depend on the model's size (bf16 pays on a CPU only for large models)
+            policy = device_mod.choose(device, precision, unet_params=device_mod.unet_param_count(parts))
+            # on a GPU the memory plan moves the weights there (or offloads them), so any model loads
+            device_mod.place(parts, policy, to_device=policy.is_cpu)
             self._loaded = LoadedModel(entry, parts, policy, request.vae, key)
             return self._loaded, notes + list(parts.notes)
 
@@ -138,6 +141,7 @@ class Engine:
                 model_name=loaded.parts.name,
                 model_hash=entry.short_hash,
                 memory_mode=request.memory if request.memory != "auto" else self.settings.memory,
+                memory_state=loaded.memory_state,
                 progress=progress,
                 cancel=cancel,
                 want_previews=want_previews,
@@ -147,14 +151,6 @@ class Engine:
         result.timings["load_s"] = round(load_s, 3)
         result.timings["total_s"] = round(time.perf_counter() - started, 3)
         return result
-
-
-def _place(parts, policy) -> None:
-    for module, dtype in ((parts.unet, policy.dtype), (parts.text_encoder, policy.dtype),
-                          (parts.vae, policy.vae_dtype)):
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
-        module.to(policy.device).eval()
 
 
 def _free_device_memory() -> None:

@@ -1,15 +1,46 @@
-"""Memory modes and the out-of-memory ladder.
+"""Memory modes and the out-of-memory ladder, as one explicit plan per run.
 
-``high``: everything on the device. ``medium``: + attention slicing and VAE slicing.
-``low``: + model CPU offload (one component on the GPU at a time) and VAE tiling.
-``minimal``: sequential CPU offload (one layer at a time) and VAE tiling.
-``auto``: start from what free memory suggests; on an out-of-memory error step down and retry
-the same request (same seed, so the same image).
+``high``: every component on the device; attention through PyTorch's SDPA (memory-efficient
+kernels, so no attention slicing); VAE tiling only for images over a megapixel.
+``medium``: + VAE slicing (one image of a batch decoded at a time) and VAE tiling (an image larger
+than the VAE's native tile is decoded in overlapping, blended tiles: bounded memory at any size).
+``low``: + model CPU offload (one component on the GPU at a time).
+``minimal``: sequential CPU offload (one layer on the GPU at a time) + attention slicing.
+``auto``: start from what free device memory suggests for this model and image size; on an
+out-of-memory error step down the ladder and retry the same request (same seed, same image as
+that mode gives); the mode that worked is kept for the next requests to the same model.
+
+On a CPU there is nothing to offload to: ``low`` and ``minimal`` are ``medium``, and the ladder
+skips modes that would change nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 MODES = ("high", "medium", "low", "minimal")
+
+# Rough peak activation memory per output pixel of one image, at 2 bytes per value (fp16/bf16),
+# for SD-sized models: the VAE decoder dominates (a few KB/pixel untiled); the UNet with SDPA is far
+# below. Used only to pick the first mode in ``auto``; the out-of-memory ladder corrects mistakes.
+ACTIVATION_BYTES_PER_PIXEL = 6_000
+TILE_PIXELS = 512 * 512  # about what a tiled decode holds at once
+MARGIN_BYTES = 512 * 2**20
+LARGE_IMAGE_PIXELS = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a memory mode means for one run: which diffusers mechanisms are on."""
+
+    mode: str
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    offload: str | None = None  # None (all on the device) | "model" | "sequential"
+
+    def mechanisms(self) -> tuple:
+        return (self.attention_slicing, self.vae_slicing, self.vae_tiling, self.offload)
 
 
 def check_mode(mode: str) -> str:
@@ -20,41 +51,106 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def initial_mode(mode: str, policy, model_bytes: int) -> str:
-    """The mode to start with. On a CPU the modes change nothing but VAE tiling for huge images."""
+def plan(mode: str, policy, *, pixels: int = 0) -> MemoryPlan:
+    """The mechanisms a mode uses on this device, for an image of ``pixels`` pixels."""
+    check_mode(mode)
+    on_gpu = not policy.is_cpu
+    if mode == "high":
+        return MemoryPlan("high", vae_tiling=pixels > LARGE_IMAGE_PIXELS)
+    if mode == "medium" or not on_gpu:
+        return MemoryPlan(mode, vae_slicing=True, vae_tiling=True)
+    if mode == "low":
+        return MemoryPlan("low", vae_slicing=True, vae_tiling=True, offload="model")
+    return MemoryPlan("minimal", attention_slicing=True, vae_slicing=True, vae_tiling=True, offload="sequential")
+
+
+def next_mode(mode: str, policy=None, *, pixels: int = 0) -> str | None:
+    """The next mode down the ladder that changes something on this device, or None at the bottom."""
+    current = plan(mode, policy, pixels=pixels).mechanisms() if policy is not None else None
+    for candidate in MODES[MODES.index(mode) + 1:]:
+        if policy is None or plan(candidate, policy, pixels=pixels).mechanisms() != current:
+            return candidate
+    return None
+
+
+def initial_mode(mode: str, policy, modules, *, pixels: int, batch: int, floor: str | None = None) -> str:
+    """The mode to start with: the one asked for, or in ``auto`` what free memory suggests
+    (never above ``floor``, the mode an earlier out-of-memory error stepped down to)."""
     if mode != "auto":
         return mode
-    if policy.is_cpu or not policy.device.startswith("cuda"):
-        return "high"
+    chosen = "high"
+    if policy.device.startswith("cuda"):
+        chosen = _mode_for_free_memory(policy, modules, pixels=pixels, batch=batch)
+    if floor is not None and MODES.index(floor) > MODES.index(chosen):
+        chosen = floor
+    return chosen
+
+
+def _mode_for_free_memory(policy, modules, *, pixels: int, batch: int) -> str:
     import torch
 
-    free, _total = torch.cuda.mem_get_info(torch.device(policy.device))
-    if free > model_bytes * 2.5:
+    device = torch.device(policy.device)
+    free, _total = torch.cuda.mem_get_info(device)
+    sizes = {name: _bytes(m) for name, m in modules.items()}
+    resident = sum(_bytes(m, on=device) for m in modules.values())
+    budget = free + resident  # our own weights already on the GPU count as available to us
+    scale = policy.dtype.itemsize / 2
+    per_image = ACTIVATION_BYTES_PER_PIXEL * scale
+    if budget > sum(sizes.values()) + batch * pixels * per_image + MARGIN_BYTES:
         return "high"
-    if free > model_bytes * 1.5:
+    if budget > sum(sizes.values()) + min(pixels, TILE_PIXELS) * per_image + MARGIN_BYTES:
         return "medium"
-    if free > model_bytes * 0.6:
+    if budget > max(sizes.values()) + min(pixels, TILE_PIXELS) * per_image + MARGIN_BYTES:
         return "low"
     return "minimal"
 
 
-def next_mode(mode: str) -> str | None:
-    i = MODES.index(mode)
-    return MODES[i + 1] if i + 1 < len(MODES) else None
+def _bytes(module, on=None) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if on is None or p.device == on)
 
 
-def apply(pipe, mode: str, policy, *, large_image: bool = False) -> None:
-    """Configure a pipeline (whose modules are already loaded) for a memory mode."""
-    on_gpu = not policy.is_cpu
-    if mode in ("medium", "low", "minimal"):
-        pipe.enable_attention_slicing()
+def apply(pipe, memory_plan: MemoryPlan, policy) -> None:
+    """Configure a pipeline for a plan. Modules keep the settings of the last plan applied to them
+    (they outlive the pipeline), so everything a plan does not want is switched off here."""
+    remove_offload(pipe)
+    if memory_plan.attention_slicing:
+        pipe.enable_attention_slicing("max")
+    elif _sliced(pipe.unet):
+        pipe.disable_attention_slicing()  # back to SDPA
+    if memory_plan.vae_slicing:
         pipe.vae.enable_slicing()
-    if mode in ("low", "minimal") or large_image:
+    else:
+        pipe.vae.disable_slicing()
+    if memory_plan.vae_tiling:
         pipe.vae.enable_tiling()
-    if on_gpu and mode == "low":
+    else:
+        pipe.vae.disable_tiling()
+    if memory_plan.offload == "model":
         pipe.enable_model_cpu_offload(device=policy.device)
-    elif on_gpu and mode == "minimal":
+    elif memory_plan.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=policy.device)
+    else:
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            if any(p.device.type != policy.device.split(":")[0] for p in module.parameters()):
+                module.to(policy.device)
+
+
+def remove_offload(pipe) -> None:
+    """Undo CPU offload (accelerate hooks); the weights come back from the meta device to the CPU."""
+    import gc
+
+    import torch
+
+    pipe.remove_all_hooks()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sliced(unet) -> bool:
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    return any(isinstance(p, SlicedAttnProcessor) for p in unet.attn_processors.values())
 
 
 def is_oom(err: BaseException) -> bool:
@@ -62,4 +158,6 @@ def is_oom(err: BaseException) -> bool:
 
     if isinstance(err, torch.OutOfMemoryError):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    # CUDA and MPS say "out of memory"; a CPU allocation failure says "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

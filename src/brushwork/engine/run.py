@@ -50,13 +50,12 @@ def generate(
     model_name: str,
     model_hash: str | None,
     memory_mode: str,
+    memory_state: dict | None = None,
     progress=None,
     cancel=None,
     want_previews: bool = False,
     version: str = "0",
 ) -> GenerationResult:
-    import torch
-
     timings = {"sample_s": 0.0, "decode_s": 0.0}
     notes: list[str] = []
     if request.mode not in (Mode.TXT2IMG, Mode.IMG2IMG):
@@ -78,8 +77,13 @@ def generate(
     strength = float(request.strength)
     img2img_denoises = request.mode is Mode.IMG2IMG and 0 < strength < 1 and int(request.steps * strength) >= 1
     pipe = _pipelines(parts, Mode.IMG2IMG if img2img_denoises else Mode.TXT2IMG, scheduler)
-    mode = memory.initial_mode(memory_mode, policy, _model_bytes(parts))
-    memory.apply(pipe, mode, policy, large_image=width * height > 1024 * 1024)
+    # the memory plan: the mode asked for, or in auto one that fits (and never above one that ran out before)
+    memory_state = {} if memory_state is None else memory_state
+    pixels = width * height
+    mode = memory.initial_mode(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
+                               floor=memory_state.get("floor"))
+    first_mode = mode
+    memory.apply(pipe, memory.plan(mode, policy, pixels=pixels), policy)
 
     images, seeds = [], []
     for batch in range(request.n_iter):
@@ -104,19 +108,23 @@ def generate(
             except Cancelled:
                 raise
             except Exception as err:
-                if memory_mode != "auto" or not memory.is_oom(err) or memory.next_mode(mode) is None:
-                    if memory.is_oom(err):
-                        raise InvalidRequest(
-                            f"out of memory in memory mode {mode}; try --memory minimal or a smaller size"
-                        ) from None
+                if not memory.is_oom(err):
                     raise
-                new_mode = memory.next_mode(mode)
-                notes.append(f"out of memory in mode {mode}; retrying in mode {new_mode}")
-                _reset(pipe)
-                mode = new_mode
-                memory.apply(pipe, mode, policy, large_image=width * height > 1024 * 1024)
+                lower = memory.next_mode(mode, policy, pixels=pixels)
+                if memory_mode != "auto" or lower is None:
+                    del err  # its traceback holds the tensors that filled the memory
+                    memory.remove_offload(pipe)
+                    hint = (f"try --memory {lower} or " if lower else "try ") + "a smaller size or batch"
+                    raise InvalidRequest(f"out of memory in memory mode {mode}; {hint}") from None
+                del err
+                # same request, same seeds: the image is the one this lower mode gives
+                mode = memory_state["floor"] = lower
+                memory.apply(pipe, memory.plan(mode, policy, pixels=pixels), policy)
         images += decoded
         seeds += batch_seeds
+    if mode != first_mode:
+        notes.append(f"out of memory in memory mode {first_mode}; made the images again in mode {mode} "
+                     "(same seeds), and later images start there")
 
     # 6. watermark + infotext
     if request.watermark:
@@ -130,24 +138,6 @@ def generate(
     ]
     timings = {k: round(v, 3) for k, v in timings.items()}
     return GenerationResult(images, seeds, infotexts, request, model_name, model_hash, timings, notes)
-
-
-def _model_bytes(parts) -> int:
-    return sum(p.numel() * p.element_size() for m in parts.modules.values() for p in m.parameters())
-
-
-def _reset(pipe) -> None:
-    import gc
-
-    import torch
-
-    try:
-        pipe.remove_all_hooks()
-    except Exception:  # not every diffusers version has it; nothing to undo then
-        pass
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init, strength, progress, cancel,
@@ -180,7 +170,7 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
         noise = torch.stack([
             torch.randn((latent_channels, height // factor, width // factor), generator=g) for g in generators
         ])
-        kwargs.update(latents=noise.to(policy.device, policy.dtype), height=height, width=width)
+        kwargs.update(latents=noise.to(policy.device, policy.latent_dtype), height=height, width=width)
 
     def on_step_end(p, i, t, callback_kwargs):
         if cancel is not None and cancel.is_set():

@@ -1,0 +1,91 @@
+"""Device and dtype policy: the automatic CPU choice, the bf16 mixed path, and what is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brushwork import GenerationRequest, InvalidRequest
+from brushwork.engine import device as device_mod
+
+SD15_UNET_PARAMS = 859_520_964
+
+
+def req(tiny, **kw):
+    base = dict(prompt="a red circle on the left", model=str(tiny["sd1"]["safetensors"]), steps=3, seed=1234,
+                width=32, height=32, watermark=False)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def test_cpu_auto_is_bf16_only_for_large_models_on_cpus_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
+    big = device_mod.choose("cpu", "auto", unet_params=SD15_UNET_PARAMS)
+    assert (big.dtype, big.vae_dtype, big.latent_dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert big.mixed and big.channels_last and "native bf16" in big.why
+    small = device_mod.choose("cpu", "auto", unet_params=2_000_000)
+    assert small.dtype == small.latent_dtype == torch.float32 and not small.mixed
+    assert device_mod.choose("cpu", "auto").dtype == torch.float32  # size unknown: fp32
+    assert device_mod.choose("cpu", "fp32", unet_params=SD15_UNET_PARAMS).dtype == torch.float32
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    assert device_mod.choose("cpu", "auto", unet_params=SD15_UNET_PARAMS).dtype == torch.float32
+    # asked for explicitly, bf16 is used on any CPU, with fp32 latents
+    assert device_mod.choose("cpu", "bf16").latent_dtype == torch.float32
+
+
+def test_half_precision_is_never_used_on_a_cpu():
+    with pytest.raises(InvalidRequest, match="fp16.*does not run on a CPU"):
+        device_mod.choose("cpu", "fp16")
+    for params in (None, 10, SD15_UNET_PARAMS):
+        assert device_mod.choose("cpu", "auto", unet_params=params).dtype != torch.float16
+
+
+def test_unknown_devices_and_precisions_name_the_choices():
+    with pytest.raises(InvalidRequest, match="unknown device 'tpu'; choose auto, cpu"):
+        device_mod.choose("tpu")
+    with pytest.raises(InvalidRequest, match="unknown precision 'fp8'; choose one of: auto, fp32"):
+        device_mod.choose("cpu", "fp8")
+
+
+def test_native_bf16_detection_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(device_mod, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert not device_mod.cpu_has_native_bf16()
+    monkeypatch.setattr(device_mod, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert device_mod.cpu_has_native_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_tiny_models_stay_fp32_in_auto(tiny, engine):
+    loaded, _ = engine.load(req(tiny).validate())
+    assert loaded.policy.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for m in loaded.parts.modules.values() for p in m.parameters())
+
+
+def test_bf16_computes_inside_the_unet_and_keeps_fp32_latents(tiny, engine):
+    fp32 = engine.generate(req(tiny, precision="fp32", sampler="Euler"))
+    loaded, _ = engine.load(req(tiny, precision="bf16", sampler="Euler").validate())
+    assert loaded.parts.unet.dtype == torch.bfloat16 and loaded.parts.text_encoder.dtype == torch.float32
+    seen = {}
+
+    def outside(_module, args, kwargs):  # runs before the policy's cast: what the pipeline hands the UNet
+        seen["sample"], seen["timestep"] = args[0].dtype, args[1].dtype
+
+    def inside(_module, args, kwargs):  # after the cast: what the UNet computes with
+        seen["inner"] = args[0].dtype
+
+    def result(_module, _args, output):
+        seen["out"] = output[0].dtype
+
+    handles = [loaded.parts.unet.register_forward_pre_hook(outside, with_kwargs=True, prepend=True),
+               loaded.parts.unet.register_forward_pre_hook(inside, with_kwargs=True),
+               loaded.parts.unet.register_forward_hook(result)]
+    try:
+        bf16 = engine.generate(req(tiny, precision="bf16", sampler="Euler"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == {"sample": torch.float32, "timestep": torch.float32, "inner": torch.bfloat16,
+                    "out": torch.float32}
+    # close to fp32 (out of 255), but really computed differently
+    diff = np.abs(np.asarray(bf16.images[0]).astype(int) - np.asarray(fp32.images[0]).astype(int))
+    assert 0 < diff.mean() < 6, diff.mean()
