@@ -155,3 +155,15 @@ def test_watermark_is_on_by_default_and_one_switch_turns_it_off(tiny, tmp_path):
     assert lines[0].startswith(f"{marked}: brushwork watermark")
     assert lines[1].startswith(f"{plain}: no known watermark")
     assert lines[2].startswith(f"{jpeg}: brushwork watermark")
+
+
+def test_from_file_runs_each_prompt_and_n_rows_shapes_the_grid(tiny, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    result = run("txt2img", "--from-file", prompts, "--model", tiny["sd1"]["safetensors"], "--steps", 1, "-W", 32,
+                 "-H", 32, "-n", 2, "--n_rows", 2, "--seed", 1, "--outdir", tmp_path / "o", "-q", "--no-watermark")
+    assert result.exit_code == 0, result.output
+    texts = [Image.open(tmp_path / "o" / "txt2img" / f"0000{i}-{s}.png").info["parameters"].split("\n")[0]
+             for i, s in ((0, 1), (2, 1))]
+    assert texts == ["a red circle", "a blue square"]
+    assert Image.open(tmp_path / "o" / "txt2img-grids" / "00000-grid.png").size == (32, 64)

@@ -90,6 +90,9 @@ def generation_options(fn):
                      help="Eta for DDIM/ancestral noise."),
         click.option("--clip-skip", "--clip_skip", "clip_skip", type=int, default=1, help="A1111 CLIP skip."),
         click.option("--grid/--skip-grid", "grid", default=True, help="Also save a grid of the batch."),
+        click.option("--n-rows", "--n_rows", "n_rows", type=int, default=0, help="Rows in the grid [about square]."),
+        click.option("--from-file", "--from_file", "from_file", type=click.Path(dir_okay=False),
+                     help="Read prompts from a file, one a line (each one is a run)."),
         click.option("--skip_grid", "skip_grid_legacy", is_flag=True, hidden=True),
         click.option("--outdir", type=click.Path(file_okay=False), help="Output folder [outputs]."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
@@ -121,6 +124,8 @@ def _request(mode: str, o: dict, **extra):
 
     _quiet_libraries()
     prompt = o["prompt_opt"] if o["prompt_opt"] is not None else o["prompt_arg"]
+    if prompt is None and o.get("from_file"):
+        prompt = ""  # replaced by each line of the file
     if prompt is None:
         raise InvalidRequest('give a prompt: brushwork txt2img "a red circle on a white background"')
     sampler = o["sampler"] or ("PLMS" if o["plms"] else "DPM++ 2M" if o["dpm"] else "Euler a")
@@ -141,11 +146,32 @@ def _request(mode: str, o: dict, **extra):
     return settings, req.validate()
 
 
+def _prompts_from_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise BrushworkError(f"cannot read prompts from {path}: {err.strerror}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise BrushworkError(f"{path} holds no prompts (one prompt a line)")
+    return prompts
+
+
 def _run(settings, req, o: dict) -> None:
+    """Run the request (once per prompt with --from-file) and print the files written."""
+    import dataclasses
+
     from .engine.core import Engine
-    from .output.files import save_result
 
     engine = Engine(settings)
+    prompts = _prompts_from_file(o["from_file"]) if o.get("from_file") else [req.prompt]
+    for prompt in prompts:
+        _run_one(engine, settings, dataclasses.replace(req, prompt=prompt), o)
+
+
+def _run_one(engine, settings, req, o: dict) -> None:
+    from .output.files import save_result
+
     bar = None
     quiet = o["quiet"]
 
@@ -167,7 +193,7 @@ def _run(settings, req, o: dict) -> None:
         if bar is not None:
             bar.close()
     outdir = Path(o["outdir"]) if o["outdir"] else settings.outputs_dir
-    paths = save_result(result, outdir, grid=o["grid"] and not o["skip_grid_legacy"])
+    paths = save_result(result, outdir, grid=o["grid"] and not o["skip_grid_legacy"], grid_rows=o["n_rows"] or None)
     if not quiet:
         for note in result.notes:
             click.echo(f"note: {note}", err=True)
