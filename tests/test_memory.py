@@ -168,3 +168,22 @@ def test_tiled_decode_of_a_large_image_matches_the_untiled_one_without_seams():
     for axis, size in ((1, 256), (0, 192)):
         seams = [x - 1 for x in range(stride, size, stride)]
         assert jumps(b, axis)[seams].mean() < jumps(a, axis)[seams].mean() * 1.5, axis
+
+
+def test_out_of_memory_in_the_vae_decode_steps_down_too(tiny, engine):
+    medium = engine.generate(req(tiny, memory="medium", batch_size=1))
+    loaded, _ = engine.load(req(tiny, batch_size=1).validate())
+    calls = {"n": 0}
+
+    def hook(_module, _args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    handle = loaded.parts.vae.decoder.register_forward_pre_hook(hook)
+    try:
+        result = engine.generate(req(tiny, batch_size=1))
+    finally:
+        handle.remove()
+    assert len(result.notes) == 1 and "ran again in mode medium with the same seeds" in result.notes[0]
+    assert np.array_equal(px(result), px(medium))

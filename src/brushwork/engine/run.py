@@ -82,8 +82,7 @@ def generate(
     pixels = width * height
     mode = memory.initial_mode(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
                                floor=memory_state.get("floor"))
-    first_mode = mode
-    memory.apply(pipe, memory.plan(mode, policy, pixels=pixels), policy)
+    first_mode, applied = mode, None
 
     images, seeds = [], []
     for batch in range(request.n_iter):
@@ -95,6 +94,9 @@ def generate(
             continue
         while True:
             try:
+                if applied != mode:  # inside the try: moving the weights to the GPU can run out of memory too
+                    memory.apply(pipe, memory.plan(mode, policy, pixels=pixels), policy)
+                    applied = mode
                 t0 = time.perf_counter()
                 latents = _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init,
                                    strength if img2img_denoises else None, progress, cancel, want_previews)
@@ -119,12 +121,11 @@ def generate(
                 del err
                 # same request, same seeds: the image is the one this lower mode gives
                 mode = memory_state["floor"] = lower
-                memory.apply(pipe, memory.plan(mode, policy, pixels=pixels), policy)
         images += decoded
         seeds += batch_seeds
     if mode != first_mode:
-        notes.append(f"out of memory in memory mode {first_mode}; made the images again in mode {mode} "
-                     "(same seeds), and later images start there")
+        notes.append(f"out of memory in memory mode {first_mode}; ran again in mode {mode} with the same seeds "
+                     "(later runs of this model start there)")
 
     # 6. watermark + infotext
     if request.watermark:

@@ -1,0 +1,281 @@
+"""Seconds per denoising step of the full-size SD 1.5 UNet (random weights), plain diffusers vs brushwork.
+
+    .venv/bin/python benchmarks/step.py                       # CPU (and the GPU too when CUDA exists)
+    .venv/bin/python benchmarks/step.py --sizes 512 --rounds 5 --out benchmarks/results/step.json
+
+One step is one UNet call on a batch of 2 (classifier-free guidance: the prompt and the negative
+prompt), as in every txt2img step. Both variants run in the same process, interleaved round by
+round, so a busy machine slows both alike; we report medians and the ratio. "diffusers" is what
+plain diffusers does by default (fp32 on a CPU, fp16 eager on a GPU); "brushwork" is what
+``engine.device.choose(..., "auto")`` picks for this model on this machine, placed by
+``engine.device.place``, exactly as the engine runs it. The VAE decode of one 512x512 image is
+timed the same way. ``rel_error`` is |brushwork - diffusers fp32| / |diffusers fp32| of the UNet's
+output (the noise prediction) for the same input: the quality cost of the faster path.
+Speed and memory do not depend on the weights' values, so random weights measure the real thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+# ---- full-size architectures, random weights ----------------------------------------------------
+
+
+def sd15_unet():
+    """The SD 1.5 UNet (diffusers' defaults are its config: 320/640/1280/1280, 8 heads, context 768)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
+
+
+def sd21_unet():
+    """The SD 2.1 UNet: linear projections, heads of 64 channels, context 1024 (OpenCLIP-H)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                use_linear_projection=True).eval()
+
+
+def sd_vae(sample_size: int = 512):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=sample_size,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).eval()
+
+
+def clip_l():
+    """SD 1.x's text encoder: CLIP ViT-L/14's text tower, 12 layers of width 768."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768)).eval()
+
+
+def openclip_h():
+    """SD 2.x's text encoder: OpenCLIP ViT-H/14's text tower up to the penultimate layer (23 of width 1024)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                        num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
+                                        hidden_act="gelu", projection_dim=1024)).eval()
+
+
+# ---- the machine --------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import diffusers
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "cpu_threads": torch.get_num_threads()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        info["cpu"] = fields.get("Model name", "").strip()
+        info["cpu_cores"] = int(fields.get("CPU(s)", "0").strip() or 0)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        info["cpu"] = platform.processor()
+    from brushwork.engine.device import _cpu_flags, cpu_has_native_bf16
+
+    info["cpu_native_bf16"] = cpu_has_native_bf16()
+    info["cpu_bf16_flags"] = sorted(f for f in _cpu_flags() if "bf16" in f or f.startswith("amx"))
+    try:
+        info["load_average_at_start"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def timed(fn, device: str) -> float:
+    import torch
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleave(variants: dict, rounds: int, device: str, warmup: int = 1) -> dict:
+    """{name: [seconds, ...]}: each round runs every variant once, in turn."""
+    times = {name: [] for name in variants}
+    for r in range(warmup + rounds):
+        for name, fn in variants.items():
+            seconds = timed(fn, device)
+            if r >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def summary(times: dict, base: str = "diffusers") -> dict:
+    out = {name: {"median_s": round(statistics.median(t), 3), "runs_s": [round(x, 3) for x in t]}
+           for name, t in times.items()}
+    for name in times:
+        if name != base:
+            out[name]["speedup_vs_" + base] = round(out[base]["median_s"] / out[name]["median_s"], 2)
+    return out
+
+
+def rel_error(a, b) -> float:
+    return round(float((a.float() - b.float()).norm() / b.float().norm()), 5)
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+
+def unet_step_variants(unet, device: str, side: int, *, compile: bool):
+    """(variants, inputs, policies): plain diffusers and brushwork's automatic choice of the same UNet."""
+    import torch
+
+    from brushwork.engine import device as device_mod
+
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, side // 8, side // 8, generator=gen)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    t = torch.tensor(500.0)
+    policy = device_mod.choose(device, "auto", unet_params=device_mod.unet_param_count(SimpleNamespace(unet=unet)),
+                               compile=compile)
+    ours = copy.deepcopy(unet)
+    device_mod.place(SimpleNamespace(unet=ours, vae=sd_vae_stub(), text_encoder=sd_vae_stub()), policy)
+    if device == "cpu":
+        plain = unet  # diffusers' default on a CPU: fp32
+        plain_in = (latents, context)
+    else:
+        plain = unet.to(device, torch.float16)  # diffusers' usual GPU setup: fp16, eager, SDPA
+        plain_in = (latents.to(device, torch.float16), context.to(device, torch.float16))
+    ours_in = (latents.to(device, policy.latent_dtype), context.to(device, policy.text_dtype))
+
+    def run(model, inputs):
+        with torch.inference_mode():
+            return model(inputs[0], t.to(device), encoder_hidden_states=inputs[1], return_dict=False)[0]
+
+    return {"diffusers": lambda: run(plain, plain_in), "brushwork": lambda: run(ours, ours_in)}, policy
+
+
+def sd_vae_stub():
+    """place() wants three modules; each part of this benchmark times one."""
+    import torch
+
+    class Stub(torch.nn.Linear):
+        @property
+        def dtype(self):
+            return self.weight.dtype
+
+    return Stub(1, 1)
+
+
+def bench_unet(device: str, sizes: list[int], rounds: int, compile: bool, results: dict) -> None:
+    import torch
+
+    unet = sd15_unet()
+    for side in sizes:
+        variants, policy = unet_step_variants(unet, device, side, compile=compile)
+        # quality: brushwork's output against plain diffusers' for the same input (fp32 on a CPU)
+        outputs = {name: fn().float().cpu() for name, fn in variants.items()}
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = interleave(variants, rounds, device, warmup=0)  # the calls above were the warm-up
+        entry = {"what": f"SD 1.5 UNet, {side}x{side}, batch 2 (CFG), one step", "policy": policy.describe(),
+                 "policy_why": policy.why, "channels_last": policy.channels_last, "compile": policy.compile,
+                 **summary(times)}
+        base = "fp32" if device == "cpu" else "fp16"
+        entry["brushwork"][f"rel_error_vs_diffusers_{base}"] = rel_error(outputs["brushwork"], outputs["diffusers"])
+        if device == "cuda":
+            entry["peak_vram_gb_both_unets"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        results[f"unet_{device}_{side}"] = entry
+        print(json.dumps({f"unet_{device}_{side}": entry}), flush=True)
+        del variants
+
+
+def bench_vae(device: str, rounds: int, results: dict) -> None:
+    import torch
+
+    from brushwork.engine import device as device_mod
+    from brushwork.engine.run import decode
+
+    vae = sd_vae()
+    policy = device_mod.choose(device, "auto", unet_params=859_520_964)  # the VAE of an SD 1.5 model
+    ours = copy.deepcopy(vae)
+    device_mod.place(SimpleNamespace(unet=sd_vae_stub(), vae=ours, text_encoder=sd_vae_stub()), policy)
+    plain = vae if device == "cpu" else vae.to(device, torch.float16)
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    pixels = {}
+
+    def run(model, name):
+        pixels[name] = decode(model, latents)[0][0]
+
+    times = interleave({"diffusers": lambda: run(plain, "diffusers"), "brushwork": lambda: run(ours, "brushwork")},
+                       rounds, device)
+    import numpy as np
+
+    diff = np.abs(np.asarray(pixels["diffusers"]).astype(int) - np.asarray(pixels["brushwork"]).astype(int))
+    entry = {"what": "SD VAE decode, one 512x512 image", "policy": policy.describe(), **summary(times)}
+    entry["brushwork"]["pixel_diff_vs_diffusers"] = {"mean": round(float(diff.mean()), 3), "max": int(diff.max())}
+    results[f"vae_decode_{device}_512"] = entry
+    print(json.dumps({f"vae_decode_{device}_512": entry}), flush=True)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="512,256", help="image sides, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile brushwork's UNet")
+    parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step.json"))
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+
+    started = time.time()
+    results: dict = {"benchmark": "step", "machine": machine(), "sizes": sizes, "rounds": args.rounds}
+    for device in devices:
+        bench_unet(device, sizes, args.rounds, args.compile, results)
+        if not args.skip_vae:
+            bench_vae(device, args.rounds, results)
+    if "cuda" not in devices:
+        results["gpu"] = "no CUDA device in this run; the GPU variants run when one is present"
+    results["peak_rss_mb"] = peak_rss_mb()
+    results["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    results["wall_s"] = round(time.time() - started, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
