@@ -42,9 +42,10 @@ def fail_unet(engine, request, times: int, error=None):
 def test_plans_map_modes_to_mechanisms():
     assert memory.plan("high", GPU, pixels=512 * 512) == memory.MemoryPlan("high")
     assert memory.plan("high", GPU, pixels=2048 * 2048).vae_tiling  # a huge image is tiled in any mode
-    assert memory.plan("medium", GPU).mechanisms() == (False, True, True, None)
-    assert memory.plan("low", GPU).offload == "model"
+    assert memory.plan("medium", GPU).mechanisms() == (False, True, True, None, None)
+    assert memory.plan("low", GPU).offload == "model" and memory.plan("low", GPU).vae_tile == 512
     assert memory.plan("minimal", GPU).offload == "sequential" and memory.plan("minimal", GPU).attention_slicing
+    assert memory.plan("minimal", GPU).vae_tile == 256  # bounded decode memory even at 512x512
     # on a CPU there is nothing to offload to: low and minimal are medium, and the ladder skips them
     assert memory.plan("minimal", CPU).mechanisms() == memory.plan("medium", CPU).mechanisms()
     assert [memory.next_mode(m, GPU) for m in memory.MODES] == ["medium", "low", "minimal", None]

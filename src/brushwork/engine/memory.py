@@ -4,8 +4,9 @@
 kernels, so no attention slicing); VAE tiling only for images over a megapixel.
 ``medium``: + VAE slicing (one image of a batch decoded at a time) and VAE tiling (an image larger
 than the VAE's native tile is decoded in overlapping, blended tiles: bounded memory at any size).
-``low``: + model CPU offload (one component on the GPU at a time).
-``minimal``: sequential CPU offload (one layer on the GPU at a time) + attention slicing.
+``low``: + model CPU offload (one component on the GPU at a time); VAE tiles of at most 512 pixels.
+``minimal``: sequential CPU offload (one layer on the GPU at a time) + attention slicing; VAE tiles
+of 256 pixels (even a 512x512 image is decoded in blended tiles, in a fraction of the memory).
 ``auto``: start from what free device memory suggests for this model and image size; on an
 out-of-memory error step down the ladder and retry the same request (same seed, same image as
 that mode gives); the mode that worked is kept for the next requests to the same model.
@@ -38,9 +39,10 @@ class MemoryPlan:
     vae_slicing: bool = False
     vae_tiling: bool = False
     offload: str | None = None  # None (all on the device) | "model" | "sequential"
+    vae_tile: int | None = None  # largest VAE tile in pixels; None: the VAE's native size
 
     def mechanisms(self) -> tuple:
-        return (self.attention_slicing, self.vae_slicing, self.vae_tiling, self.offload)
+        return (self.attention_slicing, self.vae_slicing, self.vae_tiling, self.offload, self.vae_tile)
 
 
 def check_mode(mode: str) -> str:
@@ -60,8 +62,9 @@ def plan(mode: str, policy, *, pixels: int = 0) -> MemoryPlan:
     if mode == "medium" or not on_gpu:
         return MemoryPlan(mode, vae_slicing=True, vae_tiling=True)
     if mode == "low":
-        return MemoryPlan("low", vae_slicing=True, vae_tiling=True, offload="model")
-    return MemoryPlan("minimal", attention_slicing=True, vae_slicing=True, vae_tiling=True, offload="sequential")
+        return MemoryPlan("low", vae_slicing=True, vae_tiling=True, offload="model", vae_tile=512)
+    return MemoryPlan("minimal", attention_slicing=True, vae_slicing=True, vae_tiling=True, offload="sequential",
+                      vae_tile=256)
 
 
 def next_mode(mode: str, policy=None, *, pixels: int = 0) -> str | None:
@@ -125,6 +128,7 @@ def apply(pipe, memory_plan: MemoryPlan, policy) -> None:
         pipe.vae.enable_tiling()
     else:
         pipe.vae.disable_tiling()
+    set_vae_tile(pipe.vae, memory_plan.vae_tile)
     if memory_plan.offload == "model":
         pipe.enable_model_cpu_offload(device=policy.device)
     elif memory_plan.offload == "sequential":
@@ -133,6 +137,16 @@ def apply(pipe, memory_plan: MemoryPlan, policy) -> None:
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             if any(p.device.type != policy.device.split(":")[0] for p in module.parameters()):
                 module.to(policy.device)
+
+
+def set_vae_tile(vae, pixels: int | None) -> None:
+    """Tiles of at most ``pixels`` (never above the VAE's native size), or the native size for None."""
+    native = vae.config.sample_size
+    native = native[0] if isinstance(native, list | tuple) else native
+    side = min(native, pixels) if pixels else native
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size = side
+    vae.tile_latent_min_size = side // factor
 
 
 def remove_offload(pipe) -> None:
