@@ -89,3 +89,26 @@ def test_bf16_computes_inside_the_unet_and_keeps_fp32_latents(tiny, engine):
     # close to fp32 (out of 255), but really computed differently
     diff = np.abs(np.asarray(bf16.images[0]).astype(int) - np.asarray(fp32.images[0]).astype(int))
     assert 0 < diff.mean() < 6, diff.mean()
+
+
+def test_fast_mode_reuses_deep_features_and_stays_close(tiny, engine):
+    plain = engine.generate(req(tiny, steps=6, sampler="Euler"))
+    loaded, _ = engine.load(req(tiny, steps=6).validate())
+    calls = {"unet": 0, "mid": 0}
+    handles = [loaded.parts.unet.register_forward_pre_hook(lambda *_: calls.__setitem__("unet", calls["unet"] + 1)),
+               loaded.parts.unet.mid_block.resnets[0].register_forward_pre_hook(  # really computed
+                   lambda *_: calls.__setitem__("mid", calls["mid"] + 1))]
+    try:
+        fast = engine.generate(req(tiny, steps=6, sampler="Euler", extra={"fast": True}))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {"unet": 6, "mid": 2}  # deep blocks at steps 1 and 4 only
+    assert any("fast mode" in note for note in fast.notes) and not plain.notes
+    diff = np.abs(np.asarray(fast.images[0]).astype(int) - np.asarray(plain.images[0]).astype(int))
+    assert 0 < diff.mean() < 20, diff.mean()
+    # the UNet is whole again afterwards
+    assert np.array_equal(np.asarray(engine.generate(req(tiny, steps=6, sampler="Euler")).images[0]),
+                          np.asarray(plain.images[0]))
+    with pytest.raises(InvalidRequest, match="fast must be true, false or a whole number"):
+        engine.generate(req(tiny, extra={"fast": "very"}))

@@ -83,6 +83,11 @@ def generate(
     mode = memory.initial_mode(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
                                floor=memory_state.get("floor"))
     first_mode, applied = mode, None
+    from .deepcache import interval_for
+
+    if (interval := interval_for(request.extra)) > 1:
+        notes.append(f"fast mode: the UNet's deep features are computed every {interval} steps and reused between "
+                     "(DeepCache); a little less faithful than the default")
 
     images, seeds = [], []
     for batch in range(request.n_iter):
@@ -184,7 +189,9 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
             progress(ProgressInfo(step=i + 1, total=total, batch=batch, batches=request.n_iter, preview=preview))
         return callback_kwargs
 
-    with torch.inference_mode():
+    from .deepcache import deep_cache, interval_for
+
+    with torch.inference_mode(), deep_cache(parts.unet, interval_for(request.extra)):
         out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
     return out.images
 
