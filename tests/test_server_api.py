@@ -80,6 +80,18 @@ def test_a_job_is_queued_runs_and_its_picture_is_served_with_parameters(client):
     assert Image.open(io.BytesIO(thumb.content)).size == (32, 32)  # never enlarged
 
 
+def test_fast_mode_is_passed_to_the_engine_and_nothing_else_of_extra(client):
+    job = client.post("/api/v1/jobs", json={"prompt": "quick", "fast": True, "seed": 4, "width": 32, "height": 32,
+                                            "steps": 6}).json()
+    assert job["request"]["extra"] == {"fast": True}
+    done = wait_done(client, job["id"])
+    assert done["status"] == "done", done["error"]
+    r = client.post("/api/v1/jobs", json={"prompt": "x", "extra": {"config_yaml": "/etc/passwd"}, **SMALL})
+    assert r.status_code == 422  # extra can name files: not settable over HTTP
+    r = client.post("/api/v1/jobs", json={"prompt": "x", "fast": 0.5, **SMALL})
+    assert r.status_code == 422
+
+
 def test_img2img_job_with_a_base64_upload(client):
     r = client.post("/api/v1/jobs", json={"prompt": "a bird", "mode": "img2img", "init_image": png_b64((32, 32)),
                                           "strength": 0.6, "steps": 3, "seed": 1})

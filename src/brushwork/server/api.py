@@ -54,6 +54,8 @@ class JobRequest(BaseModel):
     prediction: str | None = None
     precision: Precision = Precision.AUTO
     watermark: bool | None = None
+    fast: bool | int = Field(False, description="fast mode: reuse the UNet's deep features between full steps "
+                                                "(true = every 3rd step in full, or that interval); a little less detail")
 
 
 def _job_view(state: ServerState, job: Job) -> dict[str, Any]:
@@ -84,6 +86,8 @@ async def create_job(body: JobRequest, request: Request):
     data = body.model_dump()
     data["watermark"] = state.settings.watermark if body.watermark is None else body.watermark
     init_b64, mask_b64 = data.pop("init_image"), data.pop("mask_image")
+    fast = data.pop("fast")
+    data["extra"] = {"fast": fast} if fast else {}  # never anything else from HTTP (extra can name files)
 
     def accept() -> Job:  # decoding images and hashing a new model file take a while: not on the event loop
         gen = GenerationRequest.from_dict(data)

@@ -54,7 +54,7 @@ function el(tag, attrs = {}, ...children) {
 // ---- settings in localStorage ----------------------------------------------------------------
 
 function saveSettings() {
-  const values = {};
+  const values = { fast: $("fast").checked };
   for (const name of FIELDS) values[name] = $(name).value;
   localStorage.setItem(STORE_KEY, JSON.stringify(values));
 }
@@ -62,6 +62,7 @@ function saveSettings() {
 function loadSettings() {
   let values = {};
   try { values = JSON.parse(localStorage.getItem(STORE_KEY) || "{}"); } catch (_) { values = {}; }
+  $("fast").checked = values.fast === true;
   for (const name of FIELDS) {
     if (values[name] === undefined) continue;
     const input = $(name);
@@ -217,6 +218,7 @@ function buildRequest() {
     width: num("width"),
     height: num("height"),
     batch_size: num("batch_size") || 1,
+    fast: $("fast").checked,
   };
   if (state.initImage) {
     body.mode = "img2img";
