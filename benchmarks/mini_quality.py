@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default=None, help="default: the engine's default for the model")
     parser.add_argument("--steps", type=int, default=None, help="default: the engine's default")
     parser.add_argument("--guidance", type=float, default=None, help="default: the engine's default")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.time()
     generate = engine_generator(args.model, args.sampler, args.steps, args.guidance)
     metrics = evaluate(generate, count=args.count)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps or "engine default",
         "guidance": args.guidance or "engine default",
         **metrics,
-        "threads": args.threads,
+        "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
         "torch": torch.__version__,
         "total_seconds": round(time.time() - start, 1),
