@@ -134,14 +134,20 @@ def interleave(variants: dict, rounds: int, device: str, warmup: int = 1) -> dic
             seconds = timed(fn, device)
             if r >= warmup:
                 times[name].append(seconds)
+        if r >= warmup:  # other processes on the machine skew CPU timings: keep the evidence
+            times.setdefault("_load_average_1min", []).append(round(__import__("os").getloadavg()[0], 2))
     return times
 
 
 def summary(times: dict, base: str = "diffusers") -> dict:
+    times = dict(times)
+    load = times.pop("_load_average_1min", None)
     out = {name: {"median_s": round(statistics.median(t), 3), "runs_s": [round(x, 3) for x in t]}
            for name, t in times.items()}
+    if load:
+        out["load_average_1min_per_round"] = load
     for name in times:
-        if name != base:
+        if name != base and name in out:
             out[name]["speedup_vs_" + base] = round(out[base]["median_s"] / out[name]["median_s"], 2)
     return out
 
