@@ -173,3 +173,13 @@ def test_half_precision_vae_nans_are_redone_in_fp32(tiny):
     images, fell_back = decode(vae, torch.randn(1, 4, 4, 4))
     assert fell_back and vae.dtype == torch.float32
     assert np.asarray(images[0]).std() > 1  # a real picture, not a black square
+
+
+def test_the_watermark_setting_turns_it_off_for_the_python_api(tiny, tmp_path):
+    from brushwork import Engine, Settings
+    from brushwork.output.watermark import detect
+
+    request = req(tiny, width=64, height=64, watermark=True)
+    on = Engine(Settings(home=tmp_path / "a")).generate(request)
+    off = Engine(Settings(home=tmp_path / "b", watermark=False)).generate(request)
+    assert detect(on.images[0]).found and not detect(off.images[0]).found

@@ -128,6 +128,10 @@ class Engine:
         from . import memory, run
 
         request.validate()
+        if request.watermark and not self.settings.watermark:  # the setting turns it off for every front end
+            import dataclasses
+
+            request = dataclasses.replace(request, watermark=False)
         memory.check_mode(request.memory if request.memory != "auto" else self.settings.memory)
         started = time.perf_counter()
         with self._lock:
