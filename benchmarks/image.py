@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step import ROOT, clip_l, machine, openclip_h, peak_rss_mb, sd15_unet, sd21_unet, sd_vae  # noqa: E402
+from step import ROOT, clip_l, machine, openclip_h, sd15_unet, sd21_unet, sd_vae, write_results  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 NEGATIVE = "blurry"
@@ -217,12 +217,7 @@ def main(argv=None) -> int:
             bench_gpu(Path(tmp), args.steps, results)
         else:
             results["gpu"] = "no CUDA device in this run; the GPU variants run when one is present"
-    results["peak_rss_mb"] = peak_rss_mb()
-    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["wall_s"] = round(time.time() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, started, args.out)
     return 0
 
 

@@ -107,6 +107,18 @@ def machine() -> dict:
     return info
 
 
+def write_results(results: dict, started: float, out: str) -> None:
+    """Close a benchmark's results (peak RSS, load average, wall time) and write them as JSON."""
+    import os
+
+    results["peak_rss_mb"] = peak_rss_mb()
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["wall_s"] = round(time.time() - started, 1)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -274,12 +286,7 @@ def main(argv=None) -> int:
             bench_vae(device, args.rounds, results)
     if "cuda" not in devices:
         results["gpu"] = "no CUDA device in this run; the GPU variants run when one is present"
-    results["peak_rss_mb"] = peak_rss_mb()
-    results["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
-    results["wall_s"] = round(time.time() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, started, args.out)
     return 0
 
 
