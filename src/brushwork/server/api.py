@@ -18,13 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..request import GenerationRequest, Mode, Precision
 from .app import HTTPError, ServerState
+from .app import state_of as _state
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, STATUSES, Job
 
 router = APIRouter(prefix="/api/v1", tags=["brushwork"])
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.brushwork
 
 
 class JobRequest(BaseModel):

@@ -162,6 +162,11 @@ class ServerState:
         return path
 
 
+def state_of(request) -> ServerState:
+    """The server state of the app a request came to (for the route modules)."""
+    return request.app.state.brushwork
+
+
 def job_request_mode(job: Job) -> Mode:
     return Mode(job.request.get("mode", "txt2img"))
 

@@ -23,13 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.samplers import display_name
 from ..request import GenerationRequest, InvalidRequest, Mode
 from .app import HTTPError, ServerState
+from .app import state_of as _state
 from .jobs import CANCELLED, DONE, INPUT_IMAGES
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi (A1111-compatible)"])
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.brushwork
 
 
 # ---- request models (A1111 names and defaults; unknown fields are ignored) -------------------------
