@@ -167,3 +167,33 @@ def test_from_file_runs_each_prompt_and_n_rows_shapes_the_grid(tiny, tmp_path):
              for i, s in ((0, 1), (2, 1))]
     assert texts == ["a red circle", "a blue square"]
     assert Image.open(tmp_path / "o" / "txt2img-grids" / "00000-grid.png").size == (32, 64)
+
+
+def test_fast_mode_is_in_the_parameters_and_they_remake_the_same_picture(tiny, tmp_path):
+    from brushwork.engine.core import Engine
+    from brushwork.output.infotext import request_from_infotext
+    from brushwork.request import GenerationRequest
+    from brushwork.settings import Settings
+
+    result = run("txt2img", "a fox", "--model", tiny["sd1"]["safetensors"], "--steps", 6, "--sampler", "Euler",
+                 "-W", 32, "-H", 32, "--seed", 5, "--fast", "--outdir", tmp_path, "--skip-grid", "-q")
+    assert result.exit_code == 0, result.output
+    picture = Image.open(result.stdout.split()[0])
+    text = picture.info["parameters"]
+    assert "Fast mode: 3" in text
+    kwargs = request_from_infotext(text)
+    assert kwargs["extra"] == {"fast": 3}
+    kwargs["model"] = str(tiny["sd1"]["safetensors"])
+    again = Engine(Settings(home=tmp_path / "home")).generate(GenerationRequest(**kwargs, watermark=True))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(picture.convert("RGB")))
+
+
+@pytest.mark.parametrize(("env", "needle"), [({"BRUSHWORK_THREADS": "many"}, "setting threads must be a whole number"),
+                                             ({}, "--threads must be 1 or more")])
+def test_wrong_thread_counts_are_one_line_errors(tiny, tmp_path, monkeypatch, env, needle):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = ["txt2img", "x", "--model", tiny["sd1"]["safetensors"], "--outdir", tmp_path]
+    result = run(*args) if env else run(*args, "--threads", 0)
+    _one_line_error(result, needle)
+    assert not list(tmp_path.glob("*.png"))

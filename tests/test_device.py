@@ -112,3 +112,19 @@ def test_fast_mode_reuses_deep_features_and_stays_close(tiny, engine):
                           np.asarray(plain.images[0]))
     with pytest.raises(InvalidRequest, match="fast must be true, false or a whole number"):
         engine.generate(req(tiny, extra={"fast": "very"}))
+
+
+def test_compile_and_threads_settings_reach_the_loaded_model(tiny, tmp_path, monkeypatch):
+    from brushwork.engine.core import Engine
+    from brushwork.settings import Settings
+
+    monkeypatch.setenv("BRUSHWORK_COMPILE", "yes")
+    monkeypatch.setenv("BRUSHWORK_THREADS", "1")
+    settings = Settings.load(home=tmp_path)
+    assert settings.compile is True and settings.threads == 1
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
+    loaded, _ = Engine(settings).load(req(tiny).validate())
+    assert loaded.policy.compile and compiled == ["UNet2DConditionModel"]
+    assert torch.get_num_threads() == 1
+    assert device_mod.choose("cpu", "fp32").compile is False

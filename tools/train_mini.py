@@ -104,12 +104,12 @@ def build_unet(channels: tuple[int, ...], cross_attention_dim: int, attention_at
     )
 
 
-def build_scheduler():
+def build_scheduler(prediction: str = "eps"):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type="v_prediction" if prediction == "v" else "epsilon",
     )
 
 
@@ -247,25 +247,26 @@ def train_unet(args, work: Path, vae):
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M"
     )
     tokenizer = clip_tokenizer()
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(args.prediction)
     vae.requires_grad_(False).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed + 2)
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=5.0) / snr
+    # min-SNR-5: the loss of each timestep weighted as min(SNR, 5) in x0 terms. An epsilon target already
+    # carries SNR, a v target SNR + 1.
+    weights = torch.clamp(snr, max=5.0) / (snr + 1 if args.prediction == "v" else snr)
     x0_weights = 1.0 / snr
     empty = tokenize(tokenizer, [""])
     cpu = time.process_time()
-    # An exponential moving average of the weights is what gets saved: it smooths a constant learning
-    # rate, so a run stopped at any step N is the same as a run asked for N steps.
+    # An exponential moving average of the weights is what gets saved (it smooths the last steps' noise).
     live = list(unet.parameters()) + list(text_encoder.parameters())
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     averaged = list(ema_unet.parameters()) + list(ema_text.parameters())
     start = time.time()
     for step in range(args.unet_steps):
-        lr = lr_at(step, args.unet_steps, args.lr, constant=True)
+        lr = lr_at(step, args.unet_steps, args.lr, constant=args.lr_schedule == "constant")
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, captions, chosen = scenes.batch(seed=step, count=args.batch)
@@ -290,14 +291,16 @@ def train_unet(args, work: Path, vae):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             states = text_encoder(ids).last_hidden_state
             pred = unet(noisy, t, encoder_hidden_states=states).sample
-        mse = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(latents, noise, t) if args.prediction == "v" else noise
+        mse = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         diffusion = (mse * weights[t]).mean()
         # The picture's mean color (here: the background) is fixed in the first, noisiest steps, where an error
         # in the mean of the predicted noise is multiplied by sqrt((1 - a) / a) (up to 15x) in the picture. The
         # epsilon loss barely sees that error, so the mean is also scored where it lands: in x0 space.
-        dc_error = (pred.float() - noise).mean(dim=(2, 3))
-        dc = (dc_error.pow(2) * x0_weights[t, None]).mean()
-        diffusion = diffusion + args.dc * dc
+        if args.dc:
+            dc_error = (pred.float() - target).mean(dim=(2, 3))
+            dc = (dc_error.pow(2) * x0_weights[t, None]).mean()
+            diffusion = diffusion + args.dc * dc
         keep = ~drop
         eos_index = (ids == EOS).int().argmax(1)
         pooled = states[torch.arange(len(ids)), eos_index]
@@ -334,10 +337,10 @@ def save_parts(folder: Path, unet, text_encoder, step: int) -> None:
 # ------------------------------------------------------------------------------------------ 3. export
 
 
-def pipeline(vae, text_encoder, unet):
+def pipeline(vae, text_encoder, unet, prediction: str):
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-    scheduler = EulerAncestralDiscreteScheduler.from_config(build_scheduler().config)
+    scheduler = EulerAncestralDiscreteScheduler.from_config(build_scheduler(prediction).config)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -357,13 +360,15 @@ def quality(pipe, count: int, steps: int, guidance: float) -> dict:
     return evaluate(generate, count=count)
 
 
-def export(work: Path, out_path: Path, vae, text_encoder, unet) -> None:
+def export(work: Path, out_path: Path, vae, text_encoder, unet, prediction: str) -> None:
     from brushwork.models.convert import save_single_file
 
     metadata = {
         "modelspec.resolution": f"{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE}",
         "modelspec.title": "brushwork mini",
         "modelspec.architecture": "stable-diffusion-v1",
+        # Read by brushwork's loader (and other tools that honour ModelSpec) to pick the scheduler's target.
+        "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(out_path, unet=unet, vae=vae, text_encoder=text_encoder, dtype=torch.float16, metadata=metadata)
@@ -421,7 +426,7 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         f"{args.vae_kl}, 32x32 crops for the first {int(args.vae_crop_until * 100)}% of steps; {vae_s / 60:.1f} min "
         f"({vae_cpu / 60:.1f} min of CPU time).",
         f"- UNet + text encoder jointly: {args.unet_steps} steps, batch {args.batch}, AdamW lr {args.lr} "
-        f"(warm-up 100 steps, then constant), weights saved as an EMA (decay {args.ema}), min-SNR-5 loss "
+        f"(warm-up 100 steps, then {'cosine down to 10%' if args.lr_schedule == 'cosine' else 'constant'}), weights saved as an EMA (decay {args.ema}), min-SNR-5 loss "
         f"weighting, {int(args.uncond * 100)}% empty captions; an auxiliary layout loss (weight {args.aux}) "
         f"on the text encoder's end-of-text states, whose small head is discarded; offset noise {args.offset_noise}; "
         f"an x0-space loss on the predicted mean color (weight {args.dc}); "
@@ -459,7 +464,7 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
 
 
 def _reproduce_args(args) -> dict:
-    keys = ("seed", "vae_steps", "unet_steps", "batch", "lr", "hidden", "text_layers", "aux", "uncond", "ema", "offset_noise", "dc", "high_t")
+    keys = ("seed", "prediction", "vae_steps", "unet_steps", "batch", "lr", "lr_schedule", "hidden", "text_layers", "aux", "uncond", "ema", "offset_noise", "dc", "high_t")
     out = {k: getattr(args, k) for k in keys}
     out["channels"] = " ".join(map(str, args.channels))
     return out
@@ -478,11 +483,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=1800)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                        help="after 100 warm-up steps: cosine down to 10%% of --lr, or constant")
     parser.add_argument("--hidden", type=int, default=128, help="text encoder width = UNet cross-attention size")
     parser.add_argument("--text-layers", type=int, default=3)
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--attention-at-top", action="store_true", help="cross-attention at 16x16 too (2x slower)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet stage (slower on 1 thread)")
+    parser.add_argument("--prediction", choices=("eps", "v"), default="v", help="training target (v: SD 2.x's v-prediction)")
     parser.add_argument("--offset-noise", type=float, default=0.1)
     parser.add_argument("--dc", type=float, default=0.5, help="weight of the x0-space loss on the mean color")
     parser.add_argument("--high-t", type=float, default=0.0, help="fraction of samples drawn from t in [750, 1000)")
@@ -505,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.unet_steps == 0:
         return
     unet, text_encoder = train_unet(args, args.work, vae)
-    pipe = pipeline(vae, text_encoder, unet)
+    pipe = pipeline(vae, text_encoder, unet, args.prediction)
     metrics = None
     if args.eval_count:
         asked = {"count": args.eval_count, "steps": args.eval_steps, "guidance": args.guidance}
@@ -517,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
             (args.work / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log("held-out quality: " + json.dumps(metrics))
     if not args.no_export:
-        export(args.work, args.out, vae, text_encoder, unet)
+        export(args.work, args.out, vae, text_encoder, unet, args.prediction)
         write_card(args.out.parent / "MODEL_CARD.md", args, args.work, vae, text_encoder, unet, metrics)
 
 

@@ -26,6 +26,8 @@ class Settings:
     precision: str = "auto"
     memory: str = "auto"
     watermark: bool = True
+    compile: bool = False  # torch.compile the UNet when a model loads (pays for long sessions: minutes to compile)
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (one per physical core)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
 
@@ -58,11 +60,22 @@ class Settings:
         for name in names:
             env = os.environ.get(f"BRUSHWORK_{name.upper()}")
             if env is not None:
-                values[name] = env.lower() in ("1", "true", "yes", "on") if name == "watermark" else env
+                values[name] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for name in ("max_upload_bytes", "max_image_pixels"):
+        for name in ("watermark", "compile"):
+            if isinstance(values.get(name), str):
+                values[name] = values[name].lower() in ("1", "true", "yes", "on")
+        for name in ("max_upload_bytes", "max_image_pixels", "threads"):
             if name in values:
-                values[name] = int(values[name])
+                try:
+                    values[name] = int(values[name])
+                except (TypeError, ValueError):
+                    from .request import BrushworkError
+
+                    raise BrushworkError(
+                        f"setting {name} must be a whole number, got {values[name]!r}; fix BRUSHWORK_{name.upper()} "
+                        f"or {path}"
+                    ) from None
         values = {k: v for k, v in values.items() if k in names}
         values.setdefault("home", home)
         return cls(**values)

@@ -78,9 +78,14 @@ class Engine:
                 return self._loaded, notes
             self._loaded = None
             _free_device_memory()
+            if self.settings.threads > 0:
+                import torch
+
+                torch.set_num_threads(self.settings.threads)
             parts = self._load_parts(entry, request)
             # the dtype can depend on the model's size (bf16 pays on a CPU only for large models)
-            policy = device_mod.choose(device, precision, unet_params=device_mod.unet_param_count(parts))
+            policy = device_mod.choose(device, precision, unet_params=device_mod.unet_param_count(parts),
+                                       compile=self.settings.compile)
             # on a GPU the memory plan moves the weights there (or offloads them), so any model loads
             device_mod.place(parts, policy, to_device=policy.is_cpu)
             self._loaded = LoadedModel(entry, parts, policy, request.vae, key)

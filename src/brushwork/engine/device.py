@@ -135,14 +135,14 @@ def choose(device: str = "auto", precision: str = "auto", *, unet_params: int | 
                 "half precision (fp16) does not run on a CPU; use --precision fp32 (the default) or bf16"
             )
         if precision == "fp32":
-            return DevicePolicy("cpu", "fp32", "fp32", why="fp32 (asked for)")
+            return DevicePolicy("cpu", "fp32", "fp32", compile=compile, why="fp32 (asked for)")
         if precision == "bf16":
             return DevicePolicy("cpu", "bf16", "bf16", "fp32", channels_last=True, compile=compile,
                                 why="bf16 (asked for)")
         if unet_params is None or unet_params < CPU_BF16_MIN_UNET_PARAMS:
-            return DevicePolicy("cpu", "fp32", "fp32", why="fp32 (small model: bf16 would not pay)")
+            return DevicePolicy("cpu", "fp32", "fp32", compile=compile, why="fp32 (small model: bf16 would not pay)")
         if not cpu_has_native_bf16():
-            return DevicePolicy("cpu", "fp32", "fp32", why="fp32 (this CPU has no native bf16)")
+            return DevicePolicy("cpu", "fp32", "fp32", compile=compile, why="fp32 (this CPU has no native bf16)")
         return DevicePolicy("cpu", "bf16", "bf16", "fp32", channels_last=True, compile=compile,
                             why="bf16 (the CPU has native bf16)")
     if precision in ("auto", "fp16"):

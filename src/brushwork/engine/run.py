@@ -240,8 +240,10 @@ def latent_preview(vae, latents):
 
 def infotext_for(request: GenerationRequest, *, seed, width, height, model_name, model_hash, version) -> str:
     from ..output.infotext import format_infotext
+    from .deepcache import interval_for
 
     sampler, schedule = display_name(request.sampler, request.scheduler)
+    fast_interval = interval_for(request.extra)
     params = {
         "Steps": request.steps,
         "Sampler": sampler,
@@ -255,6 +257,7 @@ def infotext_for(request: GenerationRequest, *, seed, width, height, model_name,
         "Denoising strength": request.strength if request.mode is not Mode.TXT2IMG else None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "Eta": request.eta if request.eta else None,
+        "Fast mode": fast_interval if fast_interval > 1 else None,
         "Version": f"brushwork {version}",
     }
     return format_infotext(request.prompt, request.negative_prompt, params)

@@ -98,6 +98,8 @@ def request_from_infotext(text: str) -> dict:
                 out[name] = cast(p[key])
             except ValueError:
                 pass
+    if p.get("Fast mode", "").isdigit():
+        out["extra"] = {"fast": int(p["Fast mode"])}  # brushwork's DeepCache interval
     if "Size" in p and re.fullmatch(r"\d+x\d+", p["Size"]):
         w, h = p["Size"].split("x")
         out["width"], out["height"] = int(w), int(h)
