@@ -128,3 +128,20 @@ def test_compile_and_threads_settings_reach_the_loaded_model(tiny, tmp_path, mon
     assert loaded.policy.compile and compiled == ["UNet2DConditionModel"]
     assert torch.get_num_threads() == 1
     assert device_mod.choose("cpu", "fp32").compile is False
+
+
+def test_cpu_threads_never_exceed_a_containers_quota(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # docker --cpus=1.5
+    assert device_mod.cpu_threads(64, cgroup=str(v2)) == 2
+    (v2 / "cpu.max").write_text("max 100000\n")  # no quota: torch's own default stands (within the affinity)
+    assert device_mod.cpu_threads(1, cgroup=str(v2)) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert device_mod.cpu_threads(64, cgroup=str(v1)) == 1
+    import os
+
+    assert device_mod.cpu_threads(64, cgroup=str(tmp_path / "none")) == min(64, len(os.sched_getaffinity(0)))

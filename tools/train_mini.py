@@ -9,10 +9,12 @@ a real ``sd-v1-4.ckpt``.
 
 Stages (each saves to ``--work`` and is skipped on a rerun when its output is there):
   1. VAE: reconstruction of 64x64 scenes; then latents are rescaled to SD's scaling factor 0.18215.
-  2. UNet + text encoder, jointly: SD 1.x DDPM noise schedule, epsilon prediction, min-SNR-5
-     weighting, 10% empty captions (for classifier-free guidance), and an auxiliary loss that makes
-     the text encoder's end-of-text states name the layout (which color and kind sits at which
-     position). The auxiliary head is thrown away; it only teaches the text encoder position words.
+  2. UNet + text encoder. First a short warm-up of the text encoder alone on an auxiliary loss that
+     makes its end-of-text states name the layout (which color and kind sits at which position); then
+     both jointly: SD 1.x DDPM noise schedule, v-prediction, loss weight min(SNR, 5) + 1 in x0 terms
+     (the noisiest steps, where the caption alone decides the background and the places, keep full
+     weight), 10% empty captions (for classifier-free guidance), the auxiliary loss kept on. Its small
+     head is thrown away; it only teaches the text encoder the layout words.
   3. Export: ``mini.safetensors`` (fp16, SD key layout) + metrics on held-out captions.
 
 Everything is seeded; the same command on the same machine gives the same weights.
@@ -254,12 +256,15 @@ def train_unet(args, work: Path, vae):
     generator = torch.Generator().manual_seed(args.seed + 2)
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    # min-SNR-5: the loss of each timestep weighted as min(SNR, 5) in x0 terms. An epsilon target already
-    # carries SNR, a v target SNR + 1.
-    weights = torch.clamp(snr, max=5.0) / (snr + 1 if args.prediction == "v" else snr)
+    # Each timestep's loss weighted as min(SNR, 5) + floor in x0 terms (an epsilon target already carries SNR,
+    # a v target SNR + 1). floor 0 is min-SNR-5; a floor of 1 keeps the noisiest steps, where the caption
+    # alone decides the background and where things go, at full weight instead of ~SNR (0.005).
+    weights = (torch.clamp(snr, max=5.0) + args.floor) / (snr + 1 if args.prediction == "v" else snr)
     x0_weights = 1.0 / snr
     empty = tokenize(tokenizer, [""])
     cpu = time.process_time()
+    if args.text_warmup:
+        warm_up_text_encoder(args, text_encoder, head, tokenizer)
     # An exponential moving average of the weights is what gets saved (it smooths the last steps' noise).
     live = list(unet.parameters()) + list(text_encoder.parameters())
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
@@ -326,6 +331,30 @@ def train_unet(args, work: Path, vae):
     save_parts(out, ema_unet, ema_text, args.unet_steps)
     (work / "unet_time.txt").write_text(f"{time.time() - start:.0f} {time.process_time() - cpu:.0f}")
     return ema_unet, ema_text
+
+
+def warm_up_text_encoder(args, text_encoder, head, tokenizer) -> None:
+    """Teach the text encoder the layout words first (the auxiliary loss alone, cheap), so that the UNet
+    gets informative conditioning from its first step."""
+    optimizer = torch.optim.AdamW(list(text_encoder.parameters()) + list(head.parameters()), lr=args.lr)
+    start = time.time()
+    for step in range(args.text_warmup):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.text_warmup, args.lr, warmup=20, constant=True)
+        _, captions, chosen = scenes.batch(seed=50_000_000 + step, count=args.batch * 2)
+        ids = tokenize(tokenizer, captions)
+        states = text_encoder(ids).last_hidden_state
+        pooled = states[torch.arange(len(ids)), (ids == EOS).int().argmax(1)]
+        targets = layout_targets(chosen)
+        loss_a, acc = head.loss(pooled, targets)
+        loss_b, _ = head.loss(states[:, -1], targets)
+        optimizer.zero_grad(set_to_none=True)
+        (loss_a + loss_b).backward()
+        torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == args.text_warmup - 1:
+            log(f"text warm-up {step}/{args.text_warmup} aux {loss_a.item():.3f} layout-acc {acc.item():.2f} "
+                f"({time.time() - start:.0f}s)")
 
 
 def save_parts(folder: Path, unet, text_encoder, step: int) -> None:
@@ -416,7 +445,9 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         f"- UNet: `UNet2DConditionModel`, blocks {list(unet.config.block_out_channels)}, "
         f"{list(unet.config.down_block_types)}, 8 attention heads, cross-attention {unet.config.cross_attention_dim} "
         f"({millions(unet)}).",
-        "- Noise schedule: SD 1.x DDPM (1000 steps, scaled_linear 0.00085-0.012), epsilon prediction.",
+        "- Noise schedule: SD 1.x DDPM (1000 steps, scaled_linear 0.00085-0.012), "
+        + ("v-prediction (as SD 2.x 768; the file says so in `modelspec.prediction_type`)."
+           if args.prediction == "v" else "epsilon prediction."),
         "- Stored in fp16, SD key layout (`model.diffusion_model.*`, `first_stage_model.*`,",
         "  `cond_stage_model.transformer.text_model.*`); metadata `modelspec.resolution` = "
         f"`{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE}`.",
@@ -425,15 +456,10 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         f"- VAE: {args.vae_steps} steps, batch {args.vae_batch}, AdamW lr {args.vae_lr}, MSE + 0.5 L1 + KL "
         f"{args.vae_kl}, 32x32 crops for the first {int(args.vae_crop_until * 100)}% of steps; {vae_s / 60:.1f} min "
         f"({vae_cpu / 60:.1f} min of CPU time).",
-        f"- UNet + text encoder jointly: {args.unet_steps} steps, batch {args.batch}, AdamW lr {args.lr} "
-        f"(warm-up 100 steps, then {'cosine down to 10%' if args.lr_schedule == 'cosine' else 'constant'}), weights saved as an EMA (decay {args.ema}), min-SNR-5 loss "
-        f"weighting, {int(args.uncond * 100)}% empty captions; an auxiliary layout loss (weight {args.aux}) "
-        f"on the text encoder's end-of-text states, whose small head is discarded; offset noise {args.offset_noise}; "
-        f"an x0-space loss on the predicted mean color (weight {args.dc}); "
-        f"{int(args.high_t * 100)}% of samples drawn from the noisiest quarter of timesteps; "
-        f"{unet_s / 60:.1f} min ({unet_cpu / 60:.1f} min of CPU time).",
+        *_unet_training_lines(args),
+        f"  {unet_s / 60:.1f} min ({unet_cpu / 60:.1f} min of CPU time).",
         f"- Total {(vae_s + unet_s) / 60:.1f} min wall, {(vae_cpu + unet_cpu) / 60:.1f} min of CPU time, "
-        f"{args.threads} torch thread(s) on a 2-core CPU shared with other work.",
+        f"{args.threads} torch thread(s) on a 2-core CPU.",
         "- Reproduce: `.venv/bin/python tools/train_mini.py --work /tmp/mini/run "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _reproduce_args(args).items())
         + "`",
@@ -463,8 +489,27 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
     path.write_text("\n".join(lines))
 
 
+def _unet_training_lines(args) -> list[str]:
+    lines = []
+    if args.text_warmup:
+        lines.append(f"- Text encoder warm-up: {args.text_warmup} steps of the layout loss alone (batch {args.batch * 2}).")
+    loss = "min-SNR-5" if not args.floor else f"min(SNR, 5) + {args.floor:g} (in x0 terms)"
+    lines.append(
+        f"- UNet + text encoder jointly: {args.unet_steps} steps, batch {args.batch}, AdamW lr {args.lr} (warm-up 100 "
+        f"steps, then {'cosine down to 10%' if args.lr_schedule == 'cosine' else 'constant'}), weights saved as an EMA "
+        f"(decay {args.ema}), {'v' if args.prediction == 'v' else 'epsilon'} target, loss weight {loss}, "
+        f"{int(args.uncond * 100)}% empty captions, and an auxiliary layout loss (weight {args.aux}) on the text "
+        "encoder's end-of-text states whose small head is discarded"
+        + (f"; offset noise {args.offset_noise}" if args.offset_noise else "")
+        + (f"; an x0-space loss on the predicted mean color (weight {args.dc})" if args.dc else "")
+        + (f"; {int(args.high_t * 100)}% of samples from the noisiest quarter of timesteps" if args.high_t else "")
+        + ";"
+    )
+    return lines
+
+
 def _reproduce_args(args) -> dict:
-    keys = ("seed", "prediction", "vae_steps", "unet_steps", "batch", "lr", "lr_schedule", "hidden", "text_layers", "aux", "uncond", "ema", "offset_noise", "dc", "high_t")
+    keys = ("seed", "prediction", "floor", "text_warmup", "vae_steps", "unet_steps", "batch", "lr", "lr_schedule", "hidden", "text_layers", "aux", "uncond", "ema", "offset_noise", "dc", "high_t")
     out = {k: getattr(args, k) for k in keys}
     out["channels"] = " ".join(map(str, args.channels))
     return out
@@ -480,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-crop-until", type=float, default=0.8, help="fraction of VAE steps on 32x32 crops")
     parser.add_argument("--vae-kl", type=float, default=1e-4)
-    parser.add_argument("--unet-steps", type=int, default=1800)
+    parser.add_argument("--unet-steps", type=int, default=4400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
@@ -491,14 +536,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-at-top", action="store_true", help="cross-attention at 16x16 too (2x slower)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet stage (slower on 1 thread)")
     parser.add_argument("--prediction", choices=("eps", "v"), default="v", help="training target (v: SD 2.x's v-prediction)")
-    parser.add_argument("--offset-noise", type=float, default=0.1)
-    parser.add_argument("--dc", type=float, default=0.5, help="weight of the x0-space loss on the mean color")
+    parser.add_argument("--floor", type=float, default=1.0,
+                        help="loss weight in x0 terms is min(SNR, 5) + floor (0: plain min-SNR-5)")
+    parser.add_argument("--text-warmup", type=int, default=200, help="steps of layout-only text encoder training first")
+    parser.add_argument("--offset-noise", type=float, default=0.0)
+    parser.add_argument("--dc", type=float, default=0.0, help="weight of the x0-space loss on the mean color")
     parser.add_argument("--high-t", type=float, default=0.0, help="fraction of samples drawn from t in [750, 1000)")
     parser.add_argument("--uncond", type=float, default=0.1, help="fraction of empty captions")
     parser.add_argument("--aux", type=float, default=0.1, help="weight of the layout loss on the text encoder")
     parser.add_argument("--ema", type=float, default=0.995, help="decay of the weight average that is saved")
     parser.add_argument("--save-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core CPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a CPU busy with other work)")
     parser.add_argument("--eval-count", type=int, default=100)
     parser.add_argument("--eval-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.0)

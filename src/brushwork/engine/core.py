@@ -78,10 +78,12 @@ class Engine:
                 return self._loaded, notes
             self._loaded = None
             _free_device_memory()
-            if self.settings.threads > 0:
-                import torch
+            import torch
 
+            if self.settings.threads > 0:
                 torch.set_num_threads(self.settings.threads)
+            elif (threads := device_mod.cpu_threads(torch.get_num_threads())) < torch.get_num_threads():
+                torch.set_num_threads(threads)  # a container's CPU quota or this process's affinity
             parts = self._load_parts(entry, request)
             # the dtype can depend on the model's size (bf16 pays on a CPU only for large models)
             policy = device_mod.choose(device, precision, unet_params=device_mod.unet_param_count(parts),

@@ -104,6 +104,34 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_threads(current: int, *, cgroup: str = "/sys/fs/cgroup") -> int:
+    """CPU threads for torch: its default (one per physical core), but never more than the CPUs this
+    process may run on (its affinity) or its container's CPU quota (cgroup v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``). A container limited to 2 CPUs on a 64-core host otherwise runs 32 threads
+    that fight over 2 CPUs, several times slower than 2 threads."""
+    import math
+    import os
+    from pathlib import Path
+
+    limit = current
+    if hasattr(os, "sched_getaffinity"):
+        limit = min(limit, len(os.sched_getaffinity(0)))
+    quota = period = None
+    try:
+        text = (Path(cgroup) / "cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            quota, period = float(text[0]), float(text[1])
+    except (OSError, ValueError):
+        try:
+            quota = float((Path(cgroup) / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = float((Path(cgroup) / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota and period and quota > 0:
+        limit = min(limit, max(1, math.ceil(quota / period)))
+    return max(1, limit)
+
+
 def choose(device: str = "auto", precision: str = "auto", *, unet_params: int | None = None,
            compile: bool = False) -> DevicePolicy:
     """Pick the device (auto: CUDA, then MPS, then CPU) and the dtypes for it.

@@ -263,7 +263,8 @@ def load_single_file(
     del sd
     size = _resolution(metadata) or ((768, 768) if pred == "v" and det.family.name == "sd2" else
                                      (det.family.default_size,) * 2)
-    notes = [f"prediction {pred} (from {why})"] if why not in ("family",) else []
+    # a guess worth telling: a hash or a YAML picked the target (a file that names its own says nothing new)
+    notes = [f"prediction {pred} (from {why})"] if why not in ("family", "file metadata", "--prediction") else []
     return ModelParts(
         name=path.stem, family=det.family, unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=tokenizer_for(det.text_encoder_kind),
