@@ -87,13 +87,13 @@ def run_diffusers(pipe, side: int, steps: int, seed: int, device: str):
 
 
 def run_engine(engine, path: Path, side: int, steps: int, seed: int, device: str, memory: str = "auto",
-               prediction: str | None = None, extra: dict | None = None):
+               prediction: str | None = None, extra: dict | None = None, tome: float = 0.0):
     from brushwork import GenerationRequest
 
     request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, model=str(path), steps=steps,
                                 cfg_scale=7.5, seed=seed, width=side, height=side, sampler="Euler",
                                 watermark=False, device=device, memory=memory, prediction=prediction,
-                                extra=dict(extra or {}))
+                                extra=dict(extra or {}), token_merging_ratio=tome)
     t0 = time.perf_counter()
     result = engine.generate(request)
     return result, time.perf_counter() - t0
@@ -137,15 +137,19 @@ def bench_cpu(folder: Path, steps: int, rounds: int, results: dict, side: int = 
                       "load_and_1_step_warmup_timings_s": first, "last_timings_s": result.timings},
         "pixel_diff_brushwork_vs_diffusers_fp32": pixel_diff(images["brushwork"], images["diffusers"]),
     }
-    if fast:  # the opt-in fast mode (DeepCache-style), once
-        fast_result, seconds = run_engine(engine, path, side, steps, 1, "cpu", extra={"fast": True})
-        print(f"brushwork fast: {seconds:.1f} s {fast_result.timings}", flush=True)
-        entry["brushwork_fast"] = {
-            "s": round(seconds, 1), "timings_s": fast_result.timings, "notes": fast_result.notes,
-            "speedup_vs_diffusers": round(entry["diffusers"]["median_s"] / seconds, 2),
-            "pixel_diff_vs_brushwork_default": pixel_diff(fast_result.images[0], images["brushwork"]),
-            "pixel_diff_vs_diffusers_fp32": pixel_diff(fast_result.images[0], images["diffusers"]),
-        }
+    if fast:  # the opt-in speed-ups, once each: fast mode (DeepCache-style), token merging, both
+        variants = {"brushwork_fast": ({"fast": True}, 0.0), "brushwork_tome_0.5": ({}, 0.5),
+                    "brushwork_fast_tome_0.5": ({"fast": True}, 0.5)}
+        for name, (extra, tome) in variants.items():
+            variant, seconds = run_engine(engine, path, side, steps, 1, "cpu", extra=extra, tome=tome)
+            print(f"{name}: {seconds:.1f} s {variant.timings}", flush=True)
+            entry[name] = {
+                "s": round(seconds, 1), "timings_s": variant.timings, "notes": variant.notes,
+                "speedup_vs_diffusers": round(entry["diffusers"]["median_s"] / seconds, 2),
+                "pixel_diff_vs_brushwork_default": pixel_diff(variant.images[0], images["brushwork"]),
+                "pixel_diff_vs_diffusers_fp32": pixel_diff(variant.images[0], images["diffusers"]),
+            }
+            variant.images[0].save(folder / f"{name}.png")
     entry["speedup"] = round(entry["diffusers"]["median_s"] / entry["brushwork"]["median_s"], 2)
     results[f"cpu_sd15_{side}"] = entry
     print(json.dumps({f"cpu_sd15_{side}": entry}), flush=True)
@@ -203,7 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved CPU rounds")
     parser.add_argument("--side", type=int, default=512, help="CPU image side")
-    parser.add_argument("--no-fast", action="store_true", help="skip the fast-mode (DeepCache) run")
+    parser.add_argument("--no-fast", action="store_true", help="skip the opt-in runs (fast mode, token merging)")
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "image.json"))
     args = parser.parse_args(argv)

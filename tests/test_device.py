@@ -145,3 +145,42 @@ def test_cpu_threads_never_exceed_a_containers_quota(tmp_path):
     import os
 
     assert device_mod.cpu_threads(64, cgroup=str(tmp_path / "none")) == min(64, len(os.sched_getaffinity(0)))
+
+
+def test_token_merging_matching_merges_alike_tokens_and_puts_them_back():
+    from brushwork.engine.tome import _matching
+
+    torch.manual_seed(0)
+    cells = torch.randn(2, 4, 4, 8)  # one value per 2x2 cell of an 8x8 grid: every source equals a destination
+    x = cells.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(2, 64, 8)
+    merge, unmerge = _matching(x, 8, 8, r=48, turn=1)
+    merged = merge(x)
+    assert merged.shape == (2, 16, 8)  # 48 of 64 tokens merged away
+    assert torch.allclose(unmerge(merged), x, atol=1e-6)
+    noisy = torch.randn(2, 64, 8)
+    merge, unmerge = _matching(noisy, 8, 8, r=0, turn=0)
+    assert torch.equal(unmerge(merge(noisy)), noisy)
+
+
+def test_token_merging_shrinks_full_resolution_self_attention_and_is_in_the_parameters(tiny, engine):
+    from brushwork.output.infotext import request_from_infotext
+
+    plain = engine.generate(req(tiny, steps=4, sampler="Euler"))
+    loaded, _ = engine.load(req(tiny).validate())
+    block = next(m for m in loaded.parts.unet.down_blocks[0].modules() if type(m).__name__ == "BasicTransformerBlock")
+    seen = []
+    handle = block.attn1.to_q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    try:
+        merged = engine.generate(req(tiny, steps=4, sampler="Euler", token_merging_ratio=0.5))
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {128}  # 32x32 pixels -> 16x16 latents = 256 tokens, half merged away
+    diff = np.abs(np.asarray(merged.images[0]).astype(int) - np.asarray(plain.images[0]).astype(int))
+    assert 0 < diff.mean() < 20, diff.mean()
+    assert "Token merging ratio: 0.5" in merged.infotexts[0]
+    assert request_from_infotext(merged.infotexts[0])["token_merging_ratio"] == 0.5
+    # the UNet is whole again afterwards
+    assert np.array_equal(np.asarray(engine.generate(req(tiny, steps=4, sampler="Euler")).images[0]),
+                          np.asarray(plain.images[0]))
+    with pytest.raises(InvalidRequest, match="token merging ratio must be between 0"):
+        engine.generate(req(tiny, token_merging_ratio=0.95))

@@ -69,6 +69,13 @@ def test_the_full_payload_of_a_popular_client_library_is_accepted(client):
     assert json.loads(r.json()["info"])["seed"] == 9 and len(r.json()["images"]) == 1
 
 
+def test_token_merging_ratio_in_override_settings_reaches_the_picture(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "seed": 3, **SMALL,
+                                                "override_settings": {"token_merging_ratio": 0.5}})
+    assert r.status_code == 200, r.text
+    assert "Token merging ratio: 0.5" in decode_png(r.json()["images"][0]).info["parameters"]
+
+
 def test_png_info_reads_back_the_parameters(client):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "a green square", "seed": 11, **SMALL})
     image = r.json()["images"][0]
@@ -89,6 +96,7 @@ def test_png_info_reads_back_the_parameters(client):
     ({"restore_faces": True}, 400, "face restoration"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, 422, "controlnet"),
     ({"script_name": "x/y/z plot"}, 422, "Script"),
+    ({"override_settings": {"token_merging_ratio": 2}}, 400, "token merging ratio"),
 ])
 def test_caller_mistakes_are_4xx_with_a1111_error_fields(client, body, status, words):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL, **body})

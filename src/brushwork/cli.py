@@ -105,6 +105,8 @@ def generation_options(fn):
         click.option("--fast", is_flag=True,
                      help="Fast mode: reuse the UNet's deep features between steps (DeepCache; ~1.4x, a little "
                           "less faithful)."),
+        click.option("--token-merging-ratio", "--tome", "token_merging_ratio", type=float, default=0.0,
+                     help="Token merging (ToMe, as A1111's option): 0.3-0.5 is faster and a little softer [0 = off]."),
         click.option("--compile", "compile_unet", is_flag=True,
                      help="torch.compile the UNet (slow first image, faster after; for long sessions)."),
         click.option("--threads", type=int, help="CPU threads [one per physical core]."),
@@ -145,7 +147,7 @@ def _request(mode: str, o: dict, **extra):
         prompt=prompt, negative_prompt=o["negative_prompt"], mode=Mode(mode), model=o["model"], vae=o["vae"],
         sampler=sampler, scheduler=o["schedule"], steps=o["steps"] if o["steps"] is not None else 20, cfg_scale=o["cfg_scale"],
         seed=o["seed"], width=o["width"], height=o["height"], batch_size=o["batch_size"], n_iter=o["n_iter"],
-        eta=o["eta"], clip_skip=o["clip_skip"], prediction=o["prediction"], device=o["device"],
+        eta=o["eta"], clip_skip=o["clip_skip"], token_merging_ratio=o["token_merging_ratio"], prediction=o["prediction"], device=o["device"],
         precision=Precision(precision), memory=o["memory"],
         watermark=settings.watermark and not o["no_watermark"], **extra,
     )

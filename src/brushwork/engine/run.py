@@ -190,8 +190,10 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
         return callback_kwargs
 
     from .deepcache import deep_cache, interval_for
+    from .tome import token_merging
 
-    with torch.inference_mode(), deep_cache(parts.unet, interval_for(request.extra)):
+    with (torch.inference_mode(), deep_cache(parts.unet, interval_for(request.extra)),
+          token_merging(parts.unet, float(request.token_merging_ratio))):
         out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
     return out.images
 
@@ -257,6 +259,7 @@ def infotext_for(request: GenerationRequest, *, seed, width, height, model_name,
         "Denoising strength": request.strength if request.mode is not Mode.TXT2IMG else None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "Eta": request.eta if request.eta else None,
+        "Token merging ratio": request.token_merging_ratio or None,
         "Fast mode": fast_interval if fast_interval > 1 else None,
         "Version": f"brushwork {version}",
     }

@@ -91,7 +91,8 @@ def request_from_infotext(text: str) -> dict:
     out: dict = {"prompt": p.get("Prompt", ""), "negative_prompt": p.get("Negative prompt", "")}
     conv = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
             "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
-            "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str)}
+            "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str),
+            "Token merging ratio": ("token_merging_ratio", float)}
     for key, (name, cast) in conv.items():
         if key in p:
             try:

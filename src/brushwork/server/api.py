@@ -44,6 +44,8 @@ class JobRequest(BaseModel):
     n_iter: int = 1
     eta: float = 0.0
     clip_skip: int = 1
+    token_merging_ratio: float = Field(0.0, description="token merging (ToMe): 0 = off, 0.3-0.5 faster and a "
+                                                        "little softer")
     init_image: str | None = Field(None, description="base64 PNG/JPEG/WEBP or a data: URL (img2img, inpaint, ...)")
     strength: float = 0.75
     mask_image: str | None = None

@@ -156,6 +156,11 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
         clip_skip = int(clip_skip)
     except (TypeError, ValueError):
         raise InvalidRequest(f"CLIP_stop_at_last_layers must be a whole number, got {clip_skip!r}") from None
+    tome = overrides.get("token_merging_ratio", state.options.get("token_merging_ratio", 0.0))
+    try:
+        tome = float(tome or 0.0)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"token_merging_ratio must be a number, got {tome!r}") from None
     request = GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -172,6 +177,7 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
         n_iter=body.n_iter,
         eta=body.eta or 0.0,
         clip_skip=clip_skip,
+        token_merging_ratio=tome,
         watermark=state.settings.watermark,
     )
     if isinstance(body, Img2ImgRequest):
@@ -347,6 +353,7 @@ def get_options(request: Request):
         "sd_checkpoint_hash": getattr(entry, "sha256", None) if entry else None,
         "sd_vae": "Automatic",
         "CLIP_stop_at_last_layers": 1,
+        "token_merging_ratio": 0.0,
         "samples_format": "png",
         "outdir_samples": str(state.outputs_dir),
         "eta_noise_seed_delta": 0,
@@ -364,6 +371,10 @@ def set_options(body: dict[str, Any], request: Request):
         value = body["CLIP_stop_at_last_layers"]
         if not isinstance(value, int) or not 1 <= value <= 12:
             raise InvalidRequest(f"CLIP_stop_at_last_layers must be between 1 and 12, got {value!r}")
+    if "token_merging_ratio" in body:
+        value = body["token_merging_ratio"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 0.9:
+            raise InvalidRequest(f"token_merging_ratio must be between 0 and 0.9, got {value!r}")
     if "sd_model_checkpoint" in body:
         state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
         state.store.set_option("sd_model_checkpoint", state.selected_model)
