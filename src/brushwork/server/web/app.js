@@ -6,7 +6,7 @@ const API = "api/v1";
 const STORE_KEY = "brushwork.settings.v1";
 const STYLES_KEY = "brushwork.styles.v1";
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "scheduler", "steps", "cfg_scale",
-  "width", "height", "batch_size", "seed", "strength"];
+  "width", "height", "batch_size", "seed", "strength", "token_merging_ratio"];
 const MODIFIERS = ["highly detailed", "oil painting", "watercolor", "photograph", "digital art",
   "pixel art", "cinematic lighting", "sunset", "pastel colors", "minimalist"];
 
@@ -219,6 +219,7 @@ function buildRequest() {
     height: num("height"),
     batch_size: num("batch_size") || 1,
     fast: $("fast").checked,
+    token_merging_ratio: Number($("token_merging_ratio").value) || 0,
   };
   if (state.initImage) {
     body.mode = "img2img";
@@ -399,6 +400,9 @@ function reuseSettings() {
   set("width", meta.width || r.width);
   set("height", meta.height || r.height);
   set("batch_size", 1);
+  $("fast").checked = Boolean(r.extra && r.extra.fast);
+  const tome = String(r.token_merging_ratio ?? 0);
+  $("token_merging_ratio").value = [...$("token_merging_ratio").options].some((o) => o.value === tome) ? tome : "0";
   if (r.model && [...$("model").options].some((o) => o.value === r.model)) $("model").value = r.model;
   updateOutputs();
   saveSettings();
