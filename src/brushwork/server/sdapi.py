@@ -156,7 +156,13 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
         clip_skip = int(clip_skip)
     except (TypeError, ValueError):
         raise InvalidRequest(f"CLIP_stop_at_last_layers must be a whole number, got {clip_skip!r}") from None
-    tome = overrides.get("token_merging_ratio", state.options.get("token_merging_ratio", 0.0))
+
+    def option(name):
+        return overrides.get(name, state.options.get(name))
+
+    tome = option("token_merging_ratio") or 0.0
+    if mode is Mode.IMG2IMG and option("token_merging_ratio_img2img"):
+        tome = option("token_merging_ratio_img2img")  # as A1111: img2img's own ratio when one is set
     try:
         tome = float(tome or 0.0)
     except (TypeError, ValueError):
@@ -371,10 +377,10 @@ def set_options(body: dict[str, Any], request: Request):
         value = body["CLIP_stop_at_last_layers"]
         if not isinstance(value, int) or not 1 <= value <= 12:
             raise InvalidRequest(f"CLIP_stop_at_last_layers must be between 1 and 12, got {value!r}")
-    if "token_merging_ratio" in body:
-        value = body["token_merging_ratio"]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 0.9:
-            raise InvalidRequest(f"token_merging_ratio must be between 0 and 0.9, got {value!r}")
+    for name in ("token_merging_ratio", "token_merging_ratio_img2img"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 0.9):
+            raise InvalidRequest(f"{name} must be between 0 and 0.9, got {value!r}")
     if "sd_model_checkpoint" in body:
         state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
         state.store.set_option("sd_model_checkpoint", state.selected_model)
