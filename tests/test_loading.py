@@ -63,6 +63,25 @@ def test_modelspec_resolution_sets_default_size(tmp_path):
     assert load_single_file(path).default_size == (64, 96)
 
 
+def test_a_models_recommended_cfg_applies_only_when_the_request_leaves_it_open(tmp_path, engine):
+    from tinymodels import save_single
+
+    from brushwork.models.load import recommended_defaults
+
+    path = save_single(tmp_path / "m.safetensors", "sd1", metadata={"brushwork.defaults": '{"cfg_scale": 3.5}'})
+    assert recommended_defaults(path) == {"cfg_scale": 3.5}
+    common = dict(prompt="a red circle", model=str(path), steps=2, seed=7, width=32, height=32, watermark=False)
+    open_cfg = engine.generate(GenerationRequest(**common))
+    assert "CFG scale: 3.5" in open_cfg.infotexts[0] and open_cfg.request.cfg_scale == 3.5
+    same = engine.generate(GenerationRequest(**common, cfg_scale=3.5))
+    assert np.array_equal(np.asarray(open_cfg.images[0]), np.asarray(same.images[0]))
+    assert "CFG scale: 5" in engine.generate(GenerationRequest(**common, cfg_scale=5)).infotexts[0]
+    # no recommendation, or a broken one: the usual 7
+    for metadata in ({}, {"brushwork.defaults": "{not json"}, {"brushwork.defaults": '{"cfg_scale": "high"}'}):
+        other = save_single(tmp_path / f"m{len(str(metadata))}.safetensors", "sd1", metadata=metadata)
+        assert "CFG scale: 7" in engine.generate(GenerationRequest(**{**common, "model": str(other)})).infotexts[0]
+
+
 def test_same_weights_in_three_formats_give_identical_images(tiny, engine):
     images = []
     for fmt in ("safetensors", "ckpt", "diffusers"):

@@ -75,7 +75,7 @@ class GenerationRequest:
     sampler: str = "Euler a"
     scheduler: str = "Automatic"
     steps: int = 20
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's recommended scale, else 7
     seed: int = -1
     width: int | None = None
     height: int | None = None
@@ -140,7 +140,7 @@ class GenerationRequest:
             raise InvalidRequest(f"n_iter must be between 1 and 10000, got {self.n_iter!r}")
         if not 0.0 <= float(self.strength) <= 1.0:
             raise InvalidRequest(f"strength must be between 0.0 and 1.0, got {self.strength!r}")
-        if float(self.cfg_scale) < 0 or float(self.cfg_scale) > 100:
+        if self.cfg_scale is not None and not 0 <= float(self.cfg_scale) <= 100:
             raise InvalidRequest(f"CFG scale must be between 0 and 100, got {self.cfg_scale!r}")
         if not 0.0 <= float(self.token_merging_ratio) <= 0.9:
             raise InvalidRequest(

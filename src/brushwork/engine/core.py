@@ -145,6 +145,7 @@ class Engine:
             loaded, notes = self.load(request)
             load_s = time.perf_counter() - started
             entry = self.store.with_hash(loaded.entry) if loaded.entry.path.is_file() else loaded.entry
+            request = run.with_model_defaults(request, loaded.parts)
             result = run.generate(
                 loaded.parts,
                 loaded.policy,

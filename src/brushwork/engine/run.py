@@ -14,6 +14,17 @@ from ..request import Cancelled, GenerationRequest, GenerationResult, InvalidReq
 from . import memory
 from .samplers import build_scheduler, display_name
 
+DEFAULT_CFG_SCALE = 7.0
+
+
+def with_model_defaults(request: GenerationRequest, parts) -> GenerationRequest:
+    """Fill what the request leaves open (``None``) from the model's recommendations, then the usual defaults."""
+    import dataclasses
+
+    if request.cfg_scale is None:
+        return dataclasses.replace(request, cfg_scale=parts.defaults.get("cfg_scale", DEFAULT_CFG_SCALE))
+    return request
+
 
 def resolve_size(request: GenerationRequest, default_size: tuple[int, int]) -> tuple[int, int]:
     if request.init_image is not None and request.mode is not Mode.TXT2IMG:

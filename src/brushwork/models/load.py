@@ -39,6 +39,9 @@ class ModelParts:
     default_size: tuple[int, int]
     source: str  # "single-file" | "diffusers"
     notes: list[str] = field(default_factory=list)
+    # what the model's maker recommends where a request leaves it open (e.g. {"cfg_scale": 2.0}); few-step
+    # models (SD-Turbo, LCM) need this the most
+    defaults: dict = field(default_factory=dict)
 
     @property
     def modules(self) -> dict:
@@ -143,6 +146,38 @@ def _resolution(metadata: dict[str, str]) -> tuple[int, int] | None:
         return (w, h) if w > 0 and h > 0 else None
     except ValueError:
         return None
+
+
+DEFAULTS_KEY = "brushwork.defaults"  # safetensors metadata: JSON, e.g. {"cfg_scale": 2.0}
+_DEFAULT_TYPES = {"cfg_scale": float}
+
+
+def _model_defaults(metadata: dict[str, str]) -> dict:
+    """The recommended settings a file carries; anything unknown or malformed is ignored (never fatal)."""
+    import json
+
+    try:
+        raw = json.loads(metadata.get(DEFAULTS_KEY, "{}"))
+    except ValueError:
+        return {}
+    out = {}
+    for key, cast in _DEFAULT_TYPES.items():
+        if isinstance(raw, dict) and isinstance(raw.get(key), int | float) and not isinstance(raw.get(key), bool):
+            out[key] = cast(raw[key])
+    if not 0 <= out.get("cfg_scale", 0) <= 100:
+        out.pop("cfg_scale")
+    return out
+
+
+def recommended_defaults(path: Path) -> dict:
+    """The recommended settings of a model file without loading it (only .safetensors carry them); {} if none."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        return _model_defaults(read_safetensors_header(path)[1])
+    except ModelError:
+        return {}
 
 
 def decide_prediction(
@@ -269,7 +304,7 @@ def load_single_file(
         name=path.stem, family=det.family, unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=tokenizer_for(det.text_encoder_kind),
         scheduler_config=scheduler_config(pred), prediction=pred, default_size=size,
-        source="single-file", notes=notes,
+        source="single-file", notes=notes, defaults=_model_defaults(metadata),
     )
 
 

@@ -36,7 +36,7 @@ class JobRequest(BaseModel):
     sampler: str = "Euler a"
     scheduler: str = "Automatic"
     steps: int = 20
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = Field(None, description="null = the model's recommended scale, else 7")
     seed: int = Field(-1, description="-1 = random; the seed used is in the result")
     width: int | None = Field(None, description="null = the model's native size")
     height: int | None = None
@@ -294,11 +294,14 @@ async def get_image_meta(image_id: int, request: Request):
 def models(request: Request):
     state = _state(request)
     current = state.current_model_entry()
+    from ..models.load import recommended_defaults
+
     out = []
     for e in state.models():
         out.append({"name": e.name, "title": getattr(e, "title", e.name), "family": getattr(e, "family", None),
                     "hash": getattr(e, "short_hash", None), "sha256": getattr(e, "sha256", None),
-                    "current": current is not None and e.name == current.name})
+                    "current": current is not None and e.name == current.name,
+                    "defaults": recommended_defaults(e.path) if getattr(e, "path", None) else {}})
     return {"models": out}
 
 

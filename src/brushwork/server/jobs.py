@@ -505,6 +505,8 @@ class Worker:
         paths = self._save(out, self.outputs_dir)
         images = []
         root = self.outputs_dir.resolve()
+        ran = getattr(out, "request", None)  # what ran: open settings filled in by the model's defaults
+        asked = {**job.request, "cfg_scale": ran.cfg_scale} if ran is not None else job.request
         for i, path in enumerate(paths):
             image = out.images[i] if i < len(out.images) else None
             seed = out.seeds[i] if i < len(out.seeds) else None
@@ -515,7 +517,7 @@ class Worker:
                 rel = str(path)
             width, height = image.size if image is not None else (0, 0)
             image_id = self.store.add_image(
-                job_id=job.id, idx=i, path=rel, request=job.request, seed=seed, width=width, height=height,
+                job_id=job.id, idx=i, path=rel, request=asked, seed=seed, width=width, height=height,
                 model=out.model_name, model_hash=out.model_hash, infotext=infotext,
             )
             images.append({"id": image_id, "path": rel, "seed": seed, "width": width, "height": height,

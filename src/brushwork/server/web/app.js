@@ -62,6 +62,7 @@ function saveSettings() {
 function loadSettings() {
   let values = {};
   try { values = JSON.parse(localStorage.getItem(STORE_KEY) || "{}"); } catch (_) { values = {}; }
+  applyModelDefaults();  // first visit: the model's own scale; a saved value wins below
   $("fast").checked = values.fast === true;
   for (const name of FIELDS) {
     if (values[name] === undefined) continue;
@@ -69,6 +70,13 @@ function loadSettings() {
     if (input.tagName === "SELECT" && ![...input.options].some((o) => o.value === values[name])) continue;
     input.value = values[name];
   }
+  updateOutputs();
+}
+
+// a model may recommend its own CFG scale (a small or few-step model): the slider follows the chosen model
+function applyModelDefaults() {
+  const defaults = (state.modelDefaults || {})[$("model").value] || {};
+  $("cfg_scale").value = defaults.cfg_scale ?? 7;
   updateOutputs();
 }
 
@@ -92,6 +100,8 @@ function fillSelect(select, items, selected) {
 async function loadChoices() {
   const [models, samplers] = await Promise.all([api("models"), api("samplers")]);
   const current = models.models.find((m) => m.current);
+  state.modelDefaults = Object.fromEntries(models.models.map((m) => [m.name, m.defaults || {}]));
+  state.modelDefaults[""] = current ? current.defaults || {} : {};
   fillSelect($("model"), [["", current ? `default (${current.name})` : "default"],
     ...models.models.map((m) => [m.name, m.title])]);
   fillSelect($("sampler"), samplers.samplers.map((s) => [s.name, s.name]), "Euler a");
@@ -426,7 +436,7 @@ async function main() {
   });
   $("gen-form").addEventListener("input", () => { updateOutputs(); saveSettings(); });
   $("gen-form").addEventListener("change", saveSettings);
-  $("model").addEventListener("change", saveSettings);
+  $("model").addEventListener("change", () => { applyModelDefaults(); saveSettings(); });
   $("seed-random").addEventListener("click", () => { $("seed").value = -1; saveSettings(); });
   $("seed-reuse").addEventListener("click", () => {
     if (state.lastSeed !== null) { $("seed").value = state.lastSeed; saveSettings(); }
