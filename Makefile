@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/brushwork txt2img "a red circle on the left and a blue square on the right, on a white background" --seed 1 --n-samples 4 --cfg-scale 4
-	$(VENV)/bin/brushwork txt2img "a yellow triangle in the center, on a purple background" --seed 2 --n-samples 4 --cfg-scale 4
-	$(VENV)/bin/brushwork txt2img "a green square at the top, on a black background" --seed 3 --n-samples 4 --cfg-scale 4
+	$(VENV)/bin/brushwork txt2img "a red circle on the left and a blue square on the right, on a white background" --seed 1 --n-samples 4
+	$(VENV)/bin/brushwork txt2img "a yellow triangle in the center, on a purple background" --seed 2 --n-samples 4
+	$(VENV)/bin/brushwork txt2img "a green square at the top, on a black background" --seed 3 --n-samples 4
 	@echo "pictures are in outputs/txt2img (grids in outputs/txt2img-grids)"
 
 test: setup

@@ -389,7 +389,7 @@ def quality(pipe, count: int, steps: int, guidance: float) -> dict:
     return evaluate(generate, count=count)
 
 
-def export(work: Path, out_path: Path, vae, text_encoder, unet, prediction: str) -> None:
+def export(work: Path, out_path: Path, vae, text_encoder, unet, prediction: str, cfg_scale: float) -> None:
     from brushwork.models.convert import save_single_file
 
     metadata = {
@@ -398,6 +398,8 @@ def export(work: Path, out_path: Path, vae, text_encoder, unet, prediction: str)
         "modelspec.architecture": "stable-diffusion-v1",
         # Read by brushwork's loader (and other tools that honour ModelSpec) to pick the scheduler's target.
         "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
+        # brushwork uses this scale when a request leaves CFG open (a small model over-saturates at 7)
+        "brushwork.defaults": json.dumps({"cfg_scale": cfg_scale}),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(out_path, unet=unet, vae=vae, text_encoder=text_encoder, dtype=torch.float16, metadata=metadata)
@@ -465,8 +467,9 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         + "`",
         "",
         "## Use",
-        f"- Default size {scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE}; sampler \"Euler a\", {args.eval_steps} steps, "
-        f"CFG {args.guidance}.",
+        f"- Default size {scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE}; sampler \"Euler a\", {args.eval_steps} steps; "
+        f"CFG {args.recommended_cfg:g}, written into the file (`brushwork.defaults`) so that brushwork uses it "
+        "when no `--cfg-scale` is given.",
         "- Prompts in the style of the captions above. Words outside that world are ignored.",
         "",
     ]
@@ -483,7 +486,8 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         for key in ("background_color_accuracy", "shape_color_accuracy", "shape_kind_accuracy",
                     "position_accuracy", "whole_scene_accuracy"):
             lines.append(f"| {key.replace('_', ' ')} | {metrics[key] * 100:.1f}% |")
-        lines.append(f"| seconds per image (training machine, 1 thread) | {metrics['seconds_per_image']:.2f} |")
+        lines.append(f"| seconds per image (training machine, {args.threads} torch thread(s)) | "
+                     f"{metrics['seconds_per_image']:.2f} |")
         lines += ["", "`benchmarks/mini_quality.py` measures the same through the engine "
                   "(`benchmarks/results/mini_quality.json`).", ""]
     path.write_text("\n".join(lines))
@@ -549,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a CPU busy with other work)")
     parser.add_argument("--eval-count", type=int, default=100)
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.0)
+    parser.add_argument("--guidance", type=float, default=7.0, help="CFG scale of the held-out evaluation")
+    parser.add_argument("--recommended-cfg", type=float, default=2.0,
+                        help="CFG scale written into the file as its default (used when a request leaves CFG open)")
     parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
     args = parser.parse_args(argv)
 
@@ -573,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
             (args.work / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log("held-out quality: " + json.dumps(metrics))
     if not args.no_export:
-        export(args.work, args.out, vae, text_encoder, unet, args.prediction)
+        export(args.work, args.out, vae, text_encoder, unet, args.prediction, args.recommended_cfg)
         write_card(args.out.parent / "MODEL_CARD.md", args, args.work, vae, text_encoder, unet, metrics)
 
 

@@ -132,7 +132,7 @@ class ModelStore:
             return library[0], None
         if entries:
             return entries[-1], (
-                "using the bundled mini model (64x64 shapes, best at --cfg-scale 4); for real pictures put a "
+                "using the bundled mini model (64x64 pictures of flat shapes); for real pictures put a "
                 f"Stable Diffusion checkpoint in {self.root} or pass --model FILE"
             )
         raise ModelError(f"no model found; put a Stable Diffusion checkpoint in {self.root} or pass --model FILE")
