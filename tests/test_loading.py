@@ -64,9 +64,8 @@ def test_modelspec_resolution_sets_default_size(tmp_path):
 
 
 def test_a_models_recommended_cfg_applies_only_when_the_request_leaves_it_open(tmp_path, engine):
-    from tinymodels import save_single
-
     from brushwork.models.load import recommended_defaults
+    from tinymodels import save_single
 
     path = save_single(tmp_path / "m.safetensors", "sd1", metadata={"brushwork.defaults": '{"cfg_scale": 3.5}'})
     assert recommended_defaults(path) == {"cfg_scale": 3.5}
