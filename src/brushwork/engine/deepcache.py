@@ -45,15 +45,12 @@ def deep_cache(unet, interval: int = DEFAULT_INTERVAL):
         state["full"] = state["calls"] % interval == 0 or state.get("shape") != shape
         state["calls"], state["shape"] = state["calls"] + 1, shape
 
-    for module in deep:
-        module.forward = cached(module)  # the instance attribute shadows the class's forward
-    handle = unet.register_forward_pre_hook(count, with_kwargs=True)
+    from .hooks import patched_forwards
+
     try:
-        yield state
+        with patched_forwards(unet, {module: cached(module) for module in deep}, count):
+            yield state
     finally:
-        handle.remove()
-        for module in deep:
-            del module.forward
         cache.clear()
 
 

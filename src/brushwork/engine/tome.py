@@ -92,12 +92,7 @@ def token_merging(unet, ratio: float):
         state["h"], state["w"] = sample.shape[-2:]
         state["calls"] += 1
 
-    for block in blocks:
-        block.attn1.forward = wrapped(block.attn1)  # the instance attribute shadows the class's forward
-    handle = unet.register_forward_pre_hook(note_size, with_kwargs=True)
-    try:
+    from .hooks import patched_forwards
+
+    with patched_forwards(unet, {block.attn1: wrapped(block.attn1) for block in blocks}, note_size):
         yield state
-    finally:
-        handle.remove()
-        for block in blocks:
-            del block.attn1.forward
