@@ -183,3 +183,23 @@ def test_the_watermark_setting_turns_it_off_for_the_python_api(tiny, tmp_path):
     on = Engine(Settings(home=tmp_path / "a")).generate(request)
     off = Engine(Settings(home=tmp_path / "b", watermark=False)).generate(request)
     assert detect(on.images[0]).found and not detect(off.images[0]).found
+
+
+def test_interrupt_stops_and_keeps_what_is_there(tiny, engine):
+    import threading
+
+    interrupt = threading.Event()
+
+    def progress(info):
+        if info.batch == 0 and info.step == 2:
+            interrupt.set()
+
+    request = GenerationRequest(prompt="a cat", model=str(tiny["sd1"]["safetensors"]), steps=6, seed=3, width=32,
+                                height=32, batch_size=2, n_iter=3, watermark=False)
+    result = engine.generate(request, progress=progress, interrupt=interrupt)
+    assert result.interrupted and len(result.images) == 2 and result.seeds == [3, 4]  # the first batch only
+    assert any("interrupted after step 3 of 6" in note for note in result.notes)  # set during step 2, seen after 3
+    assert "Seed: 3" in result.infotexts[0]
+    finished = engine.generate(request)
+    assert not finished.interrupted and len(finished.images) == 6
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(finished.images[0]))  # unfinished

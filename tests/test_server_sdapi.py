@@ -173,7 +173,10 @@ def test_progress_shows_a_running_job_and_interrupt_stops_it(client):
     assert not thread.is_alive() and time.monotonic() - started < 10
     r = answer["r"]
     assert r.status_code == 200
-    assert r.json()["images"] == [] and json.loads(r.json()["info"])["interrupted"] is True
+    # as A1111: the interrupted picture comes back as far as it got, with its parameters
+    assert len(r.json()["images"]) == 1 and json.loads(r.json()["info"])["interrupted"] is True
+    unfinished = decode_png(r.json()["images"][0])
+    assert unfinished.size == (32, 32) and "Seed: 1" in unfinished.info["parameters"]
     idle = client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["current_image"] is None
 

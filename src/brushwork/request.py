@@ -221,6 +221,7 @@ class GenerationResult:
     model_hash: str | None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # things the user should know (fallbacks taken)
+    interrupted: bool = False  # stopped early on request: the last pictures are unfinished (as A1111's interrupt)
 
     @property
     def seed(self) -> int:

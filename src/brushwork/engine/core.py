@@ -130,6 +130,7 @@ class Engine:
         *,
         progress: Callable[[ProgressInfo], None] | None = None,
         cancel: threading.Event | None = None,
+        interrupt: threading.Event | None = None,
         want_previews: bool = False,
     ) -> GenerationResult:
         from . import memory, run
@@ -156,6 +157,7 @@ class Engine:
                 memory_state=loaded.memory_state,
                 progress=progress,
                 cancel=cancel,
+                interrupt=interrupt,
                 want_previews=want_previews,
                 version=__version__,
             )

@@ -64,9 +64,12 @@ def generate(
     memory_state: dict | None = None,
     progress=None,
     cancel=None,
+    interrupt=None,
     want_previews: bool = False,
     version: str = "0",
 ) -> GenerationResult:
+    """One request on a loaded model. ``cancel`` set: stop and raise ``Cancelled``; ``interrupt`` set: stop and
+    return what there is (finished pictures, and the current batch decoded where its denoising stopped)."""
     timings = {"sample_s": 0.0, "decode_s": 0.0}
     notes: list[str] = []
     if request.mode not in (Mode.TXT2IMG, Mode.IMG2IMG):
@@ -101,7 +104,11 @@ def generate(
                      "(DeepCache); a little less faithful than the default")
 
     images, seeds = [], []
+    interrupted = False
     for batch in range(request.n_iter):
+        if interrupt is not None and interrupt.is_set():
+            interrupted = True
+            break
         batch_seeds = [(seed + batch * request.batch_size + i) % 2**32 for i in range(request.batch_size)]
         if request.mode is Mode.IMG2IMG and not img2img_denoises and strength < 1:
             # nothing to denoise: the init image is the answer
@@ -114,14 +121,19 @@ def generate(
                     memory.apply(pipe, memory.plan(mode, policy, pixels=pixels), policy)
                     applied = mode
                 t0 = time.perf_counter()
-                latents = _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init,
-                                   strength if img2img_denoises else None, progress, cancel, want_previews)
+                latents, stopped_at = _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init,
+                                               strength if img2img_denoises else None, progress, cancel, interrupt,
+                                               want_previews)
                 t1 = time.perf_counter()
                 decoded, fell_back = decode(parts.vae, latents)
                 timings["sample_s"] += t1 - t0
                 timings["decode_s"] += time.perf_counter() - t1
                 if fell_back:
                     notes.append("the fp16 VAE gave NaNs; decoded again in fp32")
+                if stopped_at is not None:
+                    interrupted = True
+                    notes.append(f"interrupted after step {stopped_at} of {request.steps}: the last picture is "
+                                 "not finished")
                 break
             except Cancelled:
                 raise
@@ -139,6 +151,8 @@ def generate(
                 mode = memory_state["floor"] = lower
         images += decoded
         seeds += batch_seeds
+        if interrupted:
+            break
     if mode != first_mode:
         notes.append(f"out of memory in memory mode {first_mode}; ran again in mode {mode} with the same seeds "
                      "(later runs of this model start there)")
@@ -154,12 +168,22 @@ def generate(
         for s in seeds
     ]
     timings = {k: round(v, 3) for k, v in timings.items()}
-    return GenerationResult(images, seeds, infotexts, request, model_name, model_hash, timings, notes)
+    return GenerationResult(images, seeds, infotexts, request, model_name, model_hash, timings, notes,
+                            interrupted=interrupted)
+
+
+class _Stop(Exception):
+    """Raised from the step callback when an interrupt asks to stop; carries where the latents were."""
+
+    def __init__(self, latents, step: int):
+        super().__init__("interrupted")
+        self.latents, self.step = latents, step
 
 
 def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init, strength, progress, cancel,
-             want_previews):
-    """Run the denoising loop for one batch; returns latents."""
+             interrupt, want_previews):
+    """Run the denoising loop for one batch; returns (latents, None), or where an interrupt stopped it:
+    (the latents of that step, the step number)."""
     import torch
 
     generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
@@ -192,6 +216,8 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
     def on_step_end(p, i, t, callback_kwargs):
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled")
+        if interrupt is not None and interrupt.is_set():
+            raise _Stop(callback_kwargs["latents"], i + 1)
         if progress is not None:
             preview = None
             if want_previews:
@@ -205,8 +231,11 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
 
     with (torch.inference_mode(), deep_cache(parts.unet, interval_for(request.extra)),
           token_merging(parts.unet, float(request.token_merging_ratio))):
-        out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
-    return out.images
+        try:
+            out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+        except _Stop as stop:
+            return stop.latents, stop.step
+    return out.images, None
 
 
 def decode(vae, latents) -> tuple[list, bool]:

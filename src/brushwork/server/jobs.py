@@ -373,6 +373,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._cancel: threading.Event | None = None
+        self._interrupt: threading.Event | None = None  # A1111's interrupt: stop, but keep what is there
         self.live: LiveProgress | None = None
         self.engine_lock = threading.Lock()  # held while the engine runs; others (unload) take it too
         self.last_finished: tuple[str, str] | None = None  # (job id, status) of the last job that ended
@@ -419,14 +420,16 @@ class Worker:
         return self.store.status(job_id)
 
     def interrupt_current(self, *, skipped: bool = False) -> str | None:
-        """Stop the running job (A1111 interrupt/skip). Returns its id, or None when idle."""
+        """Stop the running job as A1111's interrupt/skip does: it ends after the current step and keeps its
+        pictures (the unfinished one too). Returns its id, or None when idle."""
         with self._lock:
-            live = self.live
-        if live is None:
+            live, event = self.live, self._interrupt
+        if live is None or event is None:
             return None
+        live.interrupted = True
         if skipped:
             live.skipped = True
-        self.cancel(live.job_id)
+        event.set()
         return live.job_id
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -449,10 +452,10 @@ class Worker:
                 time.sleep(self._poll_interval)
 
     def run_job(self, job: Job) -> None:
-        cancel = threading.Event()
+        cancel, interrupt = threading.Event(), threading.Event()
         live = LiveProgress(job_id=job.id, started=time.time())
         with self._lock:
-            self._cancel, self.live = cancel, live
+            self._cancel, self._interrupt, self.live = cancel, interrupt, live
         status, result, error = FAILED, None, None
         try:
             request = GenerationRequest.from_dict(job.request).validate()
@@ -476,7 +479,8 @@ class Worker:
                     raise Cancelled("cancelled")
 
             with self.engine_lock:
-                out = self.engine.generate(request, progress=on_progress, cancel=cancel, want_previews=True)
+                out = self.engine.generate(request, progress=on_progress, cancel=cancel, interrupt=interrupt,
+                                           want_previews=True)
             if cancel.is_set():
                 raise Cancelled("cancelled")
             result = self._record(job, out)
@@ -492,7 +496,7 @@ class Worker:
             result = {"error_type": type(err).__name__, "user_error": False}
         finally:
             with self._lock:
-                self._cancel, self.live = None, None
+                self._cancel, self._interrupt, self.live = None, None, None
                 self.last_finished = (job.id, status)
             if status == QUEUED:
                 self.store.requeue(job.id)
@@ -530,6 +534,7 @@ class Worker:
             "model_hash": out.model_hash,
             "notes": list(getattr(out, "notes", []) or []),
             "timings": dict(getattr(out, "timings", {}) or {}),
+            "interrupted": bool(getattr(out, "interrupted", False)),
         }
 
 

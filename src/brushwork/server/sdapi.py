@@ -265,9 +265,11 @@ async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, 
         if body.send_images:
             for img in result.get("images", []):
                 images.append(base64.b64encode(state.image_path(img["path"]).read_bytes()).decode("ascii"))
-        return {"images": images, "parameters": _echo(body),
-                "info": json.dumps(_info(state, request, result, body, job.started))}
-    if job.status == CANCELLED:  # A1111 answers an interrupted run with what it has: here, nothing
+        info = _info(state, request, result, body, job.started)
+        if result.get("interrupted"):  # /interrupt: what was there when it stopped, the last picture unfinished
+            info["interrupted"] = True
+        return {"images": images, "parameters": _echo(body), "info": json.dumps(info)}
+    if job.status == CANCELLED:  # cancelled through the native API before it gave anything
         return {"images": [], "parameters": _echo(body),
                 "info": json.dumps({**_info(state, request, {}, body, job.started), "interrupted": True})}
     status = 400 if result.get("user_error") else 500
