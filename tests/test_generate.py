@@ -203,3 +203,23 @@ def test_interrupt_stops_and_keeps_what_is_there(tiny, engine):
     finished = engine.generate(request)
     assert not finished.interrupted and len(finished.images) == 6
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(finished.images[0]))  # unfinished
+
+
+def test_skip_ends_the_current_batch_and_goes_on(tiny, engine):
+    import threading
+
+    skip = threading.Event()
+
+    def progress(info):
+        if info.batch == 0 and info.step == 2:
+            skip.set()
+
+    request = GenerationRequest(prompt="a cat", model=str(tiny["sd1"]["safetensors"]), steps=6, seed=3, width=32,
+                                height=32, n_iter=3, watermark=False)
+    result = engine.generate(request, progress=progress, skip=skip)
+    full = engine.generate(request)
+    assert not result.interrupted and result.seeds == full.seeds == [3, 4, 5] and not skip.is_set()
+    assert any("batch 1 skipped after step 3 of 6" in note for note in result.notes)
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(full.images[0]))  # cut short
+    for ours, theirs in zip(result.images[1:], full.images[1:], strict=True):  # the next batches ran in full
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))

@@ -237,3 +237,23 @@ def test_extra_single_image_says_no_upscaler_is_available(client):
     r = client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(), "upscaler_1": "R-ESRGAN 4x+"})
     assert r.status_code == 400
     assert "no upscaler model available" in r.json()["detail"]
+
+
+def test_skip_ends_the_current_batch_and_the_next_one_runs(client):
+    answer = {}
+
+    def run():
+        answer["r"] = client.post("/sdapi/v1/txt2img", json={"prompt": "slow", "width": 32, "height": 32,
+                                                             "steps": 300, "n_iter": 2, "seed": 1})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 2:
+        time.sleep(0.1)
+    assert client.post("/sdapi/v1/skip").status_code == 200
+    thread.join(120)
+    assert not thread.is_alive()
+    data = answer["r"].json()
+    info = json.loads(data["info"])
+    assert len(data["images"]) == 2 and info["all_seeds"] == [1, 2] and "interrupted" not in info

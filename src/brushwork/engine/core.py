@@ -131,6 +131,7 @@ class Engine:
         progress: Callable[[ProgressInfo], None] | None = None,
         cancel: threading.Event | None = None,
         interrupt: threading.Event | None = None,
+        skip: threading.Event | None = None,
         want_previews: bool = False,
     ) -> GenerationResult:
         from . import memory, run
@@ -158,6 +159,7 @@ class Engine:
                 progress=progress,
                 cancel=cancel,
                 interrupt=interrupt,
+                skip=skip,
                 want_previews=want_previews,
                 version=__version__,
             )

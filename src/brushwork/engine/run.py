@@ -65,11 +65,17 @@ def generate(
     progress=None,
     cancel=None,
     interrupt=None,
+    skip=None,
     want_previews: bool = False,
     version: str = "0",
 ) -> GenerationResult:
     """One request on a loaded model. ``cancel`` set: stop and raise ``Cancelled``; ``interrupt`` set: stop and
-    return what there is (finished pictures, and the current batch decoded where its denoising stopped)."""
+    return what there is (finished pictures, and the current batch decoded where its denoising stopped);
+    ``skip`` set: end the current batch that way, clear ``skip`` and go on with the next (A1111's skip)."""
+
+    def stop_requested() -> bool:
+        return any(event is not None and event.is_set() for event in (interrupt, skip))
+
     timings = {"sample_s": 0.0, "decode_s": 0.0}
     notes: list[str] = []
     if request.mode not in (Mode.TXT2IMG, Mode.IMG2IMG):
@@ -122,18 +128,22 @@ def generate(
                     applied = mode
                 t0 = time.perf_counter()
                 latents, stopped_at = _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init,
-                                               strength if img2img_denoises else None, progress, cancel, interrupt,
-                                               want_previews)
+                                               strength if img2img_denoises else None, progress, cancel,
+                                               stop_requested, want_previews)
                 t1 = time.perf_counter()
                 decoded, fell_back = decode(parts.vae, latents)
                 timings["sample_s"] += t1 - t0
                 timings["decode_s"] += time.perf_counter() - t1
                 if fell_back:
                     notes.append("the fp16 VAE gave NaNs; decoded again in fp32")
-                if stopped_at is not None:
+                if stopped_at is not None and interrupt is not None and interrupt.is_set():
                     interrupted = True
                     notes.append(f"interrupted after step {stopped_at} of {request.steps}: the last picture is "
                                  "not finished")
+                elif stopped_at is not None:
+                    skip.clear()
+                    notes.append(f"batch {batch + 1} skipped after step {stopped_at} of {request.steps}: its "
+                                 "pictures are not finished")
                 break
             except Cancelled:
                 raise
@@ -181,8 +191,8 @@ class _Stop(Exception):
 
 
 def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init, strength, progress, cancel,
-             interrupt, want_previews):
-    """Run the denoising loop for one batch; returns (latents, None), or where an interrupt stopped it:
+             stop_requested, want_previews):
+    """Run the denoising loop for one batch; returns (latents, None), or where ``stop_requested()`` stopped it:
     (the latents of that step, the step number)."""
     import torch
 
@@ -216,7 +226,7 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
     def on_step_end(p, i, t, callback_kwargs):
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled")
-        if interrupt is not None and interrupt.is_set():
+        if stop_requested():
             raise _Stop(callback_kwargs["latents"], i + 1)
         if progress is not None:
             preview = None

@@ -374,6 +374,7 @@ class Worker:
         self._lock = threading.Lock()
         self._cancel: threading.Event | None = None
         self._interrupt: threading.Event | None = None  # A1111's interrupt: stop, but keep what is there
+        self._skip: threading.Event | None = None  # A1111's skip: end the current batch that way, go on
         self.live: LiveProgress | None = None
         self.engine_lock = threading.Lock()  # held while the engine runs; others (unload) take it too
         self.last_finished: tuple[str, str] | None = None  # (job id, status) of the last job that ended
@@ -420,15 +421,17 @@ class Worker:
         return self.store.status(job_id)
 
     def interrupt_current(self, *, skipped: bool = False) -> str | None:
-        """Stop the running job as A1111's interrupt/skip does: it ends after the current step and keeps its
-        pictures (the unfinished one too). Returns its id, or None when idle."""
+        """As A1111's interrupt: the running job ends after its current step and keeps its pictures (the
+        unfinished ones too); ``skipped``: only its current batch ends so, and the next batch starts.
+        Returns the job's id, or None when idle."""
         with self._lock:
-            live, event = self.live, self._interrupt
+            live, event = self.live, (self._skip if skipped else self._interrupt)
         if live is None or event is None:
             return None
-        live.interrupted = True
         if skipped:
             live.skipped = True
+        else:
+            live.interrupted = True
         event.set()
         return live.job_id
 
@@ -452,10 +455,10 @@ class Worker:
                 time.sleep(self._poll_interval)
 
     def run_job(self, job: Job) -> None:
-        cancel, interrupt = threading.Event(), threading.Event()
+        cancel, interrupt, skip = threading.Event(), threading.Event(), threading.Event()
         live = LiveProgress(job_id=job.id, started=time.time())
         with self._lock:
-            self._cancel, self._interrupt, self.live = cancel, interrupt, live
+            self._cancel, self._interrupt, self._skip, self.live = cancel, interrupt, skip, live
         status, result, error = FAILED, None, None
         try:
             request = GenerationRequest.from_dict(job.request).validate()
@@ -480,7 +483,7 @@ class Worker:
 
             with self.engine_lock:
                 out = self.engine.generate(request, progress=on_progress, cancel=cancel, interrupt=interrupt,
-                                           want_previews=True)
+                                           skip=skip, want_previews=True)
             if cancel.is_set():
                 raise Cancelled("cancelled")
             result = self._record(job, out)
@@ -496,7 +499,7 @@ class Worker:
             result = {"error_type": type(err).__name__, "user_error": False}
         finally:
             with self._lock:
-                self._cancel, self._interrupt, self.live = None, None, None
+                self._cancel, self._interrupt, self._skip, self.live = None, None, None, None
                 self.last_finished = (job.id, status)
             if status == QUEUED:
                 self.store.requeue(job.id)
