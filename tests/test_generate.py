@@ -185,40 +185,34 @@ def test_the_watermark_setting_turns_it_off_for_the_python_api(tiny, tmp_path):
     assert detect(on.images[0]).found and not detect(off.images[0]).found
 
 
-def test_interrupt_stops_and_keeps_what_is_there(tiny, engine):
-    import threading
-
-    interrupt = threading.Event()
+def _stopped_during_first_batch(engine, tiny, which: str, **kw):
+    """(result, full): the request run with the ``which`` event (interrupt or skip) set during step 2 of the
+    first batch, and the same request run in full."""
+    event = threading.Event()
 
     def progress(info):
         if info.batch == 0 and info.step == 2:
-            interrupt.set()
+            event.set()
 
     request = GenerationRequest(prompt="a cat", model=str(tiny["sd1"]["safetensors"]), steps=6, seed=3, width=32,
-                                height=32, batch_size=2, n_iter=3, watermark=False)
-    result = engine.generate(request, progress=progress, interrupt=interrupt)
+                                height=32, n_iter=3, watermark=False, **kw)
+    result = engine.generate(request, progress=progress, **{which: event})
+    assert not event.is_set() or which == "interrupt"  # a skip is used up by the batch it ended
+    return result, engine.generate(request)
+
+
+def test_interrupt_stops_and_keeps_what_is_there(tiny, engine):
+    result, full = _stopped_during_first_batch(engine, tiny, "interrupt", batch_size=2)
     assert result.interrupted and len(result.images) == 2 and result.seeds == [3, 4]  # the first batch only
     assert any("interrupted after step 3 of 6" in note for note in result.notes)  # set during step 2, seen after 3
     assert "Seed: 3" in result.infotexts[0]
-    finished = engine.generate(request)
-    assert not finished.interrupted and len(finished.images) == 6
-    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(finished.images[0]))  # unfinished
+    assert not full.interrupted and len(full.images) == 6
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(full.images[0]))  # unfinished
 
 
 def test_skip_ends_the_current_batch_and_goes_on(tiny, engine):
-    import threading
-
-    skip = threading.Event()
-
-    def progress(info):
-        if info.batch == 0 and info.step == 2:
-            skip.set()
-
-    request = GenerationRequest(prompt="a cat", model=str(tiny["sd1"]["safetensors"]), steps=6, seed=3, width=32,
-                                height=32, n_iter=3, watermark=False)
-    result = engine.generate(request, progress=progress, skip=skip)
-    full = engine.generate(request)
-    assert not result.interrupted and result.seeds == full.seeds == [3, 4, 5] and not skip.is_set()
+    result, full = _stopped_during_first_batch(engine, tiny, "skip")
+    assert not result.interrupted and result.seeds == full.seeds == [3, 4, 5]
     assert any("batch 1 skipped after step 3 of 6" in note for note in result.notes)
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(full.images[0]))  # cut short
     for ours, theirs in zip(result.images[1:], full.images[1:], strict=True):  # the next batches ran in full
