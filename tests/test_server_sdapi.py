@@ -252,6 +252,13 @@ def test_skip_ends_the_current_batch_and_the_next_one_runs(client):
     while time.monotonic() < deadline and client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 2:
         time.sleep(0.1)
     assert client.post("/sdapi/v1/skip").status_code == 200
+    next_batch = None
+    while time.monotonic() < deadline and thread.is_alive() and next_batch is None:
+        state = client.get("/sdapi/v1/progress").json()["state"]
+        if state["job_no"] == 1 and state["sampling_step"] >= 1:
+            next_batch = state
+        time.sleep(0.05)
+    assert next_batch is not None and next_batch["skipped"] is False  # the skip ended with its batch
     thread.join(120)
     assert not thread.is_alive()
     data = answer["r"].json()

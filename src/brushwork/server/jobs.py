@@ -469,6 +469,8 @@ class Worker:
             def on_progress(info: ProgressInfo) -> None:
                 live.step, live.total, live.batch, live.batches = info.step, info.total, info.batch, info.batches
                 live.fraction = info.fraction
+                if live.skipped and not skip.is_set():
+                    live.skipped = False  # the skipped batch has ended; the next one runs (as A1111 resets it)
                 now = time.time()
                 if live.sampling_since is None:
                     live.sampling_since = (now, info.fraction)
