@@ -59,6 +59,9 @@ MAX_BATCH = 64
 MAX_STEPS = 1000
 
 
+MAX_TOKEN_MERGING_RATIO = 0.9  # beyond this almost every token of the self-attention is merged away
+
+
 @dataclass
 class GenerationRequest:
     """Everything needed to make (and remake) a set of images.
@@ -83,7 +86,7 @@ class GenerationRequest:
     n_iter: int = 1
     eta: float = 0.0
     clip_skip: int = 1
-    token_merging_ratio: float = 0.0  # A1111's ToMe option: 0 = off; 0.5 merges half the tokens (faster, softer)
+    token_merging_ratio: float = 0.0  # A1111's ToMe option (at most MAX_TOKEN_MERGING_RATIO): 0 = off; 0.5 merges half the tokens (faster, softer)
     # img2img / inpaint / depth2img / upscale
     init_image: Image | None = None
     strength: float = 0.75
@@ -142,9 +145,10 @@ class GenerationRequest:
             raise InvalidRequest(f"strength must be between 0.0 and 1.0, got {self.strength!r}")
         if self.cfg_scale is not None and not 0 <= float(self.cfg_scale) <= 100:
             raise InvalidRequest(f"CFG scale must be between 0 and 100, got {self.cfg_scale!r}")
-        if not 0.0 <= float(self.token_merging_ratio) <= 0.9:
+        if not 0.0 <= float(self.token_merging_ratio) <= MAX_TOKEN_MERGING_RATIO:
             raise InvalidRequest(
-                f"token merging ratio must be between 0 (off) and 0.9, got {self.token_merging_ratio!r}; 0.3-0.5 is usual"
+                f"token merging ratio must be between 0 (off) and {MAX_TOKEN_MERGING_RATIO}, got "
+                f"{self.token_merging_ratio!r}; 0.3-0.5 is usual"
             )
         if not 1 <= self.clip_skip <= 12:
             raise InvalidRequest(f"clip skip must be between 1 and 12, got {self.clip_skip!r}")

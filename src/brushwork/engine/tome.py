@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-MAX_RATIO = 0.9
-
 
 def _matching(x, h: int, w: int, r: int, turn: int):
     """(merge, unmerge) for tokens ``x`` (B, h*w, C): ``r`` source tokens merged into destinations."""

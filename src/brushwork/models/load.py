@@ -8,6 +8,7 @@ wants to run code is refused. Conversion of the original layout uses diffusers' 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pickle
@@ -154,8 +155,6 @@ _DEFAULT_TYPES = {"cfg_scale": float}
 
 def _model_defaults(metadata: dict[str, str]) -> dict:
     """The recommended settings a file carries; anything unknown or malformed is ignored (never fatal)."""
-    import json
-
     try:
         raw = json.loads(metadata.get(DEFAULTS_KEY, "{}"))
     except ValueError:
@@ -170,12 +169,19 @@ def _model_defaults(metadata: dict[str, str]) -> dict:
 
 
 def recommended_defaults(path: Path) -> dict:
-    """The recommended settings of a model file without loading it (only .safetensors carry them); {} if none."""
+    """The recommended settings of a model file without loading it (only .safetensors carry them); {} if none.
+    The header is read once per file version (the model list asks on every page load)."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
+    stat = path.stat()
+    return dict(_defaults_of_file(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _defaults_of_file(path: str, _mtime_ns: int, _size: int) -> dict:
     try:
-        return _model_defaults(read_safetensors_header(path)[1])
+        return _model_defaults(read_safetensors_header(Path(path))[1])
     except ModelError:
         return {}
 

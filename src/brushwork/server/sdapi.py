@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.samplers import display_name
-from ..request import GenerationRequest, InvalidRequest, Mode
+from ..request import MAX_TOKEN_MERGING_RATIO, GenerationRequest, InvalidRequest, Mode
 from .app import HTTPError, ServerState
 from .app import state_of as _state
 from .jobs import CANCELLED, DONE, INPUT_IMAGES
@@ -151,16 +151,16 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
         raise InvalidRequest("face restoration is not supported; send restore_faces: false")
     if body.tiling:
         raise InvalidRequest("tiling is not supported; send tiling: false")
-    clip_skip = overrides.get("CLIP_stop_at_last_layers", state.options.get("CLIP_stop_at_last_layers", 1))
+    def option(name, default=None):
+        """This request's override_settings, else the server's option (as set by POST /options)."""
+        return overrides.get(name, state.options.get(name, default))
+
+    clip_skip = option("CLIP_stop_at_last_layers", 1)
     try:
         clip_skip = int(clip_skip)
     except (TypeError, ValueError):
         raise InvalidRequest(f"CLIP_stop_at_last_layers must be a whole number, got {clip_skip!r}") from None
-
-    def option(name):
-        return overrides.get(name, state.options.get(name))
-
-    tome = option("token_merging_ratio") or 0.0
+    tome = option("token_merging_ratio")
     if mode is Mode.IMG2IMG and option("token_merging_ratio_img2img"):
         tome = option("token_merging_ratio_img2img")  # as A1111: img2img's own ratio when one is set
     try:
@@ -381,8 +381,9 @@ def set_options(body: dict[str, Any], request: Request):
             raise InvalidRequest(f"CLIP_stop_at_last_layers must be between 1 and 12, got {value!r}")
     for name in ("token_merging_ratio", "token_merging_ratio_img2img"):
         value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 0.9):
-            raise InvalidRequest(f"{name} must be between 0 and 0.9, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value <= MAX_TOKEN_MERGING_RATIO):
+            raise InvalidRequest(f"{name} must be between 0 and {MAX_TOKEN_MERGING_RATIO}, got {value!r}")
     if "sd_model_checkpoint" in body:
         state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
         state.store.set_option("sd_model_checkpoint", state.selected_model)
