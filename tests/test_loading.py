@@ -44,6 +44,17 @@ def test_detects_architecture_from_shapes(tiny):
     assert parts.tokenizer.pad_token == "!"
 
 
+def test_a_time_embedding_narrower_than_sds_is_read_from_the_file(tmp_path):
+    # SD's UNet embeds the timestep in 4x its first width; a small model (the bundled mini) may use less
+    from tinymodels import build_components, save_single
+
+    path = save_single(tmp_path / "m.safetensors", "sd1", time_embedding_dim=48)
+    unet = load_single_file(path).unet
+    assert unet.config.time_embedding_dim == 48
+    a, b = _state(build_components("sd1", time_embedding_dim=48)[0]), _state(unet)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sd2_prediction_needs_a_flag_yaml_or_known_hash(tiny, tmp_path):
     with pytest.raises(ModelError, match="--prediction v"):
         load_single_file(tiny["sd2"]["safetensors"])

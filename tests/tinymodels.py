@@ -18,7 +18,7 @@ FAMILY_SPECS = {
 }
 
 
-def build_components(family: str = "sd1", seed: int = 0):
+def build_components(family: str = "sd1", seed: int = 0, **unet_options):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -39,6 +39,7 @@ def build_components(family: str = "sd1", seed: int = 0):
         attention_head_dim=[1, 1] if sd2 else 8,
         use_linear_projection=sd2,
         norm_num_groups=32,
+        **unet_options,
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -72,10 +73,10 @@ def build_components(family: str = "sd1", seed: int = 0):
     return unet, vae, text_encoder
 
 
-def save_single(path: Path, family: str = "sd1", seed: int = 0, metadata: dict | None = None) -> Path:
+def save_single(path: Path, family: str = "sd1", seed: int = 0, metadata: dict | None = None, **unet_options) -> Path:
     from brushwork.models.convert import save_single_file
 
-    unet, vae, te = build_components(family, seed)
+    unet, vae, te = build_components(family, seed, **unet_options)
     return save_single_file(path, unet=unet, vae=vae, text_encoder=te, metadata=metadata)
 
 

@@ -96,7 +96,7 @@ def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
     else:
         heads = [max(1, c // 64) for c in channels]
     up_types = [t.replace("Down", "Up") for t in reversed(down_types)]
-    return {
+    config = {
         "sample_size": family.default_size // 8,
         "in_channels": in_channels,
         "out_channels": shapes[f"{p}out.2.weight"][0],
@@ -111,6 +111,10 @@ def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
         "upcast_attention": family.upcast_attention,
         "norm_num_groups": 32 if min(channels) % 32 == 0 else _groups(min(channels)),
     }
+    time_width = shapes[f"{p}time_embed.0.weight"][0]
+    if time_width != 4 * model_channels:  # SD's is 4x the first level's width; small models may differ
+        config["time_embedding_dim"] = time_width
+    return config
 
 
 def _groups(channels: int) -> int:
