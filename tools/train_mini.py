@@ -84,7 +84,8 @@ def build_text_encoder(hidden: int, layers: int):
     return CLIPTextModel(config)
 
 
-def build_unet(channels: tuple[int, ...], cross_attention_dim: int, attention_at_top: bool = False):
+def build_unet(channels: tuple[int, ...], cross_attention_dim: int, attention_at_top: bool = False,
+               time_embedding: int | None = None):
     """SD1-style UNet on 16x16 latents; cross-attention at every level below the top one (or at all)."""
     from diffusers import UNet2DConditionModel
 
@@ -103,6 +104,7 @@ def build_unet(channels: tuple[int, ...], cross_attention_dim: int, attention_at
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=32,
+        time_embedding_dim=time_embedding,  # None: 4x the first level's width, as SD
     )
 
 
@@ -242,7 +244,7 @@ def train_unet(args, work: Path, vae):
         return UNet2DConditionModel.from_pretrained(out / "unet"), CLIPTextModel.from_pretrained(out / "text_encoder")
     torch.manual_seed(args.seed + 1)
     text_encoder = build_text_encoder(args.hidden, args.text_layers)
-    unet = build_unet(tuple(args.channels), args.hidden, args.attention_at_top)
+    unet = build_unet(tuple(args.channels), args.hidden, args.attention_at_top, args.time_embedding or None)
     head = LayoutHead(args.hidden)
     log(
         f"params: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text "
@@ -445,7 +447,8 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         f"{text_encoder.config.num_hidden_layers} layers, {text_encoder.config.num_attention_heads} heads, CLIP BPE "
         f"vocabulary 49408, 77 tokens ({millions(text_encoder)}; most of it the token embedding).",
         f"- UNet: `UNet2DConditionModel`, blocks {list(unet.config.block_out_channels)}, "
-        f"{list(unet.config.down_block_types)}, 8 attention heads, cross-attention {unet.config.cross_attention_dim} "
+        f"{list(unet.config.down_block_types)}, 8 attention heads, cross-attention {unet.config.cross_attention_dim}, "
+        f"timestep embedding {unet.config.time_embedding_dim or 4 * unet.config.block_out_channels[0]} "
         f"({millions(unet)}).",
         "- Noise schedule: SD 1.x DDPM (1000 steps, scaled_linear 0.00085-0.012), "
         + ("v-prediction (as SD 2.x 768; the file says so in `modelspec.prediction_type`)."
@@ -516,6 +519,8 @@ def _reproduce_args(args) -> dict:
     keys = ("seed", "prediction", "floor", "text_warmup", "vae_steps", "unet_steps", "batch", "lr", "lr_schedule", "hidden", "text_layers", "aux", "uncond", "ema", "offset_noise", "dc", "high_t")
     out = {k: getattr(args, k) for k in keys}
     out["channels"] = " ".join(map(str, args.channels))
+    if args.time_embedding:
+        out["time_embedding"] = args.time_embedding
     return out
 
 
@@ -529,14 +534,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-crop-until", type=float, default=0.8, help="fraction of VAE steps on 32x32 crops")
     parser.add_argument("--vae-kl", type=float, default=1e-4)
-    parser.add_argument("--unet-steps", type=int, default=4400)
+    parser.add_argument("--unet-steps", type=int, default=4700)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                         help="after 100 warm-up steps: cosine down to 10%% of --lr, or constant")
     parser.add_argument("--hidden", type=int, default=128, help="text encoder width = UNet cross-attention size")
     parser.add_argument("--text-layers", type=int, default=3)
-    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--channels", type=int, nargs="+", default=[64, 64, 128])
+    parser.add_argument("--time-embedding", type=int, default=128,
+                        help="width of the UNet's timestep embedding (0: 4x the first of --channels, as SD)")
     parser.add_argument("--attention-at-top", action="store_true", help="cross-attention at 16x16 too (2x slower)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet stage (slower on 1 thread)")
     parser.add_argument("--prediction", choices=("eps", "v"), default="v", help="training target (v: SD 2.x's v-prediction)")
@@ -553,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a CPU busy with other work)")
     parser.add_argument("--eval-count", type=int, default=100)
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.0, help="CFG scale of the held-out evaluation")
+    parser.add_argument("--guidance", type=float, default=2.0, help="CFG scale of the held-out evaluation")
     parser.add_argument("--recommended-cfg", type=float, default=2.0,
                         help="CFG scale written into the file as its default (used when a request leaves CFG open)")
     parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
