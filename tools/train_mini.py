@@ -516,11 +516,9 @@ def _unet_training_lines(args) -> list[str]:
 
 
 def _reproduce_args(args) -> dict:
-    keys = ("seed", "prediction", "floor", "text_warmup", "vae_steps", "unet_steps", "batch", "lr", "lr_schedule", "hidden", "text_layers", "aux", "uncond", "ema", "offset_noise", "dc", "high_t")
+    keys = ("seed", "prediction", "floor", "text_warmup", "vae_steps", "unet_steps", "batch", "lr", "lr_schedule", "hidden", "text_layers", "aux", "uncond", "ema", "offset_noise", "dc", "high_t", "time_embedding")
     out = {k: getattr(args, k) for k in keys}
     out["channels"] = " ".join(map(str, args.channels))
-    if args.time_embedding:
-        out["time_embedding"] = args.time_embedding
     return out
 
 
