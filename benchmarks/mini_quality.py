@@ -26,18 +26,21 @@ from brushwork.mini.evaluate import evaluate  # noqa: E402
 DEFAULT_MODEL = ROOT / "src/brushwork/models/mini/mini.safetensors"
 
 
-def engine_generator(model: Path, sampler: str | None, steps: int | None, guidance: float | None):
-    """``generate(prompt, seed)`` through brushwork's public API (the path users take)."""
+def engine_generator(model: Path, sampler: str | None, steps: int | None, guidance: float | None,
+                     cfg_end: float | None = None):
+    """``generate(prompt, seed)`` through brushwork's public API (the path users take), and the settings
+    it runs with (what was left open filled in by the engine and the model's recommendations)."""
     from brushwork import Engine, GenerationRequest
 
     engine = Engine()
-    options = {k: v for k, v in {"sampler": sampler, "steps": steps, "cfg_scale": guidance}.items() if v is not None}
-    engine.generate(GenerationRequest(prompt="warm up", model=str(model), seed=0, **options))
+    asked = {"sampler": sampler, "steps": steps, "cfg_scale": guidance, "cfg_end": cfg_end}
+    options = {k: v for k, v in asked.items() if v is not None}
+    ran = engine.generate(GenerationRequest(prompt="warm up", model=str(model), seed=0, **options)).request
 
     def generate(prompt: str, seed: int):
         return engine.generate(GenerationRequest(prompt=prompt, model=str(model), seed=seed, **options)).images[0]
 
-    return generate
+    return generate, {name: getattr(ran, name) for name in asked}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default=None, help="default: the engine's default for the model")
     parser.add_argument("--steps", type=int, default=None, help="default: the engine's default")
     parser.add_argument("--guidance", type=float, default=None, help="default: the engine's default")
+    parser.add_argument("--cfg-end", type=float, default=None, help="fraction of steps with CFG (default: the engine's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -56,14 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    generate = engine_generator(args.model, args.sampler, args.steps, args.guidance)
+    generate, settings = engine_generator(args.model, args.sampler, args.steps, args.guidance, args.cfg_end)
     metrics = evaluate(generate, count=args.count)
     result = {
         "benchmark": "mini_quality",
         "model": args.model.name,
-        "sampler": args.sampler or "engine default",
-        "steps": args.steps or "engine default",
-        "guidance": args.guidance or "engine default",
+        **settings,  # as run: given on the command line, else the engine's and the model's defaults
         **metrics,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}",

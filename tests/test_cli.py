@@ -93,6 +93,7 @@ def _one_line_error(result, *needles):
     (["-W", 100000], ["too large"]),
     (["--steps", 0], ["steps"]),
     (["--sampler", "euler_b"], ["unknown sampler 'euler_b'", "Euler a"]),
+    (["--cfg-end", 1.5], ["CFG end must be above 0 and at most 1"]),
     (["--device", "cpu", "--precision", "fp16"], ["does not run on a CPU", "fp32"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, needles):

@@ -92,6 +92,36 @@ def test_a_models_recommended_cfg_applies_only_when_the_request_leaves_it_open(t
         assert "CFG scale: 7" in engine.generate(GenerationRequest(**{**common, "model": str(other)})).infotexts[0]
 
 
+def test_cfg_can_end_before_the_last_steps_and_a_model_can_recommend_where(tmp_path, engine):
+    from brushwork.output.infotext import request_from_infotext
+    from tinymodels import save_single
+
+    path = save_single(tmp_path / "m.safetensors", "sd1",
+                       metadata={"brushwork.defaults": '{"cfg_scale": 5, "cfg_end": 0.5}'})
+    common = dict(prompt="a red circle", model=str(path), steps=4, seed=7, width=32, height=32, watermark=False)
+
+    def pixels(result):
+        return np.asarray(result.images[0]).astype(int)
+
+    recommended = engine.generate(GenerationRequest(**common))
+    assert recommended.request.cfg_end == 0.5 and "CFG end: 0.5," in recommended.infotexts[0]
+    every_step = engine.generate(GenerationRequest(**common, cfg_end=1))
+    assert "CFG end" not in every_step.infotexts[0]
+    without_cfg = engine.generate(GenerationRequest(**common, cfg_scale=1))
+    # two of four steps guided: neither the fully guided picture nor the unguided one
+    assert np.abs(pixels(recommended) - pixels(every_step)).max() > 0
+    assert np.abs(pixels(recommended) - pixels(without_cfg)).max() > 0
+    # the PNG's parameters remake it exactly; an infotext without the key means CFG on every step
+    again = engine.generate(GenerationRequest(**{**request_from_infotext(recommended.infotexts[0]),
+                                                 "model": str(path), "watermark": False}))
+    assert np.array_equal(pixels(again), pixels(recommended))
+    assert request_from_infotext(every_step.infotexts[0])["cfg_end"] == 1.0
+    # out-of-range recommendations are ignored
+    for bad in ('{"cfg_end": 0}', '{"cfg_end": 1.5}', '{"cfg_end": "soon"}'):
+        other = save_single(tmp_path / f"b{len(bad)}{bad[-3]}.safetensors", "sd1", metadata={"brushwork.defaults": bad})
+        assert engine.generate(GenerationRequest(**{**common, "model": str(other)})).request.cfg_end == 1.0
+
+
 def test_same_weights_in_three_formats_give_identical_images(tiny, engine):
     images = []
     for fmt in ("safetensors", "ckpt", "diffusers"):

@@ -61,6 +61,8 @@ def test_generate_watch_progress_and_find_the_picture_in_the_gallery(browser, se
     page.select_option("#token_merging_ratio", "0.5")
     page.locator("#steps").evaluate("(el, v) => { el.value = v; el.dispatchEvent(new Event('input', "
                                     "{bubbles: true})); }", "60")
+    page.locator("#cfg_end").evaluate("(el, v) => { el.value = v; el.dispatchEvent(new Event('input', "
+                                      "{bubbles: true})); }", "0.5")
     page.focus("#prompt")
     page.keyboard.press("Control+Enter")
 
@@ -91,14 +93,17 @@ def test_generate_watch_progress_and_find_the_picture_in_the_gallery(browser, se
     page.fill("#prompt", "something else")
     page.fill("#seed", "-1")
     page.select_option("#token_merging_ratio", "0")
+    page.locator("#cfg_end").evaluate("el => { el.value = '1'; }")
     page.click("#gallery figure")
     page.wait_for_selector("#details[open]")
     assert "Seed: 1234" in page.inner_text("#details-text")
     assert "Token merging ratio: 0.5" in page.inner_text("#details-text")
+    assert "CFG end: 0.5" in page.inner_text("#details-text")
     assert page.get_attribute("#details-download", "href").endswith("?download=true")
     page.click("#details-reuse")
     assert page.input_value("#seed") == "1234"
     assert page.input_value("#token_merging_ratio") == "0.5"
+    assert page.input_value("#cfg_end") == "0.5"
     assert page.input_value("#prompt") == "a red circle on a blue sky"
 
     # settings survive a reload (localStorage)

@@ -79,6 +79,9 @@ def generation_options(fn):
                      help="Sampling steps [20]."),
         click.option("--cfg-scale", "--cfg_scale", "--scale", "cfg_scale", type=float, default=None,
                      help="Classifier-free guidance scale [the model's recommendation, else 7]."),
+        click.option("--cfg-end", "cfg_end", type=float, default=None,
+                     help="Fraction of the steps that use CFG; the last ones follow the prompt alone "
+                          "[the model's recommendation, else 1]."),
         click.option("--seed", type=int, default=-1, help="Seed; -1 = random (the seed used is printed)."),
         click.option("--width", "--W", "-W", "width", type=int, help="Width in pixels (multiple of 8)."),
         click.option("--height", "--H", "-H", "height", type=int, help="Height in pixels (multiple of 8)."),
@@ -146,7 +149,7 @@ def _request(mode: str, o: dict, **extra):
     req = GenerationRequest(
         prompt=prompt, negative_prompt=o["negative_prompt"], mode=Mode(mode), model=o["model"], vae=o["vae"],
         sampler=sampler, scheduler=o["schedule"], steps=o["steps"] if o["steps"] is not None else 20, cfg_scale=o["cfg_scale"],
-        seed=o["seed"], width=o["width"], height=o["height"], batch_size=o["batch_size"], n_iter=o["n_iter"],
+        cfg_end=o["cfg_end"], seed=o["seed"], width=o["width"], height=o["height"], batch_size=o["batch_size"], n_iter=o["n_iter"],
         eta=o["eta"], clip_skip=o["clip_skip"], token_merging_ratio=o["token_merging_ratio"], prediction=o["prediction"], device=o["device"],
         precision=Precision(precision), memory=o["memory"],
         watermark=settings.watermark and not o["no_watermark"], **extra,

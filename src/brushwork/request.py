@@ -79,6 +79,9 @@ class GenerationRequest:
     scheduler: str = "Automatic"
     steps: int = 20
     cfg_scale: float | None = None  # None: the model's recommended scale, else 7
+    # The fraction of the steps that use CFG; the rest (the last, least noisy ones) follow the prompt alone,
+    # as CFG 1 (SD.Next's "CFG end"). None: the model's recommendation, else 1 (every step).
+    cfg_end: float | None = None
     seed: int = -1
     width: int | None = None
     height: int | None = None
@@ -145,6 +148,9 @@ class GenerationRequest:
             raise InvalidRequest(f"strength must be between 0.0 and 1.0, got {self.strength!r}")
         if self.cfg_scale is not None and not 0 <= float(self.cfg_scale) <= 100:
             raise InvalidRequest(f"CFG scale must be between 0 and 100, got {self.cfg_scale!r}")
+        if self.cfg_end is not None and not 0.0 < float(self.cfg_end) <= 1.0:
+            raise InvalidRequest(f"CFG end must be above 0 and at most 1 (the fraction of steps with CFG), "
+                                 f"got {self.cfg_end!r}")
         if not 0.0 <= float(self.token_merging_ratio) <= MAX_TOKEN_MERGING_RATIO:
             raise InvalidRequest(
                 f"token merging ratio must be between 0 (off) and {MAX_TOKEN_MERGING_RATIO}, got "

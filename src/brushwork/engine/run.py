@@ -21,9 +21,17 @@ def with_model_defaults(request: GenerationRequest, parts) -> GenerationRequest:
     """Fill what the request leaves open (``None``) from the model's recommendations, then the usual defaults."""
     import dataclasses
 
+    filled = {}
     if request.cfg_scale is None:
-        return dataclasses.replace(request, cfg_scale=parts.defaults.get("cfg_scale", DEFAULT_CFG_SCALE))
-    return request
+        filled["cfg_scale"] = parts.defaults.get("cfg_scale", DEFAULT_CFG_SCALE)
+    if request.cfg_end is None:
+        filled["cfg_end"] = parts.defaults.get("cfg_end", 1.0)
+    return dataclasses.replace(request, **filled) if filled else request
+
+
+def guided_steps(cfg_end: float | None, total: int) -> int:
+    """How many of ``total`` steps use CFG when the fraction ``cfg_end`` of them should (at least one)."""
+    return total if cfg_end is None else max(1, min(total, round(float(cfg_end) * total)))
 
 
 def resolve_size(request: GenerationRequest, default_size: tuple[int, int]) -> tuple[int, int]:
@@ -228,11 +236,16 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
             raise Cancelled("cancelled")
         if stop_requested():
             raise _Stop(callback_kwargs["latents"], i + 1)
+        total = getattr(p, "_num_timesteps", None) or request.steps
+        if i + 1 == guided_steps(request.cfg_end, total) and p.do_classifier_free_guidance:
+            # CFG ends here: the remaining steps run the prompt alone (one UNet pass instead of two). The
+            # pipeline holds [negative, prompt] embeddings side by side; it goes on with the prompt's half.
+            p._guidance_scale = 1.0
+            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[1]
         if progress is not None:
             preview = None
             if want_previews:
                 preview = latent_preview(parts.vae, callback_kwargs["latents"])
-            total = getattr(p, "_num_timesteps", None) or request.steps
             progress(ProgressInfo(step=i + 1, total=total, batch=batch, batches=request.n_iter, preview=preview))
         return callback_kwargs
 
@@ -242,7 +255,8 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
     with (torch.inference_mode(), deep_cache(parts.unet, interval_for(request.extra)),
           token_merging(parts.unet, float(request.token_merging_ratio))):
         try:
-            out = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+            out = pipe(**kwargs, callback_on_step_end=on_step_end,
+                       callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
         except _Stop as stop:
             return stop.latents, stop.step
     return out.images, None
@@ -301,6 +315,7 @@ def infotext_for(request: GenerationRequest, *, seed, width, height, model_name,
         "Sampler": sampler,
         "Schedule type": schedule,
         "CFG scale": request.cfg_scale,
+        "CFG end": request.cfg_end if request.cfg_end is not None and request.cfg_end < 1 else None,
         "Seed": seed,
         "Size": f"{width}x{height}",
         "Model hash": model_hash,

@@ -149,8 +149,8 @@ def _resolution(metadata: dict[str, str]) -> tuple[int, int] | None:
         return None
 
 
-DEFAULTS_KEY = "brushwork.defaults"  # safetensors metadata: JSON, e.g. {"cfg_scale": 2.0}
-_DEFAULT_TYPES = {"cfg_scale": float}
+DEFAULTS_KEY = "brushwork.defaults"  # safetensors metadata: JSON, e.g. {"cfg_scale": 2.0, "cfg_end": 0.85}
+_DEFAULT_RANGES = {"cfg_scale": (0.0, 100.0), "cfg_end": (0.0, 1.0)}  # what GenerationRequest accepts
 
 
 def _model_defaults(metadata: dict[str, str]) -> dict:
@@ -160,11 +160,12 @@ def _model_defaults(metadata: dict[str, str]) -> dict:
     except ValueError:
         return {}
     out = {}
-    for key, cast in _DEFAULT_TYPES.items():
-        if isinstance(raw, dict) and isinstance(raw.get(key), int | float) and not isinstance(raw.get(key), bool):
-            out[key] = cast(raw[key])
-    if not 0 <= out.get("cfg_scale", 0) <= 100:
-        out.pop("cfg_scale")
+    for key, (low, high) in _DEFAULT_RANGES.items():
+        value = raw.get(key) if isinstance(raw, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+            out[key] = float(value)
+    if out.get("cfg_end") == 0.0:
+        out.pop("cfg_end")  # a fraction of the steps above 0
     return out
 
 

@@ -92,13 +92,14 @@ def request_from_infotext(text: str) -> dict:
     conv = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
             "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
             "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str),
-            "Token merging ratio": ("token_merging_ratio", float)}
+            "Token merging ratio": ("token_merging_ratio", float), "CFG end": ("cfg_end", float)}
     for key, (name, cast) in conv.items():
         if key in p:
             try:
                 out[name] = cast(p[key])
             except ValueError:
                 pass
+    out.setdefault("cfg_end", 1.0)  # written whenever CFG ended early: without it, every step had CFG
     if p.get("Fast mode", "").isdigit():
         out["extra"] = {"fast": int(p["Fast mode"])}  # brushwork's DeepCache interval
     if "Size" in p and re.fullmatch(r"\d+x\d+", p["Size"]):

@@ -37,6 +37,8 @@ class JobRequest(BaseModel):
     scheduler: str = "Automatic"
     steps: int = 20
     cfg_scale: float | None = Field(None, description="null = the model's recommended scale, else 7")
+    cfg_end: float | None = Field(None, description="fraction of the steps with CFG; the last ones follow the "
+                                                    "prompt alone (null = the model's recommendation, else 1)")
     seed: int = Field(-1, description="-1 = random; the seed used is in the result")
     width: int | None = Field(None, description="null = the model's native size")
     height: int | None = None

@@ -515,7 +515,8 @@ class Worker:
         images = []
         root = self.outputs_dir.resolve()
         ran = getattr(out, "request", None)  # what ran: open settings filled in by the model's defaults
-        asked = {**job.request, "cfg_scale": ran.cfg_scale} if ran is not None else job.request
+        asked = ({**job.request, "cfg_scale": ran.cfg_scale, "cfg_end": ran.cfg_end} if ran is not None
+                 else job.request)
         for i, path in enumerate(paths):
             image = out.images[i] if i < len(out.images) else None
             seed = out.seeds[i] if i < len(out.seeds) else None

@@ -50,6 +50,7 @@ class _Common(BaseModel):
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
+    cfg_end: float | None = None  # SD.Next's field; A1111 has none (null: the model's recommendation, else 1)
     width: int = 512
     height: int = 512
     restore_faces: bool | None = None
@@ -176,6 +177,7 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
         scheduler=body.scheduler or "Automatic",
         steps=body.steps,
         cfg_scale=body.cfg_scale,
+        cfg_end=body.cfg_end,
         seed=-1 if body.seed < 0 else body.seed,
         width=body.width,
         height=body.height,

@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const API = "api/v1";
 const STORE_KEY = "brushwork.settings.v1";
 const STYLES_KEY = "brushwork.styles.v1";
-const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "scheduler", "steps", "cfg_scale",
+const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "scheduler", "steps", "cfg_scale", "cfg_end",
   "width", "height", "batch_size", "seed", "strength", "token_merging_ratio"];
 const MODIFIERS = ["highly detailed", "oil painting", "watercolor", "photograph", "digital art",
   "pixel art", "cinematic lighting", "sunset", "pastel colors", "minimalist"];
@@ -73,16 +73,18 @@ function loadSettings() {
   updateOutputs();
 }
 
-// a model may recommend its own CFG scale (a small or few-step model): the slider follows the chosen model
+// a model may recommend its own CFG scale and end (a small or few-step model): the sliders follow the chosen model
 function applyModelDefaults() {
   const defaults = (state.modelDefaults || {})[$("model").value] || {};
   $("cfg_scale").value = defaults.cfg_scale ?? 7;
+  $("cfg_end").value = defaults.cfg_end ?? 1;
   updateOutputs();
 }
 
 function updateOutputs() {
   $("steps-out").textContent = $("steps").value;
   $("cfg-out").textContent = $("cfg_scale").value;
+  $("cfg-end-out").textContent = $("cfg_end").value;
   $("strength-out").textContent = $("strength").value;
   const prompt = $("prompt").value.toLowerCase();
   for (const chip of document.querySelectorAll(".chip")) {
@@ -224,6 +226,7 @@ function buildRequest() {
     scheduler: $("scheduler").value,
     steps: num("steps"),
     cfg_scale: num("cfg_scale"),
+    cfg_end: num("cfg_end"),
     seed: $("seed").value === "" ? -1 : Number($("seed").value),
     width: num("width"),
     height: num("height"),
@@ -406,6 +409,7 @@ function reuseSettings() {
   set("scheduler", r.scheduler);
   set("steps", r.steps);
   set("cfg_scale", r.cfg_scale);
+  set("cfg_end", r.cfg_end ?? 1);  // (older history rows have none: CFG ran on every step)
   set("seed", meta.seed);
   set("width", meta.width || r.width);
   set("height", meta.height || r.height);
