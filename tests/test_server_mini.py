@@ -25,7 +25,7 @@ def test_a_fresh_install_serves_the_bundled_model_and_the_same_picture_as_the_li
     with TestClient(create_app(engine, settings)) as client:
         models = client.get("/api/v1/models").json()["models"]
         assert [m["name"] for m in models] == ["mini"] and models[0]["current"]
-        assert models[0]["defaults"] == {"cfg_scale": 2.0}  # the web UI's CFG slider follows it
+        assert models[0]["defaults"] == {"cfg_scale": 2.0, "cfg_end": 0.85}  # the web UI's CFG fields follow them
         job = client.post("/api/v1/jobs", json={"prompt": prompt, "seed": 7, "steps": 20}).json()
         deadline = time.monotonic() + 120
         while job["status"] not in ("done", "failed") and time.monotonic() < deadline:
@@ -39,4 +39,5 @@ def test_a_fresh_install_serves_the_bundled_model_and_the_same_picture_as_the_li
     assert served.size == (64, 64)  # the model's native size when none is asked for
     assert "Model: mini" in served.info["parameters"] and "Seed: 7" in served.info["parameters"]
     assert "CFG scale: 2," in served.info["parameters"]  # no scale asked for: the model's own
+    assert "CFG end: 0.85," in served.info["parameters"]
     assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(direct.convert("RGB")))

@@ -380,18 +380,28 @@ def pipeline(vae, text_encoder, unet, prediction: str):
     return pipe
 
 
-def quality(pipe, count: int, steps: int, guidance: float) -> dict:
+def quality(pipe, count: int, steps: int, guidance: float, cfg_end: float = 1.0) -> dict:
+    guided = max(1, round(cfg_end * steps))
+
+    def end_cfg(p, i, t, tensors):
+        # as brushwork's engine does for --cfg-end: the steps after the guided ones use the prompt alone
+        if i + 1 == guided and p.do_classifier_free_guidance:
+            p._guidance_scale = 1.0
+            tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
+        return tensors
+
     def generate(prompt: str, seed: int):
         generator = torch.Generator().manual_seed(seed)
         return pipe(
             prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
             height=scenes.IMAGE_SIZE, width=scenes.IMAGE_SIZE,
+            callback_on_step_end=end_cfg, callback_on_step_end_tensor_inputs=["prompt_embeds"],
         ).images[0]
 
     return evaluate(generate, count=count)
 
 
-def export(work: Path, out_path: Path, vae, text_encoder, unet, prediction: str, cfg_scale: float) -> None:
+def export(work: Path, out_path: Path, vae, text_encoder, unet, prediction: str, defaults: dict) -> None:
     from brushwork.models.convert import save_single_file
 
     metadata = {
@@ -400,8 +410,9 @@ def export(work: Path, out_path: Path, vae, text_encoder, unet, prediction: str,
         "modelspec.architecture": "stable-diffusion-v1",
         # Read by brushwork's loader (and other tools that honour ModelSpec) to pick the scheduler's target.
         "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
-        # brushwork uses this scale when a request leaves CFG open (a small model over-saturates at 7)
-        "brushwork.defaults": json.dumps({"cfg_scale": cfg_scale}),
+        # brushwork uses these when a request leaves them open (a small model over-saturates at CFG 7, and
+        # CFG in the last, least noisy steps pinches its squares' sides)
+        "brushwork.defaults": json.dumps(defaults),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(out_path, unet=unet, vae=vae, text_encoder=text_encoder, dtype=torch.float16, metadata=metadata)
@@ -471,8 +482,9 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         "",
         "## Use",
         f"- Default size {scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE}; sampler \"Euler a\", {args.eval_steps} steps; "
-        f"CFG {args.recommended_cfg:g}, written into the file (`brushwork.defaults`) so that brushwork uses it "
-        "when no `--cfg-scale` is given.",
+        f"CFG {args.recommended_cfg:g} for the first {args.recommended_cfg_end:.0%} of the steps, the prompt alone "
+        "after (CFG end), both written into the file (`brushwork.defaults`) so that brushwork uses them when no "
+        "`--cfg-scale` / `--cfg-end` is given.",
         "- Prompts in the style of the captions above. Words outside that world are ignored.",
         "",
     ]
@@ -480,7 +492,8 @@ def write_card(path: Path, args, work: Path, vae, text_encoder, unet, metrics: d
         lines += [
             f"## Quality on {metrics['images']} held-out captions ({metrics['shapes']} shapes)",
             "Pictures read back with the pixel checker `brushwork.mini.checker` "
-            f"(Euler a, {args.eval_steps} steps, CFG {args.guidance}, seeds 2024+i; the checker scores 100% on the "
+            f"(Euler a, {args.eval_steps} steps, CFG {args.guidance} ending at {args.cfg_end:.0%} of the steps, "
+            "seeds 2024+i; the checker scores 100% on the "
             "generator's own pictures).",
             "",
             "| measure | value |",
@@ -561,6 +574,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=2.0, help="CFG scale of the held-out evaluation")
     parser.add_argument("--recommended-cfg", type=float, default=2.0,
                         help="CFG scale written into the file as its default (used when a request leaves CFG open)")
+    parser.add_argument("--cfg-end", type=float, default=0.85,
+                        help="fraction of the evaluation's steps with CFG (the last ones use the prompt alone)")
+    parser.add_argument("--recommended-cfg-end", type=float, default=0.85,
+                        help="CFG end written into the file as its default (used when a request leaves it open)")
     parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
     args = parser.parse_args(argv)
 
@@ -575,16 +592,18 @@ def main(argv: list[str] | None = None) -> None:
     pipe = pipeline(vae, text_encoder, unet, args.prediction)
     metrics = None
     if args.eval_count:
-        asked = {"count": args.eval_count, "steps": args.eval_steps, "guidance": args.guidance}
+        asked = {"count": args.eval_count, "steps": args.eval_steps, "guidance": args.guidance,
+                 "cfg_end": args.cfg_end}
         saved = json.loads((args.work / "metrics.json").read_text()) if (args.work / "metrics.json").exists() else {}
         if saved.get("asked") == asked:
             metrics = saved  # the same evaluation of the same weights, already done
         else:
-            metrics = {**quality(pipe, args.eval_count, args.eval_steps, args.guidance), "asked": asked}
+            metrics = {**quality(pipe, args.eval_count, args.eval_steps, args.guidance, args.cfg_end), "asked": asked}
             (args.work / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log("held-out quality: " + json.dumps(metrics))
     if not args.no_export:
-        export(args.work, args.out, vae, text_encoder, unet, args.prediction, args.recommended_cfg)
+        defaults = {"cfg_scale": args.recommended_cfg, "cfg_end": args.recommended_cfg_end}
+        export(args.work, args.out, vae, text_encoder, unet, args.prediction, defaults)
         write_card(args.out.parent / "MODEL_CARD.md", args, args.work, vae, text_encoder, unet, metrics)
 
 
