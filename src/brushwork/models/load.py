@@ -150,7 +150,7 @@ def _resolution(metadata: dict[str, str]) -> tuple[int, int] | None:
 
 
 DEFAULTS_KEY = "brushwork.defaults"  # safetensors metadata: JSON, e.g. {"cfg_scale": 2.0, "cfg_end": 0.85}
-_DEFAULT_RANGES = {"cfg_scale": (0.0, 100.0), "cfg_end": (0.0, 1.0)}  # what GenerationRequest accepts
+_DEFAULT_CHECKS = {"cfg_scale": lambda v: 0 <= v <= 100, "cfg_end": lambda v: 0 < v <= 1}  # as GenerationRequest
 
 
 def _model_defaults(metadata: dict[str, str]) -> dict:
@@ -160,12 +160,10 @@ def _model_defaults(metadata: dict[str, str]) -> dict:
     except ValueError:
         return {}
     out = {}
-    for key, (low, high) in _DEFAULT_RANGES.items():
+    for key, valid in _DEFAULT_CHECKS.items():
         value = raw.get(key) if isinstance(raw, dict) else None
-        if isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high:
+        if isinstance(value, int | float) and not isinstance(value, bool) and valid(value):
             out[key] = float(value)
-    if out.get("cfg_end") == 0.0:
-        out.pop("cfg_end")  # a fraction of the steps above 0
     return out
 
 
