@@ -117,8 +117,8 @@ def test_cfg_can_end_before_the_last_steps_and_a_model_can_recommend_where(tmp_p
     assert np.array_equal(pixels(again), pixels(recommended))
     assert request_from_infotext(every_step.infotexts[0])["cfg_end"] == 1.0
     # out-of-range recommendations are ignored
-    for bad in ('{"cfg_end": 0}', '{"cfg_end": 1.5}', '{"cfg_end": "soon"}'):
-        other = save_single(tmp_path / f"b{len(bad)}{bad[-3]}.safetensors", "sd1", metadata={"brushwork.defaults": bad})
+    for n, bad in enumerate(('{"cfg_end": 0}', '{"cfg_end": 1.5}', '{"cfg_end": "soon"}')):
+        other = save_single(tmp_path / f"bad{n}.safetensors", "sd1", metadata={"brushwork.defaults": bad})
         assert engine.generate(GenerationRequest(**{**common, "model": str(other)})).request.cfg_end == 1.0
 
 

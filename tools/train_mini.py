@@ -381,14 +381,10 @@ def pipeline(vae, text_encoder, unet, prediction: str):
 
 
 def quality(pipe, count: int, steps: int, guidance: float, cfg_end: float = 1.0) -> dict:
-    guided = max(1, round(cfg_end * steps))
+    from brushwork.engine.run import end_guidance_after  # what the engine does for --cfg-end
 
     def end_cfg(p, i, t, tensors):
-        # as brushwork's engine does for --cfg-end: the steps after the guided ones use the prompt alone
-        if i + 1 == guided and p.do_classifier_free_guidance:
-            p._guidance_scale = 1.0
-            tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
-        return tensors
+        return end_guidance_after(cfg_end, p, i, tensors)
 
     def generate(prompt: str, seed: int):
         generator = torch.Generator().manual_seed(seed)

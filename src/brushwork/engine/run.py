@@ -29,9 +29,20 @@ def with_model_defaults(request: GenerationRequest, parts) -> GenerationRequest:
     return dataclasses.replace(request, **filled) if filled else request
 
 
-def guided_steps(cfg_end: float | None, total: int) -> int:
+def guided_steps(cfg_end: float, total: int) -> int:
     """How many of ``total`` steps use CFG when the fraction ``cfg_end`` of them should (at least one)."""
-    return total if cfg_end is None else max(1, min(total, round(float(cfg_end) * total)))
+    return max(1, min(total, round(float(cfg_end) * total)))
+
+
+def end_guidance_after(cfg_end: float, pipe, step: int, tensors: dict) -> dict:
+    """For a diffusers SD pipeline's ``callback_on_step_end`` (with ``prompt_embeds`` among its tensor inputs):
+    after the guided steps, the remaining ones run the prompt alone (CFG 1, one UNet pass instead of two). The
+    pipeline holds [negative, prompt] embeddings side by side; it goes on with the prompt's half."""
+    total = getattr(pipe, "_num_timesteps", None) or step + 1
+    if step + 1 == guided_steps(cfg_end, total) and pipe.do_classifier_free_guidance:
+        pipe._guidance_scale = 1.0
+        tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
+    return tensors
 
 
 def resolve_size(request: GenerationRequest, default_size: tuple[int, int]) -> tuple[int, int]:
@@ -236,16 +247,12 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
             raise Cancelled("cancelled")
         if stop_requested():
             raise _Stop(callback_kwargs["latents"], i + 1)
-        total = getattr(p, "_num_timesteps", None) or request.steps
-        if i + 1 == guided_steps(request.cfg_end, total) and p.do_classifier_free_guidance:
-            # CFG ends here: the remaining steps run the prompt alone (one UNet pass instead of two). The
-            # pipeline holds [negative, prompt] embeddings side by side; it goes on with the prompt's half.
-            p._guidance_scale = 1.0
-            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[1]
+        end_guidance_after(request.cfg_end, p, i, callback_kwargs)
         if progress is not None:
             preview = None
             if want_previews:
                 preview = latent_preview(parts.vae, callback_kwargs["latents"])
+            total = getattr(p, "_num_timesteps", None) or request.steps
             progress(ProgressInfo(step=i + 1, total=total, batch=batch, batches=request.n_iter, preview=preview))
         return callback_kwargs
 
