@@ -70,8 +70,9 @@ def free_port() -> int:
 class LiveServer:
     """``brushwork serve`` in a subprocess (the real command, real uvicorn), for SSE and crash tests."""
 
-    def __init__(self, paths: dict[str, Path], port: int | None = None):
+    def __init__(self, paths: dict[str, Path], port: int | None = None, args: tuple[str, ...] = ()):
         self.paths = paths
+        self.args = tuple(args)  # more options for `brushwork serve` (e.g. --auth)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -92,7 +93,7 @@ class LiveServer:
         self.paths["home"].mkdir(parents=True, exist_ok=True)
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "brushwork.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "brushwork.cli", "serve", "--port", str(self.port), *self.args],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(self.paths["home"].parent),
         )
         deadline = time.monotonic() + timeout
@@ -100,7 +101,7 @@ class LiveServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(self.url + "/api/v1/status", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/api/v1/status", timeout=2).status_code in (200, 401):
                     return self
             except httpx.HTTPError:
                 pass

@@ -166,6 +166,8 @@ def _prompts_from_file(path: str) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise BrushworkError(f"cannot read prompts from {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise BrushworkError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise BrushworkError(f"{path} holds no prompts (one prompt a line)")
@@ -344,7 +346,9 @@ def models_convert(file, out):
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=7860, show_default=True, type=int)
-@click.option("--auth", help="user:password (required when listening beyond this machine).")
+@click.option("--auth", "--api-auth", "auth",
+              help="user:password, or several as user1:pass1,user2:pass2 (required when listening beyond this "
+                   "machine).")
 @friendly_errors
 def serve(host, port, auth):
     """Start the web UI and the HTTP APIs (A1111-compatible /sdapi/v1 and /api/v1)."""

@@ -14,6 +14,7 @@ import base64
 import dataclasses
 import enum
 import io
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,20 @@ class Precision(str, enum.Enum):
 MAX_SIDE = 4096  # pixels; larger sides are refused before any memory is touched
 MAX_BATCH = 64
 MAX_STEPS = 1000
+MAX_IMAGES = 1000  # batch size x batches, per request
+MAX_BATCH_PIXELS = 64 * 1024 * 1024  # width x height x batch size: 64 at 1024x1024, 4 at 4096x4096
+# Prompts shared online run to a few thousand tokens; 64 KiB is over 10k tokens of such text, and bounds what
+# one request can make the text encoder do (a 1 MB prompt took a minute and 5 GB before this limit).
+MAX_PROMPT_CHARS = 64 * 1024
+MAX_FAST_INTERVAL = 100
 
 
 MAX_TOKEN_MERGING_RATIO = 0.9  # beyond this almost every token of the self-attention is merged away
+
+
+def limits(low: float, high: float, label: str, *, whole: bool = False, hint: str = "") -> dict[str, Any]:
+    """Field metadata: the range ``validate()`` holds a number to (``whole``: an integer), and how errors name it."""
+    return {"range": (low, high), "label": label, "whole": whole, "hint": hint}
 
 
 @dataclass
@@ -77,24 +89,27 @@ class GenerationRequest:
     vae: str | None = None
     sampler: str = "Euler a"
     scheduler: str = "Automatic"
-    steps: int = 20
-    cfg_scale: float | None = None  # None: the model's recommended scale, else 7
+    steps: int = field(default=20, metadata=limits(1, MAX_STEPS, "steps", whole=True))
+    cfg_scale: float | None = field(default=None, metadata=limits(0, 100, "CFG scale"))  # None: the model's, else 7
     # The fraction of the steps that use CFG; the rest (the last, least noisy ones) follow the prompt alone,
     # as CFG 1 (SD.Next's "CFG end"). None: the model's recommendation, else 1 (every step).
     cfg_end: float | None = None
     seed: int = -1
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    eta: float = 0.0
-    clip_skip: int = 1
-    token_merging_ratio: float = 0.0  # A1111's ToMe option (at most MAX_TOKEN_MERGING_RATIO): 0 = off; 0.5 merges half the tokens (faster, softer)
+    # multiples of 8 up to MAX_SIDE; validate() says which multiples are nearest
+    width: int | None = field(default=None, metadata={"schema": {"minimum": 8, "maximum": MAX_SIDE, "multipleOf": 8}})
+    height: int | None = field(default=None, metadata={"schema": {"minimum": 8, "maximum": MAX_SIDE, "multipleOf": 8}})
+    batch_size: int = field(default=1, metadata=limits(1, MAX_BATCH, "batch size", whole=True))
+    n_iter: int = field(default=1, metadata=limits(1, MAX_IMAGES, "n_iter (batches)", whole=True))
+    eta: float = field(default=0.0, metadata=limits(0, 1, "eta"))
+    clip_skip: int = field(default=1, metadata=limits(1, 12, "clip skip", whole=True))
+    # A1111's ToMe option: 0 = off; 0.5 merges half the tokens (faster, softer)
+    token_merging_ratio: float = field(default=0.0, metadata=limits(0, MAX_TOKEN_MERGING_RATIO, "token merging ratio",
+                                                                    hint="; 0 is off, 0.3-0.5 is usual"))
     # img2img / inpaint / depth2img / upscale
     init_image: Image | None = None
-    strength: float = 0.75
+    strength: float = field(default=0.75, metadata=limits(0, 1, "strength"))
     mask_image: Image | None = None
-    mask_blur: int = 4
+    mask_blur: int = field(default=4, metadata=limits(0, 64, "mask blur", whole=True))
     # model interpretation and placement
     prediction: str | None = None  # "eps" | "v" | None (detect)
     device: str = "auto"
@@ -125,11 +140,14 @@ class GenerationRequest:
                 raise InvalidRequest(
                     f"unknown precision {self.precision!r}; choose one of: {', '.join(p.value for p in Precision)}"
                 ) from None
+        for f in dataclasses.fields(self):
+            if "range" in f.metadata:
+                _check_number(getattr(self, f.name), f.metadata)
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is None:
                 continue
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidRequest(f"{name} must be a positive whole number of pixels, got {value!r}")
             if value % 8:
                 lower, upper = value - value % 8, value - value % 8 + 8
@@ -138,29 +156,31 @@ class GenerationRequest:
                 )
             if value > MAX_SIDE:
                 raise InvalidRequest(f"{name} {value} is too large; the limit is {MAX_SIDE} pixels")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS}, got {self.steps!r}")
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise InvalidRequest(f"batch size must be between 1 and {MAX_BATCH}, got {self.batch_size!r}")
-        if not 1 <= self.n_iter <= 10_000:
-            raise InvalidRequest(f"n_iter must be between 1 and 10000, got {self.n_iter!r}")
-        if not 0.0 <= float(self.strength) <= 1.0:
-            raise InvalidRequest(f"strength must be between 0.0 and 1.0, got {self.strength!r}")
-        if self.cfg_scale is not None and not 0 <= float(self.cfg_scale) <= 100:
-            raise InvalidRequest(f"CFG scale must be between 0 and 100, got {self.cfg_scale!r}")
-        if self.cfg_end is not None and not 0.0 < float(self.cfg_end) <= 1.0:
+        if self.total_images > MAX_IMAGES:
+            raise InvalidRequest(f"{self.batch_size} x {self.n_iter} = {self.total_images} images is over the limit "
+                                 f"of {MAX_IMAGES} a request; ask for fewer (batch size x n_iter)")
+        if self.width and self.height and self.width * self.height * self.batch_size > MAX_BATCH_PIXELS:
+            raise InvalidRequest(
+                f"a batch of {self.batch_size} at {self.width}x{self.height} is over the limit of "
+                f"{MAX_BATCH_PIXELS // 2**20} megapixels a batch; use a smaller batch size and more batches (n_iter)"
+            )
+        if self.cfg_end is not None and (not _is_number(self.cfg_end) or not 0.0 < self.cfg_end <= 1.0):
             raise InvalidRequest(f"CFG end must be above 0 and at most 1 (the fraction of steps with CFG), "
                                  f"got {self.cfg_end!r}")
-        if not 0.0 <= float(self.token_merging_ratio) <= MAX_TOKEN_MERGING_RATIO:
-            raise InvalidRequest(
-                f"token merging ratio must be between 0 (off) and {MAX_TOKEN_MERGING_RATIO}, got "
-                f"{self.token_merging_ratio!r}; 0.3-0.5 is usual"
-            )
-        if not 1 <= self.clip_skip <= 12:
-            raise InvalidRequest(f"clip skip must be between 1 and 12, got {self.clip_skip!r}")
+        for name in ("prompt", "negative_prompt"):
+            _check_text(name.replace("_", " "), getattr(self, name), MAX_PROMPT_CHARS)
+        for name in ("model", "vae", "sampler", "scheduler", "prediction", "device", "memory"):
+            if getattr(self, name) is not None:
+                _check_text(name, getattr(self, name), 4096)
+        if "fast" in self.extra:
+            from .engine.deepcache import interval_for
+
+            if interval_for(self.extra) > MAX_FAST_INTERVAL:
+                raise InvalidRequest(f"fast must be true, false or a whole number of steps from 1 to "
+                                     f"{MAX_FAST_INTERVAL}, got {self.extra['fast']!r}")
         if self.prediction not in (None, "eps", "v"):
             raise InvalidRequest(f"unknown prediction type {self.prediction!r}; choose 'eps' or 'v'")
-        if not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**32:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**32:
             raise InvalidRequest(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {self.seed!r}")
         if self.mode in (Mode.IMG2IMG, Mode.INPAINT, Mode.DEPTH2IMG, Mode.UPSCALE) and self.init_image is None:
             raise InvalidRequest(f"{self.mode.value} needs an init image (--init-img)")
@@ -201,6 +221,35 @@ class GenerationRequest:
         if "loras" in kwargs:
             kwargs["loras"] = [tuple(x) for x in kwargs["loras"]]
         return cls(**kwargs)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(value: Any, spec: dict[str, Any]) -> None:
+    """``value`` against a field's ``limits(...)``; None passes (it means "the default")."""
+    if value is None:
+        return
+    low, high = spec["range"]
+    label, whole = spec["label"], spec["whole"]
+    kind = "a whole number" if whole else "a number"
+    if not _is_number(value) or (whole and not isinstance(value, int)):
+        raise InvalidRequest(f"{label} must be {kind} from {low:g} to {high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{label} must be between {low:g} and {high:g}, got {value!r}{spec['hint']}")
+
+
+def _check_text(label: str, value: Any, limit: int) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{label} must be text, got {type(value).__name__}")
+    if len(value) > limit:
+        raise InvalidRequest(f"the {label} is {len(value)} characters long, over the limit of {limit}; shorten it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequest(f"the {label} holds a character that is not valid text (a lone surrogate at position "
+                             f"{err.start}); send it as UTF-8") from None
 
 
 @dataclass

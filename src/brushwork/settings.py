@@ -16,6 +16,9 @@ def _default_home() -> Path:
     return Path(os.environ.get("BRUSHWORK_HOME", Path.home() / ".brushwork")).expanduser()
 
 
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 @dataclass
 class Settings:
     home: Path = field(default_factory=_default_home)
@@ -30,6 +33,10 @@ class Settings:
     threads: int = 0  # CPU threads for torch; 0 = torch's default (one per physical core)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    # what one server request may ask for (a shared server's owner may lower them; the CLI is not bound)
+    max_steps: int = 1000
+    max_side: int = 4096
+    max_images: int = 1000
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
@@ -53,9 +60,10 @@ class Settings:
         path = home / "settings.json"
         if path.is_file():
             try:
-                values.update(json.loads(path.read_text()))
+                loaded = json.loads(path.read_text())
             except (OSError, ValueError):
-                pass  # a broken settings file must not stop the program; defaults apply
+                loaded = {}  # a broken settings file must not stop the program; defaults apply
+            values.update(loaded if isinstance(loaded, dict) else {})
         names = {f.name: f for f in fields(cls)}
         for name in names:
             env = os.environ.get(f"BRUSHWORK_{name.upper()}")
@@ -63,19 +71,31 @@ class Settings:
                 values[name] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
         for name in ("watermark", "compile"):
-            if isinstance(values.get(name), str):
-                values[name] = values[name].lower() in ("1", "true", "yes", "on")
-        for name in ("max_upload_bytes", "max_image_pixels", "threads"):
-            if name in values:
-                try:
-                    values[name] = int(values[name])
-                except (TypeError, ValueError):
-                    from .request import BrushworkError
+            if isinstance(values.get(name), str) and values[name].strip().lower() in _YES + _NO:
+                values[name] = values[name].strip().lower() in _YES
+        from .request import BrushworkError
 
+        for name in ("max_upload_bytes", "max_image_pixels", "threads", "max_steps", "max_side", "max_images"):
+            if name in values:
+                value = values[name]
+                try:
+                    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                        raise ValueError
+                    values[name] = int(value)  # NaN: ValueError, Infinity: OverflowError
+                    if values[name] < 0 or values[name] > 2**62:
+                        raise ValueError
+                except (TypeError, ValueError, OverflowError):
                     raise BrushworkError(
-                        f"setting {name} must be a whole number, got {values[name]!r}; fix BRUSHWORK_{name.upper()} "
-                        f"or {path}"
+                        f"setting {name} must be a whole number of 0 or more, got {value!r}; fix "
+                        f"BRUSHWORK_{name.upper()} or {path}"
                     ) from None
+        for name in ("watermark", "compile"):
+            if name in values and not isinstance(values[name], bool):
+                raise BrushworkError(f"setting {name} must be true or false, got {values[name]!r}; fix "
+                                     f"BRUSHWORK_{name.upper()} or {path}")
+        for name in ("models_dir", "outputs_dir", "default_model", "device", "precision", "memory"):
+            if values.get(name) is not None and not isinstance(values[name], str | Path):
+                raise BrushworkError(f"setting {name} must be text, got {values[name]!r}; fix {path}")
         values = {k: v for k, v in values.items() if k in names}
         values.setdefault("home", home)
         return cls(**values)

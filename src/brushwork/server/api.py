@@ -7,21 +7,45 @@ with images as base64. Unknown fields are an error here (a typo must not be sile
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from ..request import GenerationRequest, Mode, Precision
 from .app import HTTPError, ServerState
 from .app import state_of as _state
+from .edge import StrictJSONRoute
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, STATUSES, Job
 
-router = APIRouter(prefix="/api/v1", tags=["brushwork"])
+router = APIRouter(prefix="/api/v1", tags=["brushwork"], route_class=StrictJSONRoute)
+
+MAX_SEARCH_WORDS = 32
+MAX_ROW = 2**63 - 1  # SQLite's largest integer: larger offsets and ids are a 422, not an overflow
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=MAX_ROW)]
+ImageId = Annotated[int, Path(ge=0, le=MAX_ROW)]
+SearchText = Annotated[str, Query(max_length=1000, description="words the prompt must all contain (at most "
+                                                                 "32 words)")]
+
+
+_DECLARED = {f.name: f.metadata for f in dataclasses.fields(GenerationRequest)}
+
+
+def declared(name: str, default: Any, description: str | None = None) -> Any:
+    """A field of ``JobRequest`` documented with the range ``GenerationRequest`` declares for it (OpenAPI
+    ``minimum``/``maximum``); ``GenerationRequest.validate()`` enforces it, with its own messages."""
+    meta = _DECLARED[name]
+    schema: dict[str, Any] = dict(meta.get("schema", {}))
+    if "range" in meta:
+        schema["minimum"], schema["maximum"] = meta["range"]
+    return Field(default, description=description, json_schema_extra=schema or None)
 
 
 class JobRequest(BaseModel):
@@ -33,26 +57,28 @@ class JobRequest(BaseModel):
     negative_prompt: str = ""
     mode: Mode = Mode.TXT2IMG
     model: str | None = Field(None, description="a model name from the library (GET /api/v1/models); null = default")
-    sampler: str = "Euler a"
-    scheduler: str = "Automatic"
-    steps: int = 20
-    cfg_scale: float | None = Field(None, description="null = the model's recommended scale, else 7")
+    sampler: str = Field("Euler a", json_schema_extra={"enum": [x.name for x in SAMPLERS]},
+                         description="a sampler name (GET /api/v1/samplers; A1111's aliases work too)")
+    scheduler: str = Field("Automatic", json_schema_extra={"enum": list(SCHEDULE_TYPES)})
+    steps: int = declared("steps", 20)
+    cfg_scale: float | None = declared("cfg_scale", None, "null = the model's recommended scale, else 7")
     cfg_end: float | None = Field(None, description="fraction of the steps with CFG; the last ones follow the "
                                                     "prompt alone (null = the model's recommendation, else 1)")
     seed: int = Field(-1, description="-1 = random; the seed used is in the result")
-    width: int | None = Field(None, description="null = the model's native size")
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    eta: float = 0.0
-    clip_skip: int = 1
-    token_merging_ratio: float = Field(0.0, description="token merging (ToMe): 0 = off, 0.3-0.5 faster and a "
-                                                        "little softer")
+    width: int | None = declared("width", None, "null = the model's native size")
+    height: int | None = declared("height", None)
+    batch_size: int = declared("batch_size", 1)
+    n_iter: int = declared("n_iter", 1)
+    eta: float = declared("eta", 0.0)
+    clip_skip: int = declared("clip_skip", 1)
+    token_merging_ratio: float = declared("token_merging_ratio", 0.0, "token merging (ToMe): 0 = off, 0.3-0.5 "
+                                                                      "faster and a little softer")
     init_image: str | None = Field(None, description="base64 PNG/JPEG/WEBP or a data: URL (img2img, inpaint, ...)")
-    strength: float = 0.75
+    strength: float = declared("strength", 0.75)
     mask_image: str | None = None
-    mask_blur: int = 4
-    prediction: str | None = None
+    mask_blur: int = declared("mask_blur", 4)
+    prediction: str | None = Field(None, json_schema_extra={"enum": ["eps", "v", None]},
+                                   description="null = read from the model")
     precision: Precision = Precision.AUTO
     watermark: bool | None = None
     fast: bool | int = Field(False, description="fast mode: reuse the UNet's deep features between full steps "
@@ -103,8 +129,7 @@ async def create_job(body: JobRequest, request: Request):
 
 
 @router.get("/jobs", summary="List jobs, newest first")
-async def list_jobs(request: Request, status: str | None = None, limit: int = Query(50, ge=1, le=500),
-                    offset: int = Query(0, ge=0)):
+async def list_jobs(request: Request, status: str | None = None, limit: Limit = 50, offset: Offset = 0):
     state = _state(request)
     if status is not None and status not in STATUSES:
         raise HTTPError(400, f"unknown status {status!r}; choose one of: {', '.join(STATUSES)}")
@@ -212,15 +237,15 @@ def _image_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/images", summary="Image history, newest first; q searches the prompts")
-async def list_images(request: Request, q: str = "", limit: int = Query(50, ge=1, le=500),
-                      offset: int = Query(0, ge=0)):
+async def list_images(request: Request, q: SearchText = "", limit: Limit = 50, offset: Offset = 0):
     state = _state(request)
+    if len(q.split()) > MAX_SEARCH_WORDS:
+        raise HTTPError(422, f"search for at most {MAX_SEARCH_WORDS} words at once, got {len(q.split())}")
     return {"images": [_image_view(r) for r in state.store.search_images(q, limit=limit, offset=offset)]}
 
 
 @router.get("/history", summary="Same as GET /api/v1/images")
-async def history(request: Request, q: str = "", limit: int = Query(50, ge=1, le=500),
-                  offset: int = Query(0, ge=0)):
+async def history(request: Request, q: SearchText = "", limit: Limit = 50, offset: Offset = 0):
     return await list_images(request, q, limit, offset)
 
 
@@ -232,7 +257,7 @@ def _image_row(state: ServerState, image_id: int) -> dict[str, Any]:
 
 
 @router.get("/images/{image_id}", summary="The PNG file (with its parameters chunk)")
-async def get_image(image_id: int, request: Request, download: bool = False):
+async def get_image(image_id: ImageId, request: Request, download: bool = False):
     state = _state(request)
     row = _image_row(state, image_id)
     path = state.image_path(row["path"])
@@ -265,7 +290,7 @@ def _thumbnail(state: ServerState, image_id: int, path) -> Any:
 
 
 @router.get("/images/{image_id}/thumb", summary="A small preview (WEBP, at most 256 pixels a side)")
-def get_thumbnail(image_id: int, request: Request):
+def get_thumbnail(image_id: ImageId, request: Request):
     state = _state(request)
     row = _image_row(state, image_id)
     thumb = _thumbnail(state, image_id, state.image_path(row["path"]))
@@ -273,7 +298,7 @@ def get_thumbnail(image_id: int, request: Request):
 
 
 @router.get("/images/{image_id}/meta", summary="An image's parameters")
-async def get_image_meta(image_id: int, request: Request):
+async def get_image_meta(image_id: ImageId, request: Request):
     state = _state(request)
     row = _image_row(state, image_id)
     view = _image_view(row)

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..request import BrushworkError, GenerationRequest, InvalidRequest, Mode
 from ..settings import Settings
-from .jobs import FINISHED, Job, JobStore, Worker
+from .edge import BodyLimit
+from .jobs import FINISHED, Job, JobStore, Worker, recover_outputs
 
 log = logging.getLogger("brushwork.server")
 
@@ -118,7 +119,17 @@ class ServerState:
                     f"the image is {image.width}x{image.height} pixels, over the limit of "
                     f"{self.settings.max_image_pixels} pixels; make it smaller"
                 )
-        return request.validate()
+        request.validate()
+        limits = self.settings
+        for value, limit, what, name in (
+                (request.steps, limits.max_steps, "steps", "max_steps"),
+                (request.width, limits.max_side, "width", "max_side"),
+                (request.height, limits.max_side, "height", "max_side"),
+                (request.total_images, limits.max_images, "images (batch size x n_iter)", "max_images")):
+            if isinstance(value, int) and value > limit:
+                raise InvalidRequest(f"{value} {what} is over this server's limit of {limit} (its owner can change "
+                                     f"BRUSHWORK_{name.upper()})")
+        return request
 
     def submit(self, request: GenerationRequest, *, source: str = "api") -> Job:
         request = self.check_request(request)
@@ -193,6 +204,7 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
     recovered = store.recover()
     if recovered:
         log.info("%d job(s) interrupted by a restart are queued again", recovered)
+    recover_outputs(store, outputs_dir, settings.data_dir)  # a killed run's files go before it runs again
     worker = Worker(store, engine, outputs_dir)
     state = ServerState(engine=engine, settings=settings, store=store, worker=worker, outputs_dir=outputs_dir,
                         selected_model=store.get_option("sd_model_checkpoint"),
@@ -238,21 +250,18 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
         return JSONResponse(error_body("RequestValidationError", detail, detail), status_code=422)
 
     limit = settings.max_upload_bytes * 4 // 3 + 1024 * 1024  # base64 and JSON overhead
+    users = parse_auth(auth) if auth else None
 
     @app.middleware("http")
-    async def _limits_and_auth(request: Request, call_next):
-        if auth:
-            if not _auth_ok(request.headers.get("authorization"), auth):
-                return JSONResponse(error_body("Unauthorized", "authentication required"), status_code=401,
-                                    headers={"WWW-Authenticate": 'Basic realm="brushwork"'})
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            return JSONResponse(
-                error_body("Payload Too Large",
-                           f"the request is larger than the upload limit ({settings.max_upload_bytes} bytes)"),
-                status_code=413,
-            )
+    async def _auth(request: Request, call_next):
+        if users is not None and not _auth_ok(request.headers.get("authorization"), users):
+            return JSONResponse(error_body("Unauthorized", "authentication required"), status_code=401,
+                                headers={"WWW-Authenticate": 'Basic realm="brushwork"'})
         return await call_next(request)
+
+    # outermost of the app's own middleware: a body over the limit is refused before anything reads it
+    app.add_middleware(BodyLimit, limit=limit, error_body=lambda: error_body(
+        "Payload Too Large", f"the request is larger than the upload limit ({settings.max_upload_bytes} bytes)"))
 
     app.include_router(sdapi.router)
     app.include_router(api.router)
@@ -269,14 +278,29 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
     return app
 
 
-def _auth_ok(header: str | None, auth: str) -> bool:
-    if not header or not header.lower().startswith("basic "):
+def parse_auth(auth: str) -> list[tuple[str, str]]:
+    """``user:password`` or A1111's ``--api-auth`` list ``user1:pass1,user2:pass2``; one-line error otherwise."""
+    users = []
+    for entry in auth.split(","):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise BrushworkError("--auth must look like user:password (several as user1:pass1,user2:pass2), "
+                                 "each with a user name and a password")
+        users.append((user, password))
+    return users
+
+
+def _auth_ok(header: str | None, users: list[tuple[str, str]]) -> bool:
+    if not header or not header[:6].lower() == "basic ":
         return False
     try:
-        given = base64.b64decode(header[6:].strip()).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+        given = base64.b64decode(header[6:].strip().encode("ascii"), validate=True).decode("utf-8").encode()
+    except (ValueError, UnicodeError):  # not base64, not ASCII (headers arrive as latin-1), not UTF-8
         return False
-    return secrets.compare_digest(given.encode(), auth.encode())
+    ok = False
+    for user, password in users:  # every entry compared, in constant time each
+        ok |= secrets.compare_digest(given, f"{user}:{password}".encode())
+    return ok
 
 
 def _version() -> str:
@@ -302,8 +326,8 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(host: str, auth: str | None) -> None:
     """Listening beyond this machine needs a password: raise a one-line error otherwise."""
-    if auth is not None and (":" not in auth or not auth.split(":", 1)[0]):
-        raise BrushworkError("--auth must look like user:password")
+    if auth is not None:
+        parse_auth(auth)
     if not is_loopback(host) and not auth:
         raise BrushworkError(
             f"refusing to listen on {host} without a password: anyone on the network could use this machine; "

@@ -24,9 +24,12 @@ from ..engine.samplers import display_name
 from ..request import MAX_TOKEN_MERGING_RATIO, GenerationRequest, InvalidRequest, Mode
 from .app import HTTPError, ServerState
 from .app import state_of as _state
+from .edge import StrictJSONRoute
 from .jobs import CANCELLED, DONE, INPUT_IMAGES
 
-router = APIRouter(prefix="/sdapi/v1", tags=["sdapi (A1111-compatible)"])
+MAX_OPTIONS_BYTES = 256 * 1024
+
+router = APIRouter(prefix="/sdapi/v1", tags=["sdapi (A1111-compatible)"], route_class=StrictJSONRoute)
 
 
 # ---- request models (A1111 names and defaults; unknown fields are ignored) -------------------------
@@ -379,18 +382,24 @@ def set_options(body: dict[str, Any], request: Request):
     state = _state(request)
     if "CLIP_stop_at_last_layers" in body:
         value = body["CLIP_stop_at_last_layers"]
-        if not isinstance(value, int) or not 1 <= value <= 12:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
             raise InvalidRequest(f"CLIP_stop_at_last_layers must be between 1 and 12, got {value!r}")
     for name in ("token_merging_ratio", "token_merging_ratio_img2img"):
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                   or not 0 <= value <= MAX_TOKEN_MERGING_RATIO):
             raise InvalidRequest(f"{name} must be between 0 and {MAX_TOKEN_MERGING_RATIO}, got {value!r}")
+    kept = {**{k: v for k, v in state.options.items() if not k.startswith("_")},
+            **{k: v for k, v in body.items() if not k.startswith("_") and k != "sd_model_checkpoint"}}
+    size = len(json.dumps(kept))
+    if size > MAX_OPTIONS_BYTES:  # A1111's whole config is about 20 kB; options are not a file store
+        raise HTTPError(413, f"the options would take {size} bytes, over the limit of {MAX_OPTIONS_BYTES}; "
+                             "send only the options you change")
     if "sd_model_checkpoint" in body:
         state.selected_model = state.resolve_model(body.pop("sd_model_checkpoint"))
         state.store.set_option("sd_model_checkpoint", state.selected_model)
     state.options.update({k: v for k, v in body.items() if not k.startswith("_")})
-    state.store.set_option("sdapi_options", {k: v for k, v in state.options.items() if not k.startswith("_")})
+    state.store.set_option("sdapi_options", kept)
     return None
 
 
