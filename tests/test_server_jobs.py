@@ -109,3 +109,75 @@ def test_serve_command_refuses_a_network_address_without_auth_in_one_line(tmp_pa
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "--auth" in lines[0] and "0.0.0.0" in lines[0]
+
+
+def _image_row(idx: int, path: str) -> dict:
+    return {"idx": idx, "path": path, "request": {"prompt": "p"}, "seed": idx, "width": 32, "height": 32,
+            "model": "tiny", "model_hash": None, "infotext": "p"}
+
+
+def test_a_jobs_images_and_its_end_are_one_transaction(tmp_path):
+    from PIL import Image
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    request = GenerationRequest(prompt="p", mode="img2img", init_image=Image.new("RGB", (16, 16), "red")).to_dict()
+    job = store.create(request)
+    store.claim_next()
+    broken = {k: v for k, v in _image_row(1, "txt2img/00001-1.png").items() if k != "seed"}
+    with pytest.raises(TypeError):  # fails after the first image's row went in: all of it is undone
+        store.finish_done(job.id, [_image_row(0, "txt2img/00000-0.png"), broken], {"images": [{}, {}]})
+    assert store.search_images() == [] and store.status(job.id) == RUNNING
+    assert store.get(job.id, with_inputs=True).request["init_image"] != "<image>"
+
+    result = {"images": [{"path": "txt2img/00000-0.png"}, {"path": "txt2img/00001-1.png"}]}
+    ids = store.finish_done(job.id, [_image_row(0, "txt2img/00000-0.png"), _image_row(1, "txt2img/00001-1.png")],
+                            result)
+    done = store.get(job.id, with_inputs=True)
+    assert done.status == DONE and done.progress == 1.0 and done.request["init_image"] == "<image>"
+    assert [i["id"] for i in done.result["images"]] == ids
+    assert sorted(r["id"] for r in store.search_images()) == sorted(ids)
+
+
+def test_files_a_killed_run_left_are_removed_at_start_so_its_rerun_records_them_once(tmp_path):
+    import os
+    import time
+
+    from brushwork.output.files import write_atomic, write_linked
+    from brushwork.server.app import DB_NAME, create_app
+    from brushwork.settings import Settings
+
+    settings = Settings(home=tmp_path / "home", models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs")
+    store = JobStore(settings.data_dir / DB_NAME)
+    killed, recorded = store.create(_request("killed")), store.create(_request("recorded"))
+    store.claim_next()
+    store.claim_next()
+    folder = settings.outputs_dir / "txt2img"
+    earlier = write_atomic(b"an earlier picture", folder, lambda n: f"{n:05d}-1.png")
+    # the killed run: one picture written (and linked), one killed before its link; nothing on record
+    lost, lost_tmp = write_linked(b"killed run", folder, lambda n: f"{n:05d}-2.png", tag=killed.id)
+    unlinked = folder / f".tmp-{killed.id}-half.png"
+    unlinked.write_bytes(b"half")
+    # the recorded job: on record, killed before it removed its tmp
+    kept, kept_tmp = write_linked(b"recorded", folder, lambda n: f"{n:05d}-3.png", tag=recorded.id)
+    store.finish_done(recorded.id, [_image_row(0, "txt2img/" + kept.name)], {"images": [{}]})
+    old_cli, new_cli = folder / ".tmp-oldcli1.png", folder / ".tmp-newcli1.png"
+    old_cli.write_bytes(b"x")
+    new_cli.write_bytes(b"x")  # the command line may be writing it right now
+    os.utime(old_cli, (time.time() - 7200, time.time() - 7200))
+    thumbs = settings.data_dir / "thumbs"
+    thumbs.mkdir(parents=True)
+    (thumbs / "tmpab12cd.webp").write_bytes(b"x")
+    (thumbs / "5.webp").write_bytes(b"x")
+    assert os.stat(lost).st_nlink == 2
+    store.close()  # kill -9 here
+
+    app = create_app(object(), settings, start_worker=False)
+    try:
+        assert app.state.brushwork.store.status(killed.id) == QUEUED  # runs again, and writes its picture anew
+        assert app.state.brushwork.store.status(recorded.id) == DONE
+    finally:
+        app.state.brushwork.store.close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([earlier.name, kept.name, new_cli.name])
+    assert not lost.exists() and not lost_tmp.exists() and not unlinked.exists() and not kept_tmp.exists()
+    assert kept.read_bytes() == b"recorded" and os.stat(kept).st_nlink == 1
+    assert sorted(p.name for p in thumbs.iterdir()) == ["5.webp"]

@@ -124,3 +124,65 @@ def test_a_second_server_on_the_same_data_folder_is_refused(live):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "another brushwork server" in lines[0], proc.stderr
     assert httpx.get(live.server.url + "/api/v1/status").status_code == 200  # the first one is unharmed
+
+
+def _numbered(folder) -> set[str]:
+    """The pictures in an outputs folder (``00042-<seed>.png``), tmp links left out."""
+    import os
+    import re
+
+    try:
+        return {n for n in os.listdir(folder) if re.match(r"^\d{5}-.*\.png$", n)}
+    except FileNotFoundError:
+        return set()
+
+
+def test_kill_9_right_after_a_picture_is_written_still_records_each_picture_once(live):
+    import sqlite3
+
+    paths = live.paths
+    folder = paths["outputs"] / "txt2img"
+    database = paths["home"] / "data" / "brushwork.sqlite3"
+    jobs, hits, round_ = [], 0, 0
+    while round_ < 3 or (hits < 2 and round_ < 6):  # a kill can miss the moment: then a few more rounds
+        round_ += 1
+        base = live.server.url
+        before = _numbered(folder)
+        for i in range(2):  # four pictures a job: a kill can fall between the files and the job's end
+            r = httpx.post(f"{base}/api/v1/jobs", json={"prompt": f"once {round_} {i}", "width": 32, "height": 32,
+                                                        "steps": 2, "seed": 100 + 10 * round_ + i,
+                                                        "batch_size": 4})
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["id"])
+        deadline = time.monotonic() + 60
+        while not _numbered(folder) - before:
+            assert time.monotonic() < deadline, "no picture was written"
+            time.sleep(0.002)
+        live.server.kill9()  # a picture is there; its job is (most likely) not yet on record
+        with sqlite3.connect(database) as db:
+            on_record = {row[0] for row in db.execute("SELECT path FROM images")}
+        hits += bool({f"txt2img/{n}" for n in _numbered(folder)} - on_record)
+        live.restart()
+
+    base = live.server.url
+    for job_id in jobs:
+        done = wait_status(base, job_id, ("done", "failed", "cancelled"))
+        assert done["status"] == "done", done["error"]
+        assert len(done["result"]["images"]) == 4
+    listed = httpx.get(f"{base}/api/v1/images", params={"limit": 500}).json()["images"]
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT id, job_id, idx, path FROM images").fetchall()
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert sorted(r[0] for r in rows) == sorted(i["id"] for i in listed)
+    for job_id in jobs:  # one row per picture of the job, and the job's result names those rows
+        mine = sorted((r[2], r[0]) for r in rows if r[1] == job_id)
+        assert [idx for idx, _ in mine] == [0, 1, 2, 3], (job_id, mine)
+        result = httpx.get(f"{base}/api/v1/jobs/{job_id}").json()["result"]
+        assert sorted(i["id"] for i in result["images"]) == sorted(image_id for _, image_id in mine)
+    # exactly as many pictures in the folder as rows, each row's file there, and no tmp left
+    files = {f"txt2img/{n}" for n in _numbered(folder)}
+    recorded = [r[3] for r in rows if r[3].startswith("txt2img/")]
+    assert len(recorded) == len(set(recorded)) == len(files) and set(recorded) == files
+    assert all((paths["outputs"] / path).stat().st_size > 0 for path in recorded)
+    assert not [p for p in paths["outputs"].rglob(".tmp-*")]
+    assert hits >= 1, "no kill fell between a picture and its job's end: the test did not test anything"

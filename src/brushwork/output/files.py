@@ -6,6 +6,7 @@ import io
 import math
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -43,8 +44,17 @@ def read_infotext(path_or_image) -> str | None:
 
 def write_atomic(data: bytes, folder: Path, stem_for) -> Path:
     """Write ``data`` as ``folder/stem_for(n)`` with the next free number n; never overwrite, never half-write."""
+    final, tmp = write_linked(data, folder, stem_for)
+    os.unlink(tmp)
+    return final
+
+
+def write_linked(data: bytes, folder: Path, stem_for, *, tag: str | None = None) -> tuple[Path, Path]:
+    """As ``write_atomic``, but the temporary file is kept, a second (hard) link to the final file: returns
+    ``(final, tmp)`` and the caller unlinks ``tmp``. Until then ``tmp`` says the file is not yet on record:
+    named ``.tmp-<tag>-*.png`` with a ``tag`` (a job id), see ``JOURNAL`` and ``clean_journal``."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{tag}-" if tag else ".tmp-", suffix=".png")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -58,9 +68,75 @@ def write_atomic(data: bytes, folder: Path, stem_for) -> Path:
                 break
             except FileExistsError:
                 n += 1
-    finally:
+        _fsync_dir(folder)
+    except BaseException:
         os.unlink(tmp)
-    return final
+        raise
+    return final, Path(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the new names in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+TMP_GLOB = ".tmp-*.png"
+JOURNAL = re.compile(r"^\.tmp-([0-9a-f]{32})-[^/]*\.png$")  # the job id that wrote it (write_linked's tag)
+
+
+def clean_journal(outdir: str | Path, job_done, *, stale_after: float = 3600.0) -> dict[str, int]:
+    """Undo what a killed writer left in ``outdir`` (before anything writes there again).
+
+    A ``.tmp-<job id>-*.png`` is a picture of that job not yet on record (``write_linked``): when
+    ``job_done(job_id)`` is False (the job runs again) the final file(s) it is linked to in the same
+    folder are removed with it, so the rerun does not leave a second copy; when True (the job was
+    recorded, only the unlink was lost) or None (unknown job) only the tmp goes. Any other
+    ``.tmp-*.png`` (the command line's) is removed once older than ``stale_after`` seconds.
+    Returns the counts removed: ``{"tmps": ..., "images": ...}``.
+    """
+    import time
+
+    outdir = Path(outdir)
+    removed = {"tmps": 0, "images": 0}
+    if not outdir.is_dir():
+        return removed
+    now = time.time()
+    for tmp in sorted(outdir.rglob(TMP_GLOB)):
+        try:
+            st = tmp.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        m = JOURNAL.match(tmp.name)
+        if m is None:
+            if now - st.st_mtime > stale_after:
+                tmp.unlink(missing_ok=True)
+                removed["tmps"] += 1
+            continue
+        if st.st_nlink > 1 and job_done(m.group(1)) is False:
+            for other in tmp.parent.iterdir():
+                if other == tmp:
+                    continue
+                try:
+                    ost = other.lstat()
+                except FileNotFoundError:
+                    continue
+                if (ost.st_ino, ost.st_dev) == (st.st_ino, st.st_dev):
+                    other.unlink(missing_ok=True)
+                    removed["images"] += 1
+        tmp.unlink(missing_ok=True)
+        removed["tmps"] += 1
+    return removed
 
 
 def next_number(folder: Path) -> int:
@@ -83,14 +159,39 @@ def make_grid(images: list, rows: int | None = None):
 
 def save_result(result, outdir: str | Path, *, grid: bool = True, grid_rows: int | None = None) -> list[Path]:
     """Save every image of a result (and a grid of them when there is more than one)."""
+    return [final for final, _ in _save(result, outdir, grid, grid_rows, None)]
+
+
+def save_result_linked(result, outdir: str | Path, tag: str, *, grid: bool = False,
+                       grid_rows: int | None = None) -> list[tuple[Path, Path]]:
+    """As ``save_result``, but each file keeps its ``.tmp-<tag>-*.png`` link (``write_linked``): returns
+    ``(final, tmp)`` pairs; the caller unlinks the tmps once the files are on record."""
+    return _save(result, outdir, grid, grid_rows, tag)
+
+
+def _save(result, outdir, grid, grid_rows, tag) -> list[tuple[Path, Path]]:
     outdir = Path(outdir)
     mode = result.request.mode.value
     folder = outdir / mode
-    paths = []
-    for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
-        data = encode_png(image, text)
-        paths.append(write_atomic(data, folder, lambda n, s=seed: f"{n:05d}-{s}.png"))
-    if grid and len(result.images) > 1:
-        data = encode_png(make_grid(result.images, grid_rows), result.infotexts[0])
-        paths.append(write_atomic(data, outdir / f"{mode}-grids", lambda n: f"{n:05d}-grid.png"))
-    return paths
+    written: list[tuple[Path, Path]] = []
+
+    def write(data, where, stem_for):
+        if tag is None:
+            final = write_atomic(data, where, stem_for)
+            written.append((final, final))
+        else:
+            written.append(write_linked(data, where, stem_for, tag=tag))
+
+    try:
+        for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
+            write(encode_png(image, text), folder, lambda n, s=seed: f"{n:05d}-{s}.png")
+        if grid and len(result.images) > 1:
+            data = encode_png(make_grid(result.images, grid_rows), result.infotexts[0])
+            write(data, outdir / f"{mode}-grids", lambda n: f"{n:05d}-grid.png")
+    except BaseException:
+        if tag is not None:  # not on record: nothing of a half-saved result stays behind
+            for final, tmp in written:
+                final.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
+        raise
+    return written

@@ -1,8 +1,10 @@
 """The server's persistent job queue (SQLite, WAL) and the worker thread that drains it.
 
 A job is accepted only once its row is committed, so a crash (even ``kill -9`` mid-run) loses
-nothing: on startup, jobs left ``running`` go back to ``queued`` and run again. Finished images
-are written atomically by ``brushwork.output.files.save_result`` before the job is marked done.
+nothing: on startup, jobs left ``running`` go back to ``queued`` and run again. A job's images are
+recorded exactly once: each file is written atomically with a second link, ``.tmp-<job id>-*.png``,
+kept until the one transaction that adds its history rows and marks the job done has committed;
+at the next start ``recover_outputs`` removes the files of a run that was killed before that.
 
 Nothing here knows about HTTP: ``app.py``, ``sdapi.py`` and ``api.py`` translate to and from it.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sqlite3
 import threading
 import time
@@ -78,6 +82,27 @@ CREATE TABLE IF NOT EXISTS options (
 """
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean(value: Any) -> Any:
+    """A copy safe to send as JSON: non-finite floats become None, lone surrogates U+FFFD."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {clean(k): clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v) for v in value]
+    return value
+
+
+def store_loads(text: str) -> Any:
+    """JSON read back from the job store: lenient (older versions stored NaN), and cleaned."""
+    return clean(json.loads(text, parse_constant=lambda _: None))
+
+
 @dataclass
 class Job:
     id: str
@@ -122,13 +147,13 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         id=row["id"],
         status=row["status"],
         source=row["source"],
-        request=json.loads(row["request"]),
+        request=store_loads(row["request"]),
         created=row["created"],
         started=row["started"],
         finished=row["finished"],
         progress=row["progress"],
         error=row["error"],
-        result=json.loads(row["result"]) if row["result"] else None,
+        result=store_loads(row["result"]) if row["result"] else None,
         cancel_requested=bool(row["cancel_requested"]),
     )
 
@@ -257,6 +282,27 @@ class JobStore:
             )
             self._db.execute("DELETE FROM job_inputs WHERE job_id=?", (job_id,))  # uploads are only needed to run
 
+    def finish_done(self, job_id: str, images: list[dict[str, Any]], result: dict[str, Any]) -> list[int]:
+        """One transaction: the job's images join the history (``add_image``'s keywords, one dict each), the
+        job is done with ``result`` and its uploads go. ``result["images"][i]["id"]`` gets each row's id."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [self._insert_image(job_id=job_id, **image) for image in images]
+                for entry, image_id in zip(result.get("images", []), ids, strict=False):
+                    entry["id"] = image_id
+                self._db.execute(
+                    "UPDATE jobs SET status=?, finished=?, progress=1.0, result=?, error=NULL WHERE id=?",
+                    (DONE, time.time(), json.dumps(result), job_id),
+                )
+                self._db.execute("DELETE FROM job_inputs WHERE job_id=?", (job_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return ids
+
     def set_progress(self, job_id: str, progress: float) -> None:
         self._execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
 
@@ -285,7 +331,7 @@ class JobStore:
 
     def get_option(self, key: str, default: Any = None) -> Any:
         row = self._execute("SELECT value FROM options WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        return store_loads(row[0]) if row else default
 
     def set_option(self, key: str, value: Any) -> None:
         self._execute("INSERT INTO options (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -295,7 +341,13 @@ class JobStore:
 
     def add_image(self, *, job_id: str, idx: int, path: str, request: dict[str, Any], seed: int | None,
                   width: int, height: int, model: str | None, model_hash: str | None, infotext: str) -> int:
-        cur = self._execute(
+        with self._lock:
+            return self._insert_image(job_id=job_id, idx=idx, path=path, request=request, seed=seed, width=width,
+                                      height=height, model=model, model_hash=model_hash, infotext=infotext)
+
+    def _insert_image(self, *, job_id: str, idx: int, path: str, request: dict[str, Any], seed: int | None,
+                      width: int, height: int, model: str | None, model_hash: str | None, infotext: str) -> int:
+        cur = self._db.execute(
             "INSERT INTO images (job_id, idx, path, prompt, negative_prompt, seed, width, height, model, model_hash,"
             " sampler, steps, cfg_scale, infotext, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, idx, path, request.get("prompt", ""), request.get("negative_prompt", ""), seed, width, height,
@@ -356,11 +408,14 @@ class Worker:
     """One thread per device: takes the oldest queued job, runs it on the engine, saves its images.
 
     ``engine`` is a ``brushwork.engine.core.Engine`` (anything with ``generate(request, *, progress,
-    cancel, want_previews)``). ``save`` writes a result's images and returns their paths.
+    cancel, want_previews)``). ``save(result, outputs_dir, job_id)`` writes a result's images and returns
+    ``(path, tmp)`` pairs: ``tmp`` a second link to the file, ``.tmp-<job_id>-*.png`` in its folder
+    (``brushwork.output.files.write_linked``), which the worker removes once the job is on record.
     """
 
     def __init__(self, store: JobStore, engine: Any, outputs_dir: Path, *,
-                 save: Callable[[Any, Path], list[Path]] | None = None, poll_interval: float = 0.5,
+                 save: Callable[[Any, Path, str], list[tuple[Path, Path]]] | None = None,
+                 poll_interval: float = 0.5,
                  name: str = "brushwork-worker"):
         self.store = store
         self.engine = engine
@@ -459,7 +514,7 @@ class Worker:
         live = LiveProgress(job_id=job.id, started=time.time())
         with self._lock:
             self._cancel, self._interrupt, self._skip, self.live = cancel, interrupt, skip, live
-        status, result, error = FAILED, None, None
+        status, result, error, recorded = FAILED, None, None, False
         try:
             request = GenerationRequest.from_dict(job.request).validate()
             live.total, live.batches = request.steps, request.n_iter
@@ -488,8 +543,8 @@ class Worker:
                                            skip=skip, want_previews=True)
             if cancel.is_set():
                 raise Cancelled("cancelled")
-            result = self._record(job, out)
-            status = DONE
+            result = self._record(job, out)  # marks the job done, in the transaction that adds its images
+            status, recorded = DONE, True
         except Cancelled:
             # the server is stopping (not a user's cancel): the job runs again after the restart
             status, error = (QUEUED, None) if self._stop.is_set() and not live.interrupted else (CANCELLED, "cancelled")
@@ -505,14 +560,46 @@ class Worker:
                 self.last_finished = (job.id, status)
             if status == QUEUED:
                 self.store.requeue(job.id)
-            else:
+            elif not recorded:
                 self.store.finish(job.id, status, result=result, error=error)
 
     def _record(self, job: Job, out: Any) -> dict[str, Any]:
-        """Write the images (atomically), add them to the history, and return the job's result."""
+        """Write the images (atomically), then add them to the history and mark the job done in one
+        transaction, and return the job's result. A crash in between leaves the files' tmp links, which
+        ``recover_outputs`` reads at the next start: the images are recorded exactly once."""
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
-        paths = self._save(out, self.outputs_dir)
-        images = []
+        saved = self._save(out, self.outputs_dir, job.id)
+        try:
+            result, rows = self._result(job, out, [Path(path) for path, _ in saved])
+            self.store.finish_done(job.id, rows, result)
+        except Exception:
+            self._discard(job.id, saved)
+            raise
+        for _, tmp in saved:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:  # harmless: removed at the next start, the job being done
+                log.warning("could not remove %s", tmp)
+        return result
+
+    def _discard(self, job_id: str, saved: list[tuple[Path, Path]]) -> None:
+        """The job could not be recorded: its files go too (unless it is done after all, or we cannot tell:
+        then the next start sorts them out)."""
+        try:
+            if self.store.status(job_id) == DONE:
+                return
+        except sqlite3.Error:
+            return
+        for path, tmp in saved:
+            for p in {Path(path), Path(tmp)}:
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    log.warning("could not remove %s", p)
+
+    def _result(self, job: Job, out: Any, paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The job's result, and its images' history rows (``JobStore.add_image``'s keywords)."""
+        images, rows = [], []
         root = self.outputs_dir.resolve()
         ran = getattr(out, "request", None)  # what ran: open settings filled in by the model's defaults
         asked = ({**job.request, "cfg_scale": ran.cfg_scale, "cfg_end": ran.cfg_end} if ran is not None
@@ -526,13 +613,11 @@ class Worker:
             except ValueError:
                 rel = str(path)
             width, height = image.size if image is not None else (0, 0)
-            image_id = self.store.add_image(
-                job_id=job.id, idx=i, path=rel, request=asked, seed=seed, width=width, height=height,
-                model=out.model_name, model_hash=out.model_hash, infotext=infotext,
-            )
-            images.append({"id": image_id, "path": rel, "seed": seed, "width": width, "height": height,
+            rows.append({"idx": i, "path": rel, "request": asked, "seed": seed, "width": width, "height": height,
+                         "model": out.model_name, "model_hash": out.model_hash, "infotext": infotext})
+            images.append({"id": None, "path": rel, "seed": seed, "width": width, "height": height,
                            "infotext": infotext})
-        return {
+        result = {
             "images": images,
             "seeds": list(out.seeds),
             "infotexts": list(out.infotexts),
@@ -542,9 +627,35 @@ class Worker:
             "timings": dict(getattr(out, "timings", {}) or {}),
             "interrupted": bool(getattr(out, "interrupted", False)),
         }
+        return result, rows
 
 
-def _save_result(result: Any, outdir: Path) -> list[Path]:
-    from ..output.files import save_result
+def _save_result(result: Any, outdir: Path, job_id: str) -> list[tuple[Path, Path]]:
+    from ..output.files import save_result_linked
 
-    return list(save_result(result, outdir, grid=False))
+    return save_result_linked(result, outdir, job_id, grid=False)
+
+
+def recover_outputs(store: JobStore, outputs_dir: Path, data_dir: Path | None = None) -> dict[str, int]:
+    """At startup, after ``store.recover()`` and before the worker runs: remove what killed writes left.
+
+    A job's ``.tmp-<job id>-*.png`` still there means the job was not recorded when the server died:
+    if the job runs again, the file(s) that run made go with it (the rerun writes them anew), so every
+    job ends with its images exactly once. Also: old command-line tmps, and half-made thumbnails.
+    """
+    from ..output.files import clean_journal
+
+    def job_done(job_id: str) -> bool | None:
+        status = store.status(job_id)
+        return None if status is None else status == DONE
+
+    removed = clean_journal(outputs_dir, job_done)
+    thumbs = Path(data_dir) / "thumbs" if data_dir is not None else None
+    if thumbs is not None and thumbs.is_dir():  # one server per data folder: nobody else is writing these
+        for tmp in thumbs.glob("tmp*.webp"):
+            tmp.unlink(missing_ok=True)
+            removed["tmps"] += 1
+    if removed["images"] or removed["tmps"]:
+        log.info("removed %d unrecorded image(s) and %d temporary file(s) left by a crash",
+                 removed["images"], removed["tmps"])
+    return removed
