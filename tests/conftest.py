@@ -53,3 +53,12 @@ def engine(tmp_path):
     from brushwork import Engine, Settings
 
     return Engine(Settings(home=tmp_path / "home"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line at the very end when the browser tests could not run, naming what was not tested and the fix."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "test_webui" in getattr(r, "nodeid", "")]
+    if skipped:
+        terminalreporter.write_line(
+            f"NOT TESTED: the web UI in a real browser ({len(skipped)} tests skipped: Chromium is not installed); "
+            "install it with `apt-get install chromium` (as root) or run `make test` as root", yellow=True)
