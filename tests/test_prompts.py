@@ -45,7 +45,10 @@ def test_plain_prompt_matches_diffusers(parts):
 def test_long_prompts_are_chunked_not_cut(parts):
     long = ", ".join(["a red circle"] * 40)  # 4 tokens each: 159 tokens
     chunks = tokenize_weighted(parts.tokenizer, long)
-    assert [len(c) for c in chunks] == [75, 75, 9]
+    assert sum(len(c) for c in chunks) == 159 and len(chunks) == 3
+    # as A1111: the second chunk ends at its last comma (2 tokens back), the words after it start the third
+    assert [len(c) for c in chunks] == [75, 73, 11]
+    assert [len(c) for c in tokenize_weighted(parts.tokenizer, long, comma_padding_backtrack=0)] == [75, 75, 9]
     pos, neg = encode(parts.text_encoder, parts.tokenizer, long, "blurry")
     assert pos.shape == neg.shape == (1, 3 * 77, 32)  # the negative prompt is padded to the same length
 

@@ -10,7 +10,7 @@ import pytest
 
 from brushwork.request import BrushworkError, GenerationRequest
 from brushwork.server.app import check_bind, is_loopback
-from brushwork.server.jobs import CANCELLED, DONE, QUEUED, RUNNING, JobStore
+from brushwork.server.store import CANCELLED, DONE, QUEUED, RUNNING, JobStore
 
 
 def _request(prompt: str = "a red circle") -> dict:

@@ -72,7 +72,8 @@ def generation_options(fn):
         click.option("--prediction", type=click.Choice(["eps", "v"]), help="Prediction type (SD 2.x 768 = v)."),
         click.option("--sampler", default=None, help='Sampler, e.g. "Euler a", "DPM++ 2M Karras", ddim, plms.'),
         click.option("--scheduler", "--schedule", "schedule", default="Automatic",
-                     help="Schedule type: Automatic, Karras, Exponential."),
+                     help="Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Normal, "
+                          "DDIM, Beta."),
         click.option("--plms", is_flag=True, help="Use the PLMS sampler (research scripts' flag)."),
         click.option("--dpm", is_flag=True, help="Use DPM++ 2M (Stability v2 scripts' flag)."),
         click.option("--steps", "--ddim_steps", "--ddim-steps", "steps", type=int, default=None,
@@ -110,6 +111,11 @@ def generation_options(fn):
                           "less faithful)."),
         click.option("--token-merging-ratio", "--tome", "token_merging_ratio", type=float, default=0.0,
                      help="Token merging (ToMe, as A1111's option): 0.3-0.5 is faster and a little softer [0 = off]."),
+        click.option("--emphasis", default="Original", show_default=True,
+                     help="How (word:1.5) weights apply, as A1111's option: Original (then each 75-token chunk's "
+                          "mean is restored), 'No norm', Ignore (weights read, not applied), None (brackets are text)."),
+        click.option("--comma-padding-backtrack", "comma_padding_backtrack", type=int, default=20, show_default=True,
+                     help="A full 75-token chunk ends at a comma at most this many tokens back, as A1111 [0 = off]."),
         click.option("--compile", "compile_unet", is_flag=True,
                      help="torch.compile the UNet (slow first image, faster after; for long sessions)."),
         click.option("--threads", type=int, help="CPU threads [one per physical core]."),
@@ -151,6 +157,7 @@ def _request(mode: str, o: dict, **extra):
         sampler=sampler, scheduler=o["schedule"], steps=o["steps"] if o["steps"] is not None else 20, cfg_scale=o["cfg_scale"],
         cfg_end=o["cfg_end"], seed=o["seed"], width=o["width"], height=o["height"], batch_size=o["batch_size"], n_iter=o["n_iter"],
         eta=o["eta"], clip_skip=o["clip_skip"], token_merging_ratio=o["token_merging_ratio"], prediction=o["prediction"], device=o["device"],
+        emphasis=o["emphasis"], comma_padding_backtrack=o["comma_padding_backtrack"],
         precision=Precision(precision), memory=o["memory"],
         watermark=settings.watermark and not o["no_watermark"], **extra,
     )

@@ -67,6 +67,10 @@ MAX_FAST_INTERVAL = 100
 
 
 MAX_TOKEN_MERGING_RATIO = 0.9  # beyond this almost every token of the self-attention is merged away
+# A1111's "Emphasis" option: Original (weights scale the embeddings, then each chunk's mean is restored), No norm
+# (only scaled), Ignore (brackets are read, weights not applied), None (brackets and BREAK are plain text)
+EMPHASIS_CHOICES = ("None", "Ignore", "Original", "No norm")
+MAX_COMMA_PADDING_BACKTRACK = 74  # A1111's slider: a full 75-token chunk may end at a comma up to 74 tokens back
 
 
 def limits(low: float, high: float, label: str, *, whole: bool = False, hint: str = "") -> dict[str, Any]:
@@ -105,6 +109,12 @@ class GenerationRequest:
     # A1111's ToMe option: 0 = off; 0.5 merges half the tokens (faster, softer)
     token_merging_ratio: float = field(default=0.0, metadata=limits(0, MAX_TOKEN_MERGING_RATIO, "token merging ratio",
                                                                     hint="; 0 is off, 0.3-0.5 is usual"))
+    # A1111's prompt options: how (word:1.5) weights apply (EMPHASIS_CHOICES), and how many tokens back from the
+    # end of a full 75-token chunk a comma may be for the words after it to move to the next chunk (0 = off)
+    emphasis: str = field(default="Original", metadata={"schema": {"enum": list(EMPHASIS_CHOICES)}})
+    comma_padding_backtrack: int = field(default=20, metadata=limits(0, MAX_COMMA_PADDING_BACKTRACK,
+                                                                     "comma padding backtrack", whole=True,
+                                                                     hint="; 0 is off, 20 is A1111's default"))
     # img2img / inpaint / depth2img / upscale
     init_image: Image | None = None
     strength: float = field(default=0.75, metadata=limits(0, 1, "strength"))
@@ -180,6 +190,13 @@ class GenerationRequest:
                                      f"{MAX_FAST_INTERVAL}, got {self.extra['fast']!r}")
         if self.prediction not in (None, "eps", "v"):
             raise InvalidRequest(f"unknown prediction type {self.prediction!r}; choose 'eps' or 'v'")
+        canonical = {c.lower(): c for c in EMPHASIS_CHOICES}
+        if not isinstance(self.emphasis, str) or self.emphasis.strip().lower() not in canonical:
+            shown = self.emphasis[:40] if isinstance(self.emphasis, str) else self.emphasis
+            raise InvalidRequest(f"unknown emphasis {shown!r}; choose one of: {', '.join(EMPHASIS_CHOICES)}")
+        self.emphasis = canonical[self.emphasis.strip().lower()]
+        if self.comma_padding_backtrack is None:
+            self.comma_padding_backtrack = 20
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**32:
             raise InvalidRequest(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {self.seed!r}")
         if self.mode in (Mode.IMG2IMG, Mode.INPAINT, Mode.DEPTH2IMG, Mode.UPSCALE) and self.init_image is None:

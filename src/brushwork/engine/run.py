@@ -223,7 +223,8 @@ def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, in
     n = len(batch_seeds)
     prompt_embeds, negative_embeds = encode(parts.text_encoder, parts.tokenizer, request.prompt,
                                             request.negative_prompt, clip_skip=request.clip_skip,
-                                            device=policy.device)
+                                            device=policy.device, emphasis=request.emphasis,
+                                            comma_padding_backtrack=request.comma_padding_backtrack)
     kwargs = dict(
         prompt_embeds=prompt_embeds.repeat(n, 1, 1),
         negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
@@ -332,6 +333,7 @@ def infotext_for(request: GenerationRequest, *, seed, width, height, model_name,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "Eta": request.eta if request.eta else None,
         "Token merging ratio": request.token_merging_ratio or None,
+        "Emphasis": request.emphasis if request.emphasis != "Original" else None,  # A1111's key, only when not the default
         "Fast mode": fast_interval if fast_interval > 1 else None,
         "Version": f"brushwork {version}",
     }

@@ -155,7 +155,8 @@ def request_from_infotext(text: str) -> dict:
     conv = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
             "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
             "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str),
-            "Token merging ratio": ("token_merging_ratio", float), "CFG end": ("cfg_end", float)}
+            "Token merging ratio": ("token_merging_ratio", float), "CFG end": ("cfg_end", float),
+            "Emphasis": ("emphasis", str)}
     for key, (name, cast) in conv.items():
         if key in p:
             try:
@@ -163,6 +164,7 @@ def request_from_infotext(text: str) -> dict:
             except ValueError:
                 pass
     out.setdefault("cfg_end", 1.0)  # written whenever CFG ended early: without it, every step had CFG
+    out.setdefault("emphasis", "Original")  # as A1111: written only when not the default
     if p.get("Fast mode", "").isdigit() and len(p["Fast mode"]) <= 3:
         out["extra"] = {"fast": int(p["Fast mode"])}  # brushwork's DeepCache interval
     if "Size" in p and re.fullmatch(r"\d+x\d+", p["Size"]):

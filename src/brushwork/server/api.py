@@ -22,7 +22,7 @@ from ..request import GenerationRequest, Mode, Precision
 from .app import HTTPError, ServerState
 from .app import state_of as _state
 from .edge import StrictJSONRoute
-from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, STATUSES, Job
+from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, STATUSES, Job
 
 router = APIRouter(prefix="/api/v1", tags=["brushwork"], route_class=StrictJSONRoute)
 
@@ -73,6 +73,10 @@ class JobRequest(BaseModel):
     clip_skip: int = declared("clip_skip", 1)
     token_merging_ratio: float = declared("token_merging_ratio", 0.0, "token merging (ToMe): 0 = off, 0.3-0.5 "
                                                                       "faster and a little softer")
+    emphasis: str = declared("emphasis", "Original", "how (word:1.5) weights apply, as A1111's option: Original "
+                                                     "(then each chunk's mean is restored), No norm, Ignore, None")
+    comma_padding_backtrack: int = declared("comma_padding_backtrack", 20, "a full 75-token chunk ends at a comma at "
+                                                                           "most this many tokens back (0 = off)")
     init_image: str | None = Field(None, description="base64 PNG/JPEG/WEBP or a data: URL (img2img, inpaint, ...)")
     strength: float = declared("strength", 0.75)
     mask_image: str | None = None

@@ -1,7 +1,7 @@
 """The ASGI app: ``create_app(engine, settings)`` and ``serve(settings, host, port, auth)``.
 
 The app is a thin shell: HTTP in, ``GenerationRequest`` into the persistent job queue
-(``jobs.py``), ``GenerationResult`` files out. ``/sdapi/v1`` (A1111-compatible) lives in
+(``store.py``, run by ``worker.py``), ``GenerationResult`` files out. ``/sdapi/v1`` (A1111-compatible) lives in
 ``sdapi.py``, the native ``/api/v1`` in ``api.py``, the browser UI in ``web/``.
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 from ..request import BrushworkError, GenerationRequest, InvalidRequest, Mode
 from ..settings import Settings
 from .edge import BodyLimit
-from .jobs import FINISHED, Job, JobStore, Worker, recover_outputs
+from .store import FINISHED, Job, JobStore
+from .worker import Worker, recover_outputs
 
 log = logging.getLogger("brushwork.server")
 

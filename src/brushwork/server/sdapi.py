@@ -20,12 +20,19 @@ import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.samplers import display_name
-from ..request import MAX_TOKEN_MERGING_RATIO, GenerationRequest, InvalidRequest, Mode
+from ..engine.samplers import display_name, lenient_sampler
+from ..request import (
+    EMPHASIS_CHOICES,
+    MAX_COMMA_PADDING_BACKTRACK,
+    MAX_TOKEN_MERGING_RATIO,
+    GenerationRequest,
+    InvalidRequest,
+    Mode,
+)
 from .app import HTTPError, ServerState
 from .app import state_of as _state
 from .edge import StrictJSONRoute
-from .jobs import CANCELLED, DONE, INPUT_IMAGES
+from .store import CANCELLED, DONE, INPUT_IMAGES
 
 MAX_OPTIONS_BYTES = 256 * 1024
 
@@ -141,7 +148,8 @@ class ExtrasSingleImageRequest(BaseModel):
 # ---- translation ---------------------------------------------------------------------------------
 
 
-def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequest:
+def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[GenerationRequest, list[str]]:
+    """The request, and notes for ``info`` about what was read leniently, as A1111 does."""
     overrides = dict(body.override_settings or {})
     # features that would change the picture are refused, never silently dropped (A1111 answers 422 for
     # scripts it does not have, too)
@@ -171,13 +179,20 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
         tome = float(tome or 0.0)
     except (TypeError, ValueError):
         raise InvalidRequest(f"token_merging_ratio must be a number, got {tome!r}") from None
+    backtrack = option("comma_padding_backtrack", 20)
+    if isinstance(backtrack, float) and backtrack.is_integer():
+        backtrack = int(backtrack)  # a slider's 20.0; validate() refuses anything else that is not a whole number
+    # as A1111: a schedule type it does not know (SillyTavern sends "normal"), or one the sampler cannot take
+    # (Open WebUI suggests "Euler a" + "Karras"), falls back to Automatic; the info says so
+    sampler, scheduler, note = lenient_sampler(body.sampler_name or body.sampler_index or "Euler",
+                                               body.scheduler or "Automatic")
     request = GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         mode=mode,
         model=overrides.get("sd_model_checkpoint"),
-        sampler=body.sampler_name or body.sampler_index or "Euler",
-        scheduler=body.scheduler or "Automatic",
+        sampler=sampler,
+        scheduler=scheduler,
         steps=body.steps,
         cfg_scale=body.cfg_scale,
         cfg_end=body.cfg_end,
@@ -189,6 +204,8 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
         eta=body.eta or 0.0,
         clip_skip=clip_skip,
         token_merging_ratio=tome,
+        emphasis=option("emphasis", "Original"),
+        comma_padding_backtrack=backtrack,
         watermark=state.settings.watermark,
     )
     if isinstance(body, Img2ImgRequest):
@@ -200,7 +217,7 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> GenerationRequ
             request.mode = Mode.INPAINT
             request.mask_image = state.decode_image(body.mask, "mask")
             request.mask_blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
-    return request
+    return request, [note] if note else []
 
 
 def _echo(body: _Common) -> dict[str, Any]:
@@ -258,8 +275,12 @@ def _info(state: ServerState, request: GenerationRequest, job_result: dict[str, 
 
 
 async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, Any]:
+    notes: list[str] = []
+
     def accept():  # decoding images and hashing a new model file take a while: not on the event loop
-        return state.submit(_to_request(state, body, mode), source="sdapi")
+        request, read_notes = _to_request(state, body, mode)
+        notes.extend(read_notes)
+        return state.submit(request, source="sdapi")
 
     job = await anyio.to_thread.run_sync(accept)
     job = await state.wait(job.id)
@@ -271,6 +292,7 @@ async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, 
             for img in result.get("images", []):
                 images.append(base64.b64encode(state.image_path(img["path"]).read_bytes()).decode("ascii"))
         info = _info(state, request, result, body, job.started)
+        info["notes"] = notes + info["notes"]
         if result.get("interrupted"):  # /interrupt: what was there when it stopped, the last picture unfinished
             info["interrupted"] = True
         return {"images": images, "parameters": _echo(body), "info": json.dumps(info)}
@@ -367,6 +389,8 @@ def get_options(request: Request):
         "sd_vae": "Automatic",
         "CLIP_stop_at_last_layers": 1,
         "token_merging_ratio": 0.0,
+        "emphasis": "Original",
+        "comma_padding_backtrack": 20,
         "samples_format": "png",
         "outdir_samples": str(state.outputs_dir),
         "eta_noise_seed_delta": 0,
@@ -389,6 +413,15 @@ def set_options(body: dict[str, Any], request: Request):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                   or not 0 <= value <= MAX_TOKEN_MERGING_RATIO):
             raise InvalidRequest(f"{name} must be between 0 and {MAX_TOKEN_MERGING_RATIO}, got {value!r}")
+    if "emphasis" in body and body["emphasis"] not in EMPHASIS_CHOICES:
+        raise InvalidRequest(f"unknown emphasis {str(body['emphasis'])[:40]!r}; choose one of: "
+                             f"{', '.join(EMPHASIS_CHOICES)}")
+    if "comma_padding_backtrack" in body:
+        value = body["comma_padding_backtrack"]
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or not 0 <= value <= MAX_COMMA_PADDING_BACKTRACK:
+            raise InvalidRequest(f"comma_padding_backtrack must be a whole number from 0 (off) to "
+                                 f"{MAX_COMMA_PADDING_BACKTRACK}, got {value!r}")
     kept = {**{k: v for k, v in state.options.items() if not k.startswith("_")},
             **{k: v for k, v in body.items() if not k.startswith("_") and k != "sd_model_checkpoint"}}
     size = len(json.dumps(kept))
