@@ -217,3 +217,26 @@ def test_skip_ends_the_current_batch_and_goes_on(tiny, engine):
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(full.images[0]))  # cut short
     for ours, theirs in zip(result.images[1:], full.images[1:], strict=True):  # the next batches ran in full
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_every_schedule_type_runs_with_every_sampler_that_takes_it(tiny, engine):
+    from brushwork.engine.samplers import SCHEDULE_TYPES
+
+    seen = {}
+    for sampler in SAMPLERS:
+        for schedule in sampler.schedules:
+            result = engine.generate(req(tiny, sampler=sampler.name, scheduler=schedule, steps=3))
+            image = px(result)
+            assert image.shape == (32, 32, 3) and image.std() > 1, (sampler.name, schedule)
+            if schedule != "Automatic" and schedule != sampler.automatic:
+                assert f"Schedule type: {schedule}," in result.infotexts[0]
+            seen.setdefault(schedule, []).append(sampler.name)
+    assert set(seen) == set(SCHEDULE_TYPES)  # each schedule type runs with at least one sampler
+    # a spacing schedule changes the timesteps, so the picture: trailing (SGM Uniform) vs the model's leading
+    leading = engine.generate(req(tiny, sampler="Euler", steps=3))
+    trailing = engine.generate(req(tiny, sampler="Euler", scheduler="sgm_uniform", steps=3))
+    assert not np.array_equal(px(leading), px(trailing))
+    with pytest.raises(InvalidRequest, match="does not support the Karras schedule"):
+        engine.generate(req(tiny, sampler="Euler a", scheduler="Karras"))
+    with pytest.raises(InvalidRequest, match="unknown schedule type 'weird'"):
+        engine.generate(req(tiny, sampler="Euler", scheduler="weird"))

@@ -264,3 +264,25 @@ def test_skip_ends_the_current_batch_and_the_next_one_runs(client):
     data = answer["r"].json()
     info = json.loads(data["info"])
     assert len(data["images"]) == 2 and info["all_seeds"] == [1, 2] and "interrupted" not in info
+
+
+@pytest.mark.parametrize(("sampler", "scheduler", "used", "note"), [
+    ("Euler", "normal", "Normal", None),  # SillyTavern's default
+    ("Euler a", "Karras", None, "does not support the Karras schedule"),  # Open WebUI's suggestion
+    ("Euler", "kl_optimal_v9", None, "unknown schedule type"),
+])
+def test_schedule_types_a1111_clients_send_are_taken_or_fall_back_with_a_note(client, sampler, scheduler, used,
+                                                                              note):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": sampler, "scheduler": scheduler,
+                                               **SMALL})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    text = info["infotexts"][0]
+    if used:
+        assert f"Schedule type: {used}," in text and not info["notes"]
+    else:
+        assert "Schedule type" not in text
+        assert any(note in n and "Automatic" in n for n in info["notes"]), info["notes"]
+    names = {s["name"] for s in client.get("/sdapi/v1/schedulers").json()}
+    assert {"automatic", "uniform", "karras", "exponential", "sgm_uniform", "simple", "normal", "ddim",
+            "beta"} <= names

@@ -14,6 +14,26 @@ from typing import Any
 
 from ..request import InvalidRequest
 
+# Schedule types (A1111 v1.9+ names), as diffusers can express them: a spacing of the model's own timesteps,
+# which every scheduler class takes, or a sigma schedule, which only the k-diffusion-style classes take.
+SPACING_SCHEDULES: dict[str, dict[str, Any]] = {
+    "Automatic": {},  # the model's own (SD: "leading", as diffusers and the original scripts)
+    "Uniform": {"timestep_spacing": "linspace"},  # k-diffusion's default: timesteps evenly from the end
+    "SGM Uniform": {"timestep_spacing": "trailing"},  # SGM's: evenly spaced, ending at the last timestep
+    "Simple": {"timestep_spacing": "trailing"},  # ComfyUI's: every (n/steps)-th sigma from the end
+    "Normal": {"timestep_spacing": "trailing"},  # ComfyUI's: time-linear from the end
+    "DDIM": {"timestep_spacing": "leading", "steps_offset": 1},  # A1111's ddim_uniform
+}
+SIGMA_SCHEDULES: dict[str, dict[str, Any]] = {
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "Beta": {"use_beta_sigmas": True},  # Lee et al. 2024, alpha = beta = 0.6 (needs scipy)
+}
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {**SPACING_SCHEDULES, **SIGMA_SCHEDULES}
+_SPACING = tuple(SPACING_SCHEDULES)
+_EVERY = (*SPACING_SCHEDULES, *SIGMA_SCHEDULES)
+_SCHEDULE_NEEDS = {"Beta": "scipy"}
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -21,7 +41,7 @@ class Sampler:
     scheduler: str  # diffusers class name
     overrides: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    schedules: tuple[str, ...] = ("Automatic", "Karras", "Exponential")  # schedule types it supports
+    schedules: tuple[str, ...] = _EVERY  # schedule types it supports (its class takes sigma schedules, or not)
     needs: str | None = None  # an extra package it needs
     automatic: str = "Automatic"  # what the "Automatic" schedule means for it (A1111 v1.9+)
 
@@ -36,29 +56,21 @@ SAMPLERS: tuple[Sampler, ...] = (
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m_sde", "dpmpp_2m_sde"),
             automatic="Exponential"),
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", {},
-            ("k_euler_a", "k_euler_ancestral", "euler_ancestral", "euler_a"), schedules=("Automatic",)),
+            ("k_euler_a", "k_euler_ancestral", "euler_ancestral", "euler_a"), schedules=_SPACING),
     Sampler("Euler", "EulerDiscreteScheduler", {}, ("k_euler", "euler")),
     Sampler("LMS", "LMSDiscreteScheduler", {}, ("k_lms", "lms")),
     Sampler("Heun", "HeunDiscreteScheduler", {}, ("k_heun", "heun")),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2", "dpm_2"), schedules=("Automatic", "Karras"),
-            automatic="Karras"),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("k_dpm_2_a", "dpm_2_ancestral"),
-            schedules=("Automatic", "Karras"), automatic="Karras"),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2", "dpm_2"), automatic="Karras"),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("k_dpm_2_a", "dpm_2_ancestral"), automatic="Karras"),
     Sampler("DDIM", "DDIMScheduler",
             # A1111's DDIM: timesteps range(0, 1000, 1000 // steps) + 1
             {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False},
-            ("ddim",), schedules=("Automatic",)),
+            ("ddim",), schedules=_SPACING),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "leading", "steps_offset": 1},
-            ("plms", "pndm"), schedules=("Automatic",)),
-    Sampler("UniPC", "UniPCMultistepScheduler", {}, ("uni_pc", "unipc"), schedules=("Automatic", "Karras")),
-    Sampler("LCM", "LCMScheduler", {}, ("lcm",), schedules=("Automatic",)),
+            ("plms", "pndm"), schedules=_SPACING),
+    Sampler("UniPC", "UniPCMultistepScheduler", {}, ("uni_pc", "unipc")),
+    Sampler("LCM", "LCMScheduler", {}, ("lcm",), schedules=_SPACING),
 )
-
-SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
-    "Automatic": {},
-    "Karras": {"use_karras_sigmas": True},
-    "Exponential": {"use_exponential_sigmas": True},
-}
 
 
 def _key(name: str) -> str:
@@ -123,19 +135,30 @@ def build_scheduler(base_config: dict[str, Any], name: str, schedule: str = "Aut
     import diffusers
 
     sampler, sched = parse_sampler(name, schedule)
-    if sampler.needs:
-        try:
-            __import__(sampler.needs)
-        except ImportError:
-            raise InvalidRequest(
-                f"sampler {sampler.name} needs the package {sampler.needs}; run: pip install {sampler.needs}"
-            ) from None
+    for package in (sampler.needs, _SCHEDULE_NEEDS.get(sched)):
+        if package:
+            try:
+                __import__(package)
+            except ImportError:
+                raise InvalidRequest(f"{sampler.name} with the {sched} schedule needs the package {package}; "
+                                     f"run: pip install {package}") from None
     cls = getattr(diffusers, sampler.scheduler)
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     # settings of one scheduler that make no sense for another are dropped by from_config
     config.update(sampler.overrides)
     config.update(SCHEDULE_TYPES[sched])
     return cls.from_config(config)
+
+
+def lenient_sampler(name: str, schedule: str | None) -> tuple[str, str, str | None]:
+    """As A1111's API: an unknown schedule type, or one this sampler cannot take, falls back to Automatic.
+    Returns (sampler, schedule, a note saying what was changed, or None). An unknown sampler is still an error."""
+    try:
+        parse_sampler(name, schedule)
+        return name, schedule or "Automatic", None
+    except InvalidRequest as err:
+        sampler, _ = parse_sampler(name, "Automatic")  # raises for an unknown sampler
+        return name, "Automatic", f"{err}: used {sampler.name} with the Automatic schedule instead"
 
 
 def display_name(name: str, schedule: str = "Automatic") -> tuple[str, str | None]:
