@@ -20,6 +20,7 @@ from pathlib import Path
 from ..models.store import ModelEntry, ModelStore
 from ..request import GenerationRequest, GenerationResult, ModelError, ProgressInfo
 from ..settings import Settings
+from .tasks.base import RunControl
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,15 @@ class Engine:
         interrupt: threading.Event | None = None,
         skip: threading.Event | None = None,
         want_previews: bool = False,
+        control: RunControl | None = None,
     ) -> GenerationResult:
+        """Make the pictures a request asks for. Follow and steer the run with ``progress`` (a callback),
+        ``cancel`` / ``interrupt`` / ``skip`` (threading events) and ``want_previews``, or one ``control``."""
         from . import memory, run
 
+        if control is None:
+            control = RunControl(progress=progress, cancel=cancel, interrupt=interrupt, skip=skip,
+                                 want_previews=want_previews)
         request.validate()
         if request.watermark and not self.settings.watermark:  # the setting turns it off for every front end
             import dataclasses
@@ -156,11 +163,7 @@ class Engine:
                 model_hash=entry.short_hash,
                 memory_mode=request.memory if request.memory != "auto" else self.settings.memory,
                 memory_state=loaded.memory_state,
-                progress=progress,
-                cancel=cancel,
-                interrupt=interrupt,
-                skip=skip,
-                want_previews=want_previews,
+                control=control,
                 version=__version__,
             )
         result.notes[:0] = notes

@@ -175,3 +175,51 @@ def is_oom(err: BaseException) -> bool:
     text = str(err).lower()
     # CUDA and MPS say "out of memory"; a CPU allocation failure says "DefaultCPUAllocator: can't allocate memory"
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class Ladder:
+    """The memory modes one run goes through: it starts where ``initial_mode`` says, puts each pipeline the run
+    uses in the current mode (``use``), and on an out-of-memory error steps down and runs the same attempt again
+    (same seeds: the picture that mode gives). In ``auto`` the mode that worked becomes ``state["floor"]``, where
+    later runs of the same model start; a fixed mode that runs out, or the bottom of the ladder, is a one-line
+    error naming what to try."""
+
+    def __init__(self, memory_mode: str, policy, modules, *, pixels: int, batch: int, state: dict):
+        self.asked, self.policy, self.pixels, self.state = memory_mode, policy, pixels, state
+        self.mode = self.first = initial_mode(memory_mode, policy, modules, pixels=pixels, batch=batch,
+                                              floor=state.get("floor"))
+        self._applied: tuple | None = None  # (pipeline, mode) last configured
+        self._pipe = None
+
+    def use(self, pipe) -> None:
+        if self._applied != (id(pipe), self.mode):
+            self._pipe = pipe
+            apply(pipe, plan(self.mode, self.policy, pixels=self.pixels), self.policy)
+            self._applied = (id(pipe), self.mode)
+
+    def attempt(self, run):
+        """``run()``, again one mode lower after each out-of-memory error."""
+        from ..request import Cancelled, InvalidRequest
+
+        while True:
+            try:
+                return run()
+            except Cancelled:
+                raise
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                lower = next_mode(self.mode, self.policy, pixels=self.pixels)
+                del err  # its traceback holds the tensors that filled the memory
+                if self.asked != "auto" or lower is None:
+                    if self._pipe is not None:
+                        remove_offload(self._pipe)
+                    hint = (f"try --memory {lower} or " if lower else "try ") + "a smaller size or batch"
+                    raise InvalidRequest(f"out of memory in memory mode {self.mode}; {hint}") from None
+                self.mode = self.state["floor"] = lower
+
+    def note(self) -> str | None:
+        if self.mode == self.first:
+            return None
+        return (f"out of memory in memory mode {self.first}; ran again in mode {self.mode} with the same seeds "
+                "(later runs of this model start there)")

@@ -1,8 +1,8 @@
-"""One request through a diffusers pipeline: the fixed lifecycle every image takes.
+"""One request on a loaded model: the lifecycle every task shares (the tasks themselves: ``engine.tasks``).
 
-1. sizes and seeds  2. scheduler from the sampler table  3. pipeline for the mode
-4. per batch: CPU-seeded noise -> denoise loop (progress, cancel, previews) -> latents
-5. decode (fp16 NaNs are redone in fp32)  6. watermark + infotext  7. result
+1. sizes and seeds  2. the task's inputs (``prepare``)  3. per batch, inside the out-of-memory ladder
+(``memory.Ladder``): the task's denoising (CPU-seeded noise, progress, cancel, interrupt, skip) -> latents
+-> decode (fp16 NaNs are redone in fp32) -> the task's ``finish``  4. watermark + infotext  5. result
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 import secrets
 import time
 
-from ..request import Cancelled, GenerationRequest, GenerationResult, InvalidRequest, Mode, ProgressInfo
+from ..request import GenerationRequest, GenerationResult, InvalidRequest, Mode
 from . import memory
-from .samplers import build_scheduler, display_name
+from .samplers import display_name
+from .tasks import RunContext, RunControl, task_for
+from .tasks.base import Stop
 
 DEFAULT_CFG_SCALE = 7.0
 
@@ -54,24 +56,6 @@ def resolve_size(request: GenerationRequest, default_size: tuple[int, int]) -> t
     return width, height
 
 
-def _pipelines(parts, mode: Mode, scheduler):
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
-    if parts.family.unet_in_channels != 4:
-        raise InvalidRequest(
-            f"{parts.name} is an inpainting model ({parts.family.label}); inpainting arrives in a later version, "
-            "use a text-to-image model for txt2img/img2img"
-        )
-    components = dict(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    cls = StableDiffusionImg2ImgPipeline if mode is Mode.IMG2IMG else StableDiffusionPipeline
-    pipe = cls(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def generate(
     parts,
     policy,
@@ -81,47 +65,27 @@ def generate(
     model_hash: str | None,
     memory_mode: str,
     memory_state: dict | None = None,
-    progress=None,
-    cancel=None,
-    interrupt=None,
-    skip=None,
-    want_previews: bool = False,
+    control: RunControl | None = None,
     version: str = "0",
 ) -> GenerationResult:
-    """One request on a loaded model. ``cancel`` set: stop and raise ``Cancelled``; ``interrupt`` set: stop and
-    return what there is (finished pictures, and the current batch decoded where its denoising stopped);
-    ``skip`` set: end the current batch that way, clear ``skip`` and go on with the next (A1111's skip)."""
-
-    def stop_requested() -> bool:
-        return any(event is not None and event.is_set() for event in (interrupt, skip))
-
+    """One request on a loaded model, through the task its mode names (``engine.tasks``). ``control``: progress,
+    cancel (raise ``Cancelled``), interrupt (return what there is: finished pictures, and the current batch
+    decoded where its denoising stopped), skip (end the current batch that way and go on, as A1111)."""
+    control = control or RunControl()
+    task = task_for(request)
+    if (problem := task.accepts(parts)) is not None:
+        raise InvalidRequest(problem)
     timings = {"sample_s": 0.0, "decode_s": 0.0}
     notes: list[str] = []
-    if request.mode not in (Mode.TXT2IMG, Mode.IMG2IMG):
-        raise InvalidRequest(f"{request.mode.value} arrives in a later version; this one does txt2img and img2img")
 
     # 1. sizes and seeds
     width, height = resolve_size(request, parts.default_size)
     seed = request.seed if request.seed != -1 else secrets.randbelow(2**32)
-    init = None
-    if request.mode is Mode.IMG2IMG:
-        init = request.init_image.convert("RGB")
-        if init.size != (width, height):
-            from PIL import Image
-
-            init = init.resize((width, height), Image.Resampling.LANCZOS)
-
-    # 2. scheduler, 3. pipeline
-    scheduler = build_scheduler(parts.scheduler_config, request.sampler, request.scheduler)
-    strength = float(request.strength)
-    img2img_denoises = request.mode is Mode.IMG2IMG and 0 < strength < 1 and int(request.steps * strength) >= 1
-    pipe = _pipelines(parts, Mode.IMG2IMG if img2img_denoises else Mode.TXT2IMG, scheduler)
-    # the memory plan: the mode asked for, or in auto one that fits (and never above one that ran out before)
     memory_state = {} if memory_state is None else memory_state
-    pixels = width * height
-    mode = memory.initial_mode(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
-                               floor=memory_state.get("floor"))
-    first_mode, applied = mode, None
+    ladder = memory.Ladder(memory_mode, policy, parts.modules, pixels=width * height, batch=request.batch_size,
+                           state=memory_state)
+    ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use)
+    task.prepare(ctx)
     from .deepcache import interval_for
 
     if (interval := interval_for(request.extra)) > 1:
@@ -131,143 +95,59 @@ def generate(
     images, seeds = [], []
     interrupted = False
     for batch in range(request.n_iter):
-        if interrupt is not None and interrupt.is_set():
+        if control.interrupted:
             interrupted = True
             break
+        ctx.batch = batch
         batch_seeds = [(seed + batch * request.batch_size + i) % 2**32 for i in range(request.batch_size)]
-        if request.mode is Mode.IMG2IMG and not img2img_denoises and strength < 1:
-            # nothing to denoise: the init image is the answer
-            images += [init.copy() for _ in batch_seeds]
+        if task.passthrough(ctx):
+            images += [ctx.data["init"].copy() for _ in batch_seeds]
             seeds += batch_seeds
             continue
-        while True:
+
+        def one_batch(batch_seeds=batch_seeds):
+            t0 = time.perf_counter()
             try:
-                if applied != mode:  # inside the try: moving the weights to the GPU can run out of memory too
-                    memory.apply(pipe, memory.plan(mode, policy, pixels=pixels), policy)
-                    applied = mode
-                t0 = time.perf_counter()
-                latents, stopped_at = _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init,
-                                               strength if img2img_denoises else None, progress, cancel,
-                                               stop_requested, want_previews)
-                t1 = time.perf_counter()
-                decoded, fell_back = decode(parts.vae, latents)
-                timings["sample_s"] += t1 - t0
-                timings["decode_s"] += time.perf_counter() - t1
-                if fell_back:
-                    notes.append("the fp16 VAE gave NaNs; decoded again in fp32")
-                if stopped_at is not None and interrupt is not None and interrupt.is_set():
-                    interrupted = True
-                    notes.append(f"interrupted after step {stopped_at} of {request.steps}: the last picture is "
-                                 "not finished")
-                elif stopped_at is not None:
-                    skip.clear()
-                    notes.append(f"batch {batch + 1} skipped after step {stopped_at} of {request.steps}: its "
-                                 "pictures are not finished")
-                break
-            except Cancelled:
-                raise
-            except Exception as err:
-                if not memory.is_oom(err):
-                    raise
-                lower = memory.next_mode(mode, policy, pixels=pixels)
-                if memory_mode != "auto" or lower is None:
-                    del err  # its traceback holds the tensors that filled the memory
-                    memory.remove_offload(pipe)
-                    hint = (f"try --memory {lower} or " if lower else "try ") + "a smaller size or batch"
-                    raise InvalidRequest(f"out of memory in memory mode {mode}; {hint}") from None
-                del err
-                # same request, same seeds: the image is the one this lower mode gives
-                mode = memory_state["floor"] = lower
-        images += decoded
+                latents, stopped_at = task.denoise(ctx, batch_seeds), None
+            except Stop as stop:
+                latents, stopped_at = stop.latents, stop.step
+            t1 = time.perf_counter()
+            decoded, fell_back = decode(parts.vae, latents)
+            timings["sample_s"] += t1 - t0
+            timings["decode_s"] += time.perf_counter() - t1
+            return decoded, fell_back, stopped_at
+
+        decoded, fell_back, stopped_at = ladder.attempt(one_batch)
+        if fell_back:
+            notes.append("the fp16 VAE gave NaNs; decoded again in fp32")
+        if stopped_at is not None and control.interrupted:
+            interrupted = True
+            notes.append(f"interrupted after step {stopped_at} of {request.steps}: the last picture is not finished")
+        elif stopped_at is not None:
+            control.skip.clear()
+            notes.append(f"batch {batch + 1} skipped after step {stopped_at} of {request.steps}: its pictures are "
+                         "not finished")
+        images += task.finish(ctx, decoded)
         seeds += batch_seeds
         if interrupted:
             break
-    if mode != first_mode:
-        notes.append(f"out of memory in memory mode {first_mode}; ran again in mode {mode} with the same seeds "
-                     "(later runs of this model start there)")
+    if (note := ladder.note()) is not None:
+        notes.append(note)
 
     # 6. watermark + infotext
     if request.watermark:
         from ..output.watermark import embed
 
         images = [embed(im) for im in images]
+    own = task.infotext(request)
     infotexts = [
         infotext_for(request, seed=s, width=width, height=height, model_name=model_name, model_hash=model_hash,
-                     version=version)
+                     version=version, task_keys=own)
         for s in seeds
     ]
     timings = {k: round(v, 3) for k, v in timings.items()}
     return GenerationResult(images, seeds, infotexts, request, model_name, model_hash, timings, notes,
                             interrupted=interrupted)
-
-
-class _Stop(Exception):
-    """Raised from the step callback when an interrupt asks to stop; carries where the latents were."""
-
-    def __init__(self, latents, step: int):
-        super().__init__("interrupted")
-        self.latents, self.step = latents, step
-
-
-def _denoise(pipe, parts, policy, request, batch, batch_seeds, width, height, init, strength, progress, cancel,
-             stop_requested, want_previews):
-    """Run the denoising loop for one batch; returns (latents, None), or where ``stop_requested()`` stopped it:
-    (the latents of that step, the step number)."""
-    import torch
-
-    generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-    latent_channels = parts.unet.config.in_channels
-    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    from .prompts import encode
-
-    n = len(batch_seeds)
-    prompt_embeds, negative_embeds = encode(parts.text_encoder, parts.tokenizer, request.prompt,
-                                            request.negative_prompt, clip_skip=request.clip_skip,
-                                            device=policy.device, emphasis=request.emphasis,
-                                            comma_padding_backtrack=request.comma_padding_backtrack)
-    kwargs = dict(
-        prompt_embeds=prompt_embeds.repeat(n, 1, 1),
-        negative_prompt_embeds=negative_embeds.repeat(n, 1, 1),
-        num_inference_steps=request.steps,
-        guidance_scale=float(request.cfg_scale),
-        eta=float(request.eta),
-        generator=generators,
-        output_type="latent",
-    )
-    if strength is not None:
-        kwargs.update(image=init, strength=strength)
-    else:
-        # the initial noise is drawn on the CPU, one generator per image: same seed, same image on any device
-        noise = torch.stack([
-            torch.randn((latent_channels, height // factor, width // factor), generator=g) for g in generators
-        ])
-        kwargs.update(latents=noise.to(policy.device, policy.latent_dtype), height=height, width=width)
-
-    def on_step_end(p, i, t, callback_kwargs):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled")
-        if stop_requested():
-            raise _Stop(callback_kwargs["latents"], i + 1)
-        end_guidance_after(request.cfg_end, p, i, callback_kwargs)
-        if progress is not None:
-            preview = None
-            if want_previews:
-                preview = latent_preview(parts.vae, callback_kwargs["latents"])
-            total = getattr(p, "_num_timesteps", None) or request.steps
-            progress(ProgressInfo(step=i + 1, total=total, batch=batch, batches=request.n_iter, preview=preview))
-        return callback_kwargs
-
-    from .deepcache import deep_cache, interval_for
-    from .tome import token_merging
-
-    with (torch.inference_mode(), deep_cache(parts.unet, interval_for(request.extra)),
-          token_merging(parts.unet, float(request.token_merging_ratio))):
-        try:
-            out = pipe(**kwargs, callback_on_step_end=on_step_end,
-                       callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
-        except _Stop as stop:
-            return stop.latents, stop.step
-    return out.images, None
 
 
 def decode(vae, latents) -> tuple[list, bool]:
@@ -312,7 +192,8 @@ def latent_preview(vae, latents):
         return to_pil(rgb[None])[0]
 
 
-def infotext_for(request: GenerationRequest, *, seed, width, height, model_name, model_hash, version) -> str:
+def infotext_for(request: GenerationRequest, *, seed, width, height, model_name, model_hash, version,
+                 task_keys: dict | None = None) -> str:
     from ..output.infotext import format_infotext
     from .deepcache import interval_for
 
@@ -329,7 +210,7 @@ def infotext_for(request: GenerationRequest, *, seed, width, height, model_name,
         "Model hash": model_hash,
         "Model": model_name,
         "VAE": _stem(request.vae) if request.vae else None,
-        "Denoising strength": request.strength if request.mode is not Mode.TXT2IMG else None,
+        **(task_keys or {}),
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "Eta": request.eta if request.eta else None,
         "Token merging ratio": request.token_merging_ratio or None,

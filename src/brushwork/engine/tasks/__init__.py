@@ -1,0 +1,31 @@
+"""The task table: one module per pipeline, as the sampler table is one row per sampler.
+
+A task says which models it takes, how a request becomes pipeline inputs for one batch (init image,
+mask, noise, ...), what it does to the decoded pictures, and which infotext keys it adds. Everything
+every task shares (sizes and seeds, batches, progress / cancel / interrupt / skip, the out-of-memory
+ladder, decode, watermark, the result) is ``engine.run.generate``. A new pipeline is a new module here
+and one line in ``_MODULES``. Importing this imports no torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from ...request import InvalidRequest, Mode
+from .base import RunContext, RunControl, Task
+
+__all__ = ["RunContext", "RunControl", "Task", "task_for"]
+
+_MODULES = {
+    Mode.TXT2IMG: "txt2img",
+    Mode.IMG2IMG: "img2img",
+}
+
+
+def task_for(request) -> Task:
+    """The task that runs this request."""
+    name = _MODULES.get(request.mode)
+    if name is None:
+        done = ", ".join(m.value for m in _MODULES)
+        raise InvalidRequest(f"{request.mode.value} arrives in a later version; this one does {done}")
+    return import_module(f"{__name__}.{name}").TASK
