@@ -55,10 +55,13 @@ def engine(tmp_path):
     return Engine(Settings(home=tmp_path / "home"))
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_unconfigure(config):
     """One line at the very end when the browser tests could not run, naming what was not tested and the fix."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "test_webui" in getattr(r, "nodeid", "")]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    skipped = [r for r in reporter.stats.get("skipped", []) if "test_webui" in getattr(r, "nodeid", "")]
     if skipped:
-        terminalreporter.write_line(
+        reporter.write_line(
             f"NOT TESTED: the web UI in a real browser ({len(skipped)} tests skipped: Chromium is not installed); "
             "install it with `apt-get install chromium` (as root) or run `make test` as root", yellow=True)
