@@ -254,6 +254,73 @@ def img2img(init_img, strength, **o):
     _run(settings, req, o)
 
 
+def _inpaint_options(fn):
+    opts = [
+        click.option("--init-img", "--init_img", "init_img", type=click.Path(dir_okay=False),
+                     help="The image to paint into."),
+        click.option("--strength", "--denoising-strength", type=float, default=0.75, show_default=True,
+                     help="How much to change the masked area: 0 = keep, 1 = ignore what was there."),
+        click.option("--fill", "fill", type=click.Choice(["original", "fill", "latent-noise", "latent-nothing"]),
+                     default="original", show_default=True,
+                     help="What the masked area starts from (A1111's Masked content)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@generation_options
+@_inpaint_options
+@click.option("--mask", "mask", type=click.Path(dir_okay=False), help="White = repaint (an RGBA mask: its alpha).")
+@click.option("--mask-blur", "mask_blur", type=int, default=4, show_default=True, help="Blur of the mask's edge, px.")
+@click.option("--invert-mask", "invert_mask", is_flag=True, help="Repaint what the mask leaves black instead.")
+@click.option("--only-masked", "only_masked", is_flag=True,
+              help="Repaint only the mask's box (plus --padding) at the full size, then paste it back.")
+@click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask with --only-masked.")
+@friendly_errors
+def inpaint(init_img, strength, fill, mask, mask_blur, invert_mask, only_masked, padding, **o):
+    """Repaint the white part of a mask (the output size defaults to the input's, rounded to 8)."""
+    from .output.images import open_image_file
+    from .request import InvalidRequest
+
+    if init_img is None:
+        raise InvalidRequest("inpaint needs an init image (--init-img)")
+    if mask is None:
+        raise InvalidRequest("inpaint needs a mask image (--mask): white = repaint, black = keep")
+    settings, req = _request("inpaint", o, init_image=open_image_file(init_img), mask_image=open_image_file(mask),
+                             strength=strength, mask_blur=mask_blur, inpainting_fill=fill.replace("-", " "),
+                             inpaint_full_res=only_masked, inpaint_full_res_padding=padding,
+                             inpainting_mask_invert=invert_mask)
+    _run(settings, req, o)
+
+
+@main.command()
+@generation_options
+@_inpaint_options
+@click.option("--left", type=int, default=0, help="Pixels to add on the left.")
+@click.option("--right", type=int, default=0, help="Pixels to add on the right.")
+@click.option("--top", type=int, default=0, help="Pixels to add at the top.")
+@click.option("--bottom", type=int, default=0, help="Pixels to add at the bottom.")
+@friendly_errors
+def outpaint(init_img, strength, fill, left, right, top, bottom, **o):
+    """Grow the picture by borders and paint them (the canvas is rounded up to a multiple of 8)."""
+    import dataclasses
+
+    from .engine.tasks.outpaint import outpaint_request
+    from .output.images import open_image_file
+    from .request import InvalidRequest
+
+    if init_img is None:
+        raise InvalidRequest("outpaint needs an init image (--init-img)")
+    o = {**o, "width": None, "height": None}
+    settings, base = _request("img2img", o, init_image=open_image_file(init_img), strength=strength)
+    req = outpaint_request(base, left=left, right=right, top=top, bottom=bottom)
+    if fill != "original":  # outpainting starts from "fill" unless another start is asked for
+        req = dataclasses.replace(req, inpainting_fill=fill.replace("-", " "))
+    _run(settings, req.validate(), o)
+
+
 @main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the parameters as JSON.")

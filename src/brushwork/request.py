@@ -71,6 +71,9 @@ MAX_TOKEN_MERGING_RATIO = 0.9  # beyond this almost every token of the self-atte
 # (only scaled), Ignore (brackets are read, weights not applied), None (brackets and BREAK are plain text)
 EMPHASIS_CHOICES = ("None", "Ignore", "Original", "No norm")
 MAX_COMMA_PADDING_BACKTRACK = 74  # A1111's slider: a full 75-token chunk may end at a comma up to 74 tokens back
+# A1111's "Masked content" choices for inpainting, in brushwork's spelling (A1111's API numbers them 0 fill,
+# 1 original, 2 latent noise, 3 latent nothing)
+INPAINTING_FILLS = ("original", "fill", "latent noise", "latent nothing")
 
 
 def limits(low: float, high: float, label: str, *, whole: bool = False, hint: str = "") -> dict[str, Any]:
@@ -120,6 +123,15 @@ class GenerationRequest:
     strength: float = field(default=0.75, metadata=limits(0, 1, "strength"))
     mask_image: Image | None = None
     mask_blur: int = field(default=4, metadata=limits(0, 64, "mask blur", whole=True))
+    # inpaint: what the masked area starts from (A1111's "Masked content", INPAINTING_FILLS): the original
+    # pixels, the surrounding colours ("fill"), fresh latent noise, or zero latents
+    inpainting_fill: str = field(default="original", metadata={"schema": {"enum": list(INPAINTING_FILLS)}})
+    # inpaint: A1111's "Only masked": repaint the mask's bounding box (plus padding, grown to the output's aspect
+    # ratio) at the full requested size, then scale it back and paste it into the picture
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = field(default=32, metadata=limits(0, 256, "masked area padding", whole=True))
+    # inpaint: repaint what the mask leaves black instead (A1111's "Inpaint not masked")
+    inpainting_mask_invert: bool = False
     # model interpretation and placement
     prediction: str | None = None  # "eps" | "v" | None (detect)
     device: str = "auto"
@@ -203,6 +215,11 @@ class GenerationRequest:
             raise InvalidRequest(f"{self.mode.value} needs an init image (--init-img)")
         if self.mode is Mode.INPAINT and self.mask_image is None:
             raise InvalidRequest("inpaint needs a mask image (--mask)")
+        fill = str(self.inpainting_fill).strip().lower().replace("-", " ").replace("_", " ")
+        if fill not in INPAINTING_FILLS:
+            raise InvalidRequest(f"unknown inpainting fill {str(self.inpainting_fill)[:40]!r}; choose one of: "
+                                 f"{', '.join(INPAINTING_FILLS)}")
+        self.inpainting_fill = fill
         # the sampler name is checked against the sampler table (imports nothing heavy)
         from .engine.samplers import parse_sampler
 

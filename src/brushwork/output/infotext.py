@@ -156,7 +156,8 @@ def request_from_infotext(text: str) -> dict:
             "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
             "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str),
             "Token merging ratio": ("token_merging_ratio", float), "CFG end": ("cfg_end", float),
-            "Emphasis": ("emphasis", str)}
+            "Emphasis": ("emphasis", str), "Mask blur": ("mask_blur", int),
+            "Masked area padding": ("inpaint_full_res_padding", int), "Masked content": ("inpainting_fill", str)}
     for key, (name, cast) in conv.items():
         if key in p:
             try:
@@ -165,6 +166,10 @@ def request_from_infotext(text: str) -> dict:
                 pass
     out.setdefault("cfg_end", 1.0)  # written whenever CFG ended early: without it, every step had CFG
     out.setdefault("emphasis", "Original")  # as A1111: written only when not the default
+    if "Inpaint area" in p or "Masked content" in p or "Mask mode" in p:  # A1111 writes each only when not the default
+        out["inpaint_full_res"] = p.get("Inpaint area") == "Only masked"
+        out["inpainting_mask_invert"] = p.get("Mask mode") == "Inpaint not masked"
+        out.setdefault("inpainting_fill", "original")
     if p.get("Fast mode", "").isdigit() and len(p["Fast mode"]) <= 3:
         out["extra"] = {"fast": int(p["Fast mode"])}  # brushwork's DeepCache interval
     if "Size" in p and re.fullmatch(r"\d+x\d+", p["Size"]):

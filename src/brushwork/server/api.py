@@ -81,6 +81,12 @@ class JobRequest(BaseModel):
     strength: float = declared("strength", 0.75)
     mask_image: str | None = None
     mask_blur: int = declared("mask_blur", 4)
+    inpainting_fill: str = declared("inpainting_fill", "original", "inpaint: what the masked area starts from "
+                                                                   "(A1111's Masked content)")
+    inpaint_full_res: bool = Field(False, description="inpaint: repaint only the mask's box (plus padding) at the "
+                                                      "full size, then paste it back (A1111's Only masked)")
+    inpaint_full_res_padding: int = declared("inpaint_full_res_padding", 32, "pixels around the mask, Only masked")
+    inpainting_mask_invert: bool = Field(False, description="inpaint: repaint what the mask leaves black")
     prediction: str | None = Field(None, json_schema_extra={"enum": ["eps", "v", None]},
                                    description="null = read from the model")
     precision: Precision = Precision.AUTO

@@ -217,6 +217,14 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
             request.mode = Mode.INPAINT
             request.mask_image = state.decode_image(body.mask, "mask")
             request.mask_blur = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
+            fills = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's numbering
+            if body.inpainting_fill not in fills:
+                raise InvalidRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or "
+                                     f"3 (latent nothing), got {body.inpainting_fill!r}")
+            request.inpainting_fill = fills[body.inpainting_fill]
+            request.inpaint_full_res = bool(body.inpaint_full_res)
+            request.inpaint_full_res_padding = body.inpaint_full_res_padding
+            request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
     return request, [note] if note else []
 
 

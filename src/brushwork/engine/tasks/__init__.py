@@ -19,6 +19,7 @@ __all__ = ["RunContext", "RunControl", "Task", "task_for"]
 _MODULES = {
     Mode.TXT2IMG: "txt2img",
     Mode.IMG2IMG: "img2img",
+    Mode.INPAINT: "inpaint",
 }
 
 
