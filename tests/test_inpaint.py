@@ -176,3 +176,15 @@ def test_sdapi_img2img_with_a_mask_inpaints(tiny, tmp_path):
         assert "Masked content: fill" in res.json()["info"]
         bad = client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 7})
         assert bad.status_code >= 400 and "inpainting_fill" in bad.text
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint"])
+def test_cfg_that_ends_early_inpaints_too(tiny, engine, family):
+    """The inpainting pipeline doubles its mask (and masked latents) for CFG: when CFG ends, they halve too."""
+    early = engine.generate(req(tiny, family, cfg_end=0.5, steps=4, batch_size=2))
+    every = engine.generate(req(tiny, family, steps=4, batch_size=2))
+    outside = np.asarray(blurred(_mask(), 4)) == 0
+    for image in early.images:
+        assert np.array_equal(px(image)[outside], px(_init())[outside])
+    assert not np.array_equal(px(early.images[0]), px(every.images[0]))
+    assert "CFG end: 0.5" in early.infotexts[0]

@@ -44,6 +44,9 @@ def end_guidance_after(cfg_end: float, pipe, step: int, tensors: dict) -> dict:
     if step + 1 == guided_steps(cfg_end, total) and pipe.do_classifier_free_guidance:
         pipe._guidance_scale = 1.0
         tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
+        for name in ("mask", "masked_image_latents"):  # the inpainting pipeline doubles these for CFG too
+            if name in tensors:
+                tensors[name] = tensors[name].chunk(2)[1]
     return tensors
 
 

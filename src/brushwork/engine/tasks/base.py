@@ -164,7 +164,9 @@ class RunContext:
         with (torch.inference_mode(), deep_cache(parts.unet, interval_for(r.extra)),
               token_merging(parts.unet, float(r.token_merging_ratio))):
             out = pipe(**kwargs, output_type="latent", callback_on_step_end=on_step_end,
-                       callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+                       callback_on_step_end_tensor_inputs=[
+                           name for name in ("latents", "prompt_embeds", "mask", "masked_image_latents")
+                           if name in pipe._callback_tensor_inputs])
         return out.images
 
 
