@@ -92,7 +92,7 @@ def test_png_info_reads_back_the_parameters(client):
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 400, "unknown model"),
     ({"override_settings": {"sd_model_checkpoint": "../models/tiny.safetensors"}}, 400, "unknown model"),
     ({"steps": "many"}, 422, "steps"),
-    ({"enable_hr": True}, 400, "hires"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 400, "hires upscaler"),
     ({"restore_faces": True}, 400, "face restoration"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, 422, "controlnet"),
     ({"script_name": "x/y/z plot"}, 422, "Script"),

@@ -229,12 +229,43 @@ def _run_one(engine, settings, req, o: dict) -> None:
         click.echo(str(path))
 
 
+def _hires_options(fn):
+    from .request import HIRES_UPSCALERS
+
+    opts = [
+        click.option("--hires-scale", type=float, default=None,
+                     help="Hires fix: make the picture at --width x --height, upscale it this much (rounded down to "
+                          "a multiple of 8) and denoise it again at that size (A1111's hr_scale; 1 = off)."),
+        click.option("--hires-resize-x", type=int, default=0, help="Hires fix: this target width instead of a scale "
+                     "(0 = from the height and the aspect ratio)."),
+        click.option("--hires-resize-y", type=int, default=0, help="Hires fix: this target height (both: scaled to "
+                     "cover, then centre-cropped)."),
+        click.option("--hires-upscaler", default="Latent", show_default=True,
+                     help=f"Hires fix upscaler: {', '.join(HIRES_UPSCALERS)}."),
+        click.option("--hires-steps", type=int, default=0, help="Hires fix: steps of the second pass (0 = --steps)."),
+        click.option("--hires-strength", type=float, default=0.7, show_default=True,
+                     help="Hires fix: denoising strength of the second pass."),
+        click.option("--hires-sampler", default=None, help="Hires fix: the second pass's sampler (default: --sampler)."),
+        click.option("--hires-prompt", default="", help="Hires fix: the second pass's prompt (default: the prompt)."),
+        click.option("--hires-negative-prompt", default="", help="Hires fix: the second pass's negative prompt."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+_HIRES_FIELDS = ("hires_scale", "hires_resize_x", "hires_resize_y", "hires_upscaler", "hires_steps", "hires_strength",
+                 "hires_sampler", "hires_prompt", "hires_negative_prompt")
+
+
 @main.command()
 @generation_options
+@_hires_options
 @friendly_errors
 def txt2img(**o):
-    """Make images from a text prompt."""
-    settings, req = _request("txt2img", o)
+    """Make images from a text prompt (with --hires-scale: A1111's hires fix)."""
+    hires = {name: o.pop(name) for name in _HIRES_FIELDS}
+    settings, req = _request("txt2img", o, **hires)
     _run(settings, req, o)
 
 

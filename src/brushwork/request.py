@@ -74,6 +74,18 @@ MAX_COMMA_PADDING_BACKTRACK = 74  # A1111's slider: a full 75-token chunk may en
 # A1111's "Masked content" choices for inpainting, in brushwork's spelling (A1111's API numbers them 0 fill,
 # 1 original, 2 latent noise, 3 latent nothing)
 INPAINTING_FILLS = ("original", "fill", "latent noise", "latent nothing")
+# The hires fix's upscalers, as A1111 names them: the latent ones interpolate the latents
+# (torch.nn.functional.interpolate: mode, antialias), the others resize the decoded picture (PIL)
+HIRES_LATENT_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+HIRES_IMAGE_UPSCALERS = ("Lanczos", "Nearest")
+HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_IMAGE_UPSCALERS)
 
 
 def limits(low: float, high: float, label: str, *, whole: bool = False, hint: str = "") -> dict[str, Any]:
@@ -132,6 +144,24 @@ class GenerationRequest:
     inpaint_full_res_padding: int = field(default=32, metadata=limits(0, 256, "masked area padding", whole=True))
     # inpaint: repaint what the mask leaves black instead (A1111's "Inpaint not masked")
     inpainting_mask_invert: bool = False
+    # txt2img hires fix (A1111's "Hires. fix"): a first pass at width x height, the result upscaled
+    # (HIRES_UPSCALERS: in latent space, or decoded and resized), then an img2img pass at the target size.
+    # On when a scale other than 1, or a resize, is given. A1111's hr_scale: the target is width x height
+    # times this, rounded down to a multiple of 8
+    hires_scale: float | None = field(default=None, metadata=limits(1, 8, "hires scale", hint="; 2 doubles the size"))
+    # A1111's hr_resize_x/y: the target size instead of the scale; 0 = from the other side and the first pass's
+    # aspect ratio; both: scaled to cover it and centre-cropped, as A1111
+    hires_resize_x: int = field(default=0, metadata=limits(0, MAX_SIDE, "hires resize x", whole=True))
+    hires_resize_y: int = field(default=0, metadata=limits(0, MAX_SIDE, "hires resize y", whole=True))
+    hires_upscaler: str = field(default="Latent", metadata={"schema": {"enum": list(HIRES_UPSCALERS)}})
+    # A1111's hr_second_pass_steps: exactly this many steps run in the second pass; 0 = the same as steps
+    hires_steps: int = field(default=0, metadata=limits(0, MAX_STEPS, "hires steps", whole=True,
+                                                        hint="; 0 is the same as steps"))
+    # A1111's denoising strength for the second pass (0 = the upscaled picture, not denoised again)
+    hires_strength: float = field(default=0.7, metadata=limits(0, 1, "hires strength"))
+    hires_sampler: str | None = None  # the second pass's sampler; None = the first pass's (A1111's hr_sampler_name)
+    hires_prompt: str = ""  # empty = the first pass's prompt (A1111's hr_prompt)
+    hires_negative_prompt: str = ""  # empty = the first pass's negative prompt
     # model interpretation and placement
     prediction: str | None = None  # "eps" | "v" | None (detect)
     device: str = "auto"
@@ -145,6 +175,33 @@ class GenerationRequest:
     @property
     def total_images(self) -> int:
         return self.batch_size * self.n_iter
+
+    @property
+    def hires_enabled(self) -> bool:
+        """txt2img with the hires fix: a scale other than 1 (None is off), or a resize size."""
+        scaled = self.hires_scale is not None and self.hires_scale != 1
+        return self.mode is Mode.TXT2IMG and bool(scaled or self.hires_resize_x or self.hires_resize_y)
+
+    def hires_sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The hires fix's (upscaled size, output size) for a first pass at ``width`` x ``height``, in pixels,
+        each rounded down to a multiple of 8 (A1111 sizes the latents target // 8). They differ only when both
+        resize sides are given: the picture is scaled to cover that size, then centre-cropped to it, as A1111."""
+        rx, ry = self.hires_resize_x, self.hires_resize_y
+        if not rx and not ry:
+            scale = 1.0 if self.hires_scale is None else float(self.hires_scale)
+            up = out = (int(width * scale), int(height * scale))
+        elif not ry:
+            up = out = (rx, rx * height // width)
+        elif not rx:
+            up = out = (ry * width // height, ry)
+        else:
+            up = (rx, rx * height // width) if width / height < rx / ry else (ry * width // height, ry)
+            out = (rx, ry)
+
+        def eight(size):
+            return tuple(max(8, v - v % 8) for v in size)
+
+        return eight(up), eight(out)
 
     def validate(self) -> GenerationRequest:
         """Check the request; raise ``InvalidRequest`` with one line naming the problem and the fix."""
@@ -224,7 +281,37 @@ class GenerationRequest:
         from .engine.samplers import parse_sampler
 
         parse_sampler(self.sampler, self.scheduler)
+        self._validate_hires(parse_sampler)
         return self
+
+    def _validate_hires(self, parse_sampler) -> None:
+        """The hires fix's own fields (their numbers are checked with the others): upscaler, sampler, prompts,
+        and the target size against the limits."""
+        canonical = {name.lower(): name for name in HIRES_UPSCALERS}
+        key = self.hires_upscaler.strip().lower() if isinstance(self.hires_upscaler, str) else None
+        if key not in canonical:
+            shown = self.hires_upscaler[:40] if isinstance(self.hires_upscaler, str) else self.hires_upscaler
+            raise InvalidRequest(f"unknown hires upscaler {shown!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
+        self.hires_upscaler = canonical[key]
+        if self.hires_sampler is not None and not str(self.hires_sampler).strip():
+            self.hires_sampler = None
+        if self.hires_sampler is not None:
+            _check_text("hires sampler", self.hires_sampler, 4096)
+            parse_sampler(self.hires_sampler, self.scheduler)
+        for name in ("hires_prompt", "hires_negative_prompt"):
+            _check_text(name.replace("_", " "), getattr(self, name), MAX_PROMPT_CHARS)
+        if self.hires_enabled and self.width and self.height:
+            self.check_hires_size(self.width, self.height)
+
+    def check_hires_size(self, width: int, height: int) -> None:
+        (uw, uh), (ow, oh) = self.hires_sizes(width, height)
+        if max(uw, uh) > MAX_SIDE:
+            raise InvalidRequest(f"the hires fix would make {width}x{height} into {uw}x{uh}, over the limit of "
+                                 f"{MAX_SIDE} pixels a side; use a smaller hires scale or resize")
+        if uw * uh * self.batch_size > MAX_BATCH_PIXELS:
+            raise InvalidRequest(f"a batch of {self.batch_size} at the hires size {uw}x{uh} is over the limit of "
+                                 f"{MAX_BATCH_PIXELS // 2**20} megapixels a batch; use a smaller batch size and "
+                                 "more batches (n_iter)")
 
     # ---- JSON-safe form, for the job store and the HTTP APIs ---------------------------------
 

@@ -85,7 +85,11 @@ def generate(
     width, height = resolve_size(request, parts.default_size)
     seed = request.seed if request.seed != -1 else secrets.randbelow(2**32)
     memory_state = {} if memory_state is None else memory_state
-    ladder = memory.Ladder(memory_mode, policy, parts.modules, pixels=width * height, batch=request.batch_size,
+    pixels = width * height
+    if request.hires_enabled:  # the hires fix's second pass and decode run at its larger size
+        (hires_w, hires_h), _ = request.hires_sizes(width, height)
+        pixels = max(pixels, hires_w * hires_h)
+    ladder = memory.Ladder(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
                            state=memory_state)
     ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use)
     task.prepare(ctx)

@@ -172,7 +172,29 @@ def request_from_infotext(text: str) -> dict:
         out.setdefault("inpainting_fill", "original")
     if p.get("Fast mode", "").isdigit() and len(p["Fast mode"]) <= 3:
         out["extra"] = {"fast": int(p["Fast mode"])}  # brushwork's DeepCache interval
+    if any(key.startswith("Hires ") for key in p):  # A1111's hires fix: its denoising strength is the second pass's
+        _hires_from_infotext(p, out)
     if "Size" in p and re.fullmatch(r"\d+x\d+", p["Size"]):
         w, h = p["Size"].split("x")
         out["width"], out["height"] = int(w), int(h)
     return out
+
+
+def _hires_from_infotext(p: dict, out: dict) -> None:
+    """The hires fix's keys (``Size`` is the first pass's size, as A1111 writes it)."""
+    conv = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+            "Hires upscaler": ("hires_upscaler", str), "Hires sampler": ("hires_sampler", str),
+            "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}
+    for key, (name, cast) in conv.items():
+        if key in p:
+            try:
+                out[name] = cast(p[key])
+            except ValueError:
+                pass
+    if re.fullmatch(r"\d+x\d+", p.get("Hires resize", "")):
+        x, y = p["Hires resize"].split("x")
+        out["hires_resize_x"], out["hires_resize_y"] = int(x), int(y)
+    if "strength" in out:
+        out["hires_strength"] = out.pop("strength")
+    if "hires_resize_x" not in out:
+        out.setdefault("hires_scale", 2.0)  # A1111's default hr_scale

@@ -87,6 +87,17 @@ class JobRequest(BaseModel):
                                                       "full size, then paste it back (A1111's Only masked)")
     inpaint_full_res_padding: int = declared("inpaint_full_res_padding", 32, "pixels around the mask, Only masked")
     inpainting_mask_invert: bool = Field(False, description="inpaint: repaint what the mask leaves black")
+    hires_scale: float | None = declared("hires_scale", None, "txt2img hires fix (A1111's hr_scale): upscale the "
+                                                              "picture this much and denoise it again; null or 1 = off")
+    hires_resize_x: int = declared("hires_resize_x", 0, "hires fix: the target width instead of a scale (0 = from "
+                                                        "the height)")
+    hires_resize_y: int = declared("hires_resize_y", 0, "hires fix: the target height (both: cover, then crop)")
+    hires_upscaler: str = declared("hires_upscaler", "Latent", "hires fix: a latent mode, or Lanczos / Nearest")
+    hires_steps: int = declared("hires_steps", 0, "hires fix: the second pass's steps (0 = steps)")
+    hires_strength: float = declared("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
+    hires_sampler: str | None = Field(None, description="hires fix: the second pass's sampler (null = sampler)")
+    hires_prompt: str = Field("", description="hires fix: the second pass's prompt (empty = prompt)")
+    hires_negative_prompt: str = Field("", description="hires fix: the second pass's negative prompt")
     prediction: str | None = Field(None, json_schema_extra={"enum": ["eps", "v", None]},
                                    description="null = read from the model")
     precision: Precision = Precision.AUTO

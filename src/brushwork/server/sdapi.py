@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.samplers import display_name, lenient_sampler
 from ..request import (
     EMPHASIS_CHOICES,
+    HIRES_IMAGE_UPSCALERS,
+    HIRES_LATENT_MODES,
+    HIRES_UPSCALERS,
     MAX_COMMA_PADDING_BACKTRACK,
     MAX_TOKEN_MERGING_RATIO,
     GenerationRequest,
@@ -157,8 +160,6 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
         raise HTTPError(422, f"Script '{body.script_name}' not found; this server has no scripts")
     for name in body.alwayson_scripts or {}:
         raise HTTPError(422, f"always on script {name} not found; this server has no extensions")
-    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
-        raise InvalidRequest("hires fix (enable_hr) is not supported yet; send enable_hr: false")
     if body.restore_faces:
         raise InvalidRequest("face restoration is not supported; send restore_faces: false")
     if body.tiling:
@@ -208,6 +209,8 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
         comma_padding_backtrack=backtrack,
         watermark=state.settings.watermark,
     )
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        _hires(body, request)
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise HTTPError(404, "Init image not found")
@@ -226,6 +229,26 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
             request.inpaint_full_res_padding = body.inpaint_full_res_padding
             request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
     return request, [note] if note else []
+
+
+def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
+    """A1111's hires fix fields onto the request (its defaults: hr_upscaler null is "Latent", denoising_strength
+    null is 0.75 as its txt2img API, hr_second_pass_steps 0 is the same as steps)."""
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise InvalidRequest(f"a second checkpoint for the hires pass is not supported (hr_checkpoint_name "
+                             f"{body.hr_checkpoint_name!r}); send null or \"Use same checkpoint\"")
+    upscaler = body.hr_upscaler or "Latent"
+    if upscaler.strip().lower() not in {name.lower() for name in HIRES_UPSCALERS}:
+        raise InvalidRequest(f"unknown hires upscaler (hr_upscaler) {upscaler[:40]!r}; choose one of: "
+                             f"{', '.join(HIRES_UPSCALERS)}")
+    request.hires_scale = body.hr_scale
+    request.hires_resize_x, request.hires_resize_y = body.hr_resize_x, body.hr_resize_y
+    request.hires_upscaler = upscaler
+    request.hires_steps = body.hr_second_pass_steps
+    request.hires_strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+    if body.hr_sampler_name not in (None, "", "Use same sampler"):
+        request.hires_sampler = body.hr_sampler_name
+    request.hires_prompt, request.hires_negative_prompt = body.hr_prompt or "", body.hr_negative_prompt or ""
 
 
 def _echo(body: _Common) -> dict[str, Any]:
@@ -503,7 +526,9 @@ def _upscalers(state: ServerState) -> list[Any]:
 
 @router.get("/upscalers")
 def upscalers(request: Request):
-    out = [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+    # "None", then the plain resizers the hires fix takes (as A1111 lists them), then the upscaler models
+    out = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+           for name in ("None", *HIRES_IMAGE_UPSCALERS)]
     for e in _upscalers(_state(request)):
         out.append({"name": e.name, "model_name": e.name, "model_path": str(e.path), "model_url": None, "scale": 4})
     return out
@@ -511,7 +536,7 @@ def upscalers(request: Request):
 
 @router.get("/latent-upscale-modes")
 async def latent_upscale_modes(request: Request):
-    return []
+    return [{"name": name} for name in HIRES_LATENT_MODES]
 
 
 @router.get("/embeddings")

@@ -24,8 +24,10 @@ _MODULES = {
 
 
 def task_for(request) -> Task:
-    """The task that runs this request."""
+    """The task that runs this request: by its mode, except a txt2img request with the hires fix on."""
     name = _MODULES.get(request.mode)
+    if request.mode is Mode.TXT2IMG and getattr(request, "hires_enabled", False):
+        name = "hires"  # txt2img, then an upscale and an img2img pass (still Mode.TXT2IMG)
     if name is None:
         done = ", ".join(m.value for m in _MODULES)
         raise InvalidRequest(f"{request.mode.value} arrives in a later version; this one does {done}")
