@@ -156,7 +156,7 @@ def request_from_infotext(text: str) -> dict:
             "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
             "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str),
             "Token merging ratio": ("token_merging_ratio", float), "CFG end": ("cfg_end", float),
-            "Emphasis": ("emphasis", str), "Mask blur": ("mask_blur", int),
+            "Emphasis": ("emphasis", str), "Mask blur": ("mask_blur", int), "Eta": ("eta", float),
             "Masked area padding": ("inpaint_full_res_padding", int), "Masked content": ("inpainting_fill", str)}
     for key, (name, cast) in conv.items():
         if key in p:

@@ -1,0 +1,117 @@
+"""Each ``GenerationRequest`` field is reachable from the CLI, both HTTP APIs and the infotext, or says here why
+not: the next field added without its front ends fails this test, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from brushwork.request import GenerationRequest
+
+FIELDS = [f.name for f in dataclasses.fields(GenerationRequest)]
+
+# field -> the CLI option's parameter name where it differs from the field's
+CLI_NAMES = {"prompt": "prompt_arg", "scheduler": "schedule", "init_image": "init_img", "mask_image": "mask",
+             "inpainting_fill": "fill", "inpaint_full_res": "only_masked", "inpaint_full_res_padding": "padding",
+             "inpainting_mask_invert": "invert_mask", "watermark": "no_watermark"}
+# field -> A1111's request field (txt2img or img2img) or option (override_settings / POST /options)
+SDAPI_NAMES = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "sd_model_checkpoint", "vae": "sd_vae",
+    "sampler": "sampler_name", "scheduler": "scheduler", "steps": "steps", "cfg_scale": "cfg_scale",
+    "cfg_end": "cfg_end", "seed": "seed", "width": "width", "height": "height", "batch_size": "batch_size",
+    "n_iter": "n_iter", "eta": "eta", "clip_skip": "CLIP_stop_at_last_layers",
+    "token_merging_ratio": "token_merging_ratio", "emphasis": "emphasis",
+    "comma_padding_backtrack": "comma_padding_backtrack", "init_image": "init_images",
+    "strength": "denoising_strength", "mask_image": "mask", "mask_blur": "mask_blur",
+    "inpainting_fill": "inpainting_fill", "inpaint_full_res": "inpaint_full_res",
+    "inpaint_full_res_padding": "inpaint_full_res_padding", "inpainting_mask_invert": "inpainting_mask_invert",
+    "hires_scale": "hr_scale", "hires_resize_x": "hr_resize_x", "hires_resize_y": "hr_resize_y",
+    "hires_upscaler": "hr_upscaler", "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength",
+    "hires_sampler": "hr_sampler_name", "hires_prompt": "hr_prompt", "hires_negative_prompt": "hr_negative_prompt",
+}
+# field -> (infotext key, a value as written)
+INFOTEXT = {
+    "steps": ("Steps", "20"), "sampler": ("Sampler", "Euler"), "scheduler": ("Schedule type", "Karras"),
+    "cfg_scale": ("CFG scale", "7"), "cfg_end": ("CFG end", "0.8"), "seed": ("Seed", "3"),
+    "width": ("Size", "64x48"), "height": ("Size", "64x48"), "model": ("Model", "tiny"), "eta": ("Eta", "0.5"),
+    "clip_skip": ("Clip skip", "2"), "token_merging_ratio": ("Token merging ratio", "0.5"),
+    "emphasis": ("Emphasis", "No norm"), "strength": ("Denoising strength", "0.6"),
+    "mask_blur": ("Mask blur", "8"), "inpainting_fill": ("Masked content", "fill"),
+    "inpaint_full_res": ("Inpaint area", "Only masked"), "inpaint_full_res_padding": ("Masked area padding", "40"),
+    "inpainting_mask_invert": ("Mask mode", "Inpaint not masked"), "hires_scale": ("Hires upscale", "2"),
+    "hires_resize_x": ("Hires resize", "96x64"), "hires_resize_y": ("Hires resize", "96x64"),
+    "hires_upscaler": ("Hires upscaler", "Lanczos"), "hires_steps": ("Hires steps", "5"),
+    "hires_sampler": ("Hires sampler", "Euler"), "hires_prompt": ("Hires prompt", "more detail"),
+    "hires_negative_prompt": ("Hires negative prompt", "blur"), "prompt": (None, None),
+    "hires_strength": ("Hires upscale", "2, Denoising strength: 0.5"),  # the second pass's, beside a Hires key
+    "negative_prompt": (None, None),
+}
+WHY_NOT = {
+    "cli": {"mode": "the command's name (txt2img, img2img, inpaint)", "loras": "a later issue: <lora:...> tags",
+            "extra": "internal (fast mode: --fast, config: --config)"},
+    "native": {"vae": "a later issue: VAEs by name from the library", "device": "the server owner's (settings)",
+               "memory": "the server owner's (settings)", "loras": "a later issue", "extra": "internal; fast: `fast`"},
+    "sdapi": {"mode": "the route (txt2img / img2img)", "vae": "not yet: sd_vae with the library's vae/ folder", "prediction": "read from the model", "device": "the owner's",
+              "memory": "the owner's", "precision": "the owner's", "watermark": "the owner's setting",
+              "loras": "a later issue: <lora:...> tags", "extra": "internal"},
+    "infotext": {"mode": "what the picture is", "vae": "written as VAE, chosen by the reader", "mask_image": "an image",
+                 "init_image": "an image", "prediction": "read from the model", "device": "not the picture's",
+                 "memory": "not the picture's", "precision": "not the picture's", "watermark": "not the picture's",
+                 "loras": "a later issue", "extra": "Fast mode: N (checked below)",
+                 "comma_padding_backtrack": "A1111 does not write it", "batch_size": "one picture each",
+                 "n_iter": "one picture each"},
+}
+
+
+def _cli_params() -> set[str]:
+    from brushwork import cli
+
+    names: set[str] = set()
+    for command in ("txt2img", "img2img", "inpaint", "outpaint"):
+        names |= {p.name for p in cli.main.commands[command].params}
+    return names
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_each_field_is_reachable_from_every_front_end_or_says_why_not(name):
+    from brushwork.output.infotext import request_from_infotext
+    from brushwork.server.api import JobRequest
+    from brushwork.server.sdapi import Img2ImgRequest, Txt2ImgRequest
+
+    missing = []
+    if name not in WHY_NOT["cli"] and CLI_NAMES.get(name, name) not in _cli_params():
+        missing.append("the CLI")
+    if name not in WHY_NOT["native"] and name not in JobRequest.model_fields:
+        missing.append("the native API (api.JobRequest)")
+    if name not in WHY_NOT["sdapi"]:
+        a1111 = SDAPI_NAMES.get(name)
+        known = set(Txt2ImgRequest.model_fields) | set(Img2ImgRequest.model_fields)
+        if a1111 is None or (a1111 not in known and not _sdapi_reads_option(a1111)):
+            missing.append("/sdapi/v1 (sdapi.py)")
+    if name not in WHY_NOT["infotext"]:
+        key, value = INFOTEXT.get(name, (None, None)) if name in INFOTEXT else ("?", "?")
+        text = "a cat\nNegative prompt: a dog\nSteps: 20, Sampler: Euler, Seed: 1"
+        if key is not None:
+            text += f", {key}: {value}"
+        if name not in request_from_infotext(text):
+            missing.append("the infotext (output/infotext.py request_from_infotext)")
+    assert not missing, f"GenerationRequest.{name} cannot be set from {', '.join(missing)}; add it there, or say " \
+                        "why not in tests/test_fields.py"
+
+
+def _sdapi_reads_option(option: str) -> bool:
+    """An A1111 option that ``/sdapi`` takes from override_settings or POST /options (sdapi.py reads it)."""
+    import inspect
+
+    from brushwork.server import sdapi
+
+    return f'"{option}"' in inspect.getsource(sdapi._to_request)
+
+
+def test_fast_mode_is_reachable_everywhere():
+    from brushwork.output.infotext import request_from_infotext
+    from brushwork.server.api import JobRequest
+
+    assert "fast" in _cli_params() and "fast" in JobRequest.model_fields
+    assert request_from_infotext("x\nSteps: 2, Sampler: Euler, Seed: 1, Fast mode: 3")["extra"] == {"fast": 3}
