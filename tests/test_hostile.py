@@ -379,3 +379,23 @@ def test_a_tiny_png_upload_is_fine_and_a_broken_one_is_400(client):
     r = client.post("/sdapi/v1/img2img", json={"init_images": ["iVBORw0KGgo="], **SMALL})
     assert r.status_code == 400
     still_serving(client)
+
+
+def test_an_unknown_key_in_the_settings_file_is_one_line_naming_it(tmp_path):
+    from brushwork.request import BrushworkError
+    from brushwork.settings import Settings
+
+    (tmp_path / "settings.json").write_text('{"watermark": false, "watremark": true}')
+    with pytest.raises(BrushworkError, match="unknown setting 'watremark'"):
+        Settings.load(home=tmp_path)
+
+
+def test_a_missing_config_file_is_one_line(tiny_model_file, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from brushwork.cli import main
+
+    result = CliRunner().invoke(main, ["txt2img", "x", "--model", str(tiny_model_file), "--config",
+                                       str(tmp_path / "v2-inference-v.yaml")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and "config file not found" in lines[0]

@@ -63,8 +63,15 @@ class Settings:
                 loaded = json.loads(path.read_text())
             except (OSError, ValueError):
                 loaded = {}  # a broken settings file must not stop the program; defaults apply
-            values.update(loaded if isinstance(loaded, dict) else {})
+            loaded = loaded if isinstance(loaded, dict) else {}
+            values.update(loaded)
         names = {f.name: f for f in fields(cls)}
+        unknown = sorted(k for k in values if k not in names or k == "home")
+        if unknown:  # a typo must not be silently ignored
+            from .request import BrushworkError
+
+            raise BrushworkError(f"{path}: unknown setting {unknown[0]!r}; the settings are: "
+                                 f"{', '.join(n for n in names if n != 'home')}")
         for name in names:
             env = os.environ.get(f"BRUSHWORK_{name.upper()}")
             if env is not None:
