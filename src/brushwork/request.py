@@ -22,20 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
 
-class BrushworkError(Exception):
-    """A problem the user can fix. ``str(err)`` is one line that names the problem and the fix."""
-
-
-class InvalidRequest(BrushworkError):
-    """The request itself is wrong (bad size, unknown sampler, strength out of range, ...)."""
-
-
-class ModelError(BrushworkError):
-    """The model cannot be found, read, trusted or recognised."""
-
-
-class Cancelled(BrushworkError):
-    """The run was cancelled (interrupt) before it finished."""
+from .errors import BrushworkError, Cancelled, InvalidRequest, ModelError  # noqa: F401 (re-exported)
 
 
 class Mode(str, enum.Enum):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..request import InvalidRequest
+from ..errors import InvalidRequest
 
 # bf16 pays on a CPU only when the work is large: below this many UNet parameters (the tiny test
 # models, the bundled mini model) the casts cost more than they save and results stay bit-exact fp32.

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..request import InvalidRequest
+from ..errors import InvalidRequest
 
 # Schedule types (A1111 v1.9+ names), as diffusers can express them: a spacing of the model's own timesteps,
 # which every scheduler class takes, or a sigma schedule, which only the k-diffusion-style classes take.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..request import ModelError
+from ..errors import ModelError
 from .convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .families import SD_VAE_SCALING_FACTOR, Family, find_family
 

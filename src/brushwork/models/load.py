@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..request import ModelError
+from ..errors import ModelError
 from .detect import Detected, Shapes, detect
 from .families import FAMILY_BY_NAME, KNOWN_PREDICTION_BY_HASH, SD_SCHEDULER_CONFIG, Family
 

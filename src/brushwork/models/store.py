@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..request import ModelError
+from ..errors import ModelError
 from ..settings import Settings
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")

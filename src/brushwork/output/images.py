@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ..request import InvalidRequest
+from ..errors import InvalidRequest
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 

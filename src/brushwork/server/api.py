@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.samplers import SAMPLERS, SCHEDULE_TYPES
 from ..request import GenerationRequest, Mode, Precision
-from .app import HTTPError, ServerState
-from .app import state_of as _state
 from .edge import StrictJSONRoute
+from .state import HTTPError, ServerState
+from .state import state_of as _state
 from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, STATUSES, Job
 
 router = APIRouter(prefix="/api/v1", tags=["brushwork"], route_class=StrictJSONRoute)

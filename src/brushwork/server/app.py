@@ -7,180 +7,24 @@ The app is a thin shell: HTTP in, ``GenerationRequest`` into the persistent job 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import binascii
 import ipaddress
 import logging
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..request import BrushworkError, GenerationRequest, InvalidRequest, Mode
+from ..request import BrushworkError, InvalidRequest
 from ..settings import Settings
 from .edge import BodyLimit
-from .store import FINISHED, Job, JobStore
+from .state import _STATUS_NAMES, HTTPError, ServerState, state_of  # noqa: F401 (re-exported)
+from .store import JobStore
 from .worker import Worker, recover_outputs
 
 log = logging.getLogger("brushwork.server")
 
 WEB_DIR = Path(__file__).parent / "web"
 DB_NAME = "brushwork.sqlite3"
-
-
-class HTTPError(Exception):
-    """An error with an HTTP status, rendered as JSON ``{error, detail, body, errors}``."""
-
-    def __init__(self, status: int, detail: str, *, error: str | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.error = error or _STATUS_NAMES.get(status, "Error")
-
-
-_STATUS_NAMES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict",
-                 413: "Payload Too Large", 422: "Unprocessable Entity", 503: "Service Unavailable"}
-
-
-@dataclass
-class ServerState:
-    """Everything the routes share. One per app; nothing global."""
-
-    engine: Any
-    settings: Settings
-    store: JobStore
-    worker: Worker
-    outputs_dir: Path
-    selected_model: str | None = None  # set by POST /sdapi/v1/options sd_model_checkpoint
-    options: dict[str, Any] = field(default_factory=dict)
-
-    # ---- models: only by name from the library, never a path from HTTP -------------------------
-
-    def models(self) -> list[Any]:
-        try:
-            return list(self.engine.list_models())
-        except BrushworkError:
-            return []
-
-    def resolve_model(self, name: str | None) -> str | None:
-        """A library model name for ``name`` (a name, "name [hash]" title, file name or hash); None = default."""
-        if name is None or (isinstance(name, str) and not name.strip()):
-            return self.selected_model
-        if not isinstance(name, str):
-            raise InvalidRequest(f"model must be a model name, got {name!r}")
-        wanted = name.strip()
-        entries = self.models()
-        for entry in entries:
-            candidates = {entry.name, getattr(entry, "title", None), Path(str(entry.path)).name,
-                          Path(str(entry.path)).stem, getattr(entry, "short_hash", None)}
-            sha = getattr(entry, "sha256", None) or ""
-            if (wanted in candidates or wanted.lower() in {str(c).lower() for c in candidates if c}
-                    or (len(wanted) >= 8 and sha.lower().startswith(wanted.lower()))):
-                # the engine reads a name that exists as a path (relative to where the server runs) as that
-                # path; hand it this entry's own file then, so a name always means the library entry
-                return str(entry.path) if Path(entry.name).exists() else entry.name
-        names = ", ".join(e.name for e in entries) or "(the model library is empty)"
-        raise InvalidRequest(f"unknown model {wanted!r}; choose one of: {names}")
-
-    def current_model_entry(self) -> Any:
-        """The model a request without ``model`` would use, as a ModelEntry (or None)."""
-        entries = self.models()
-        if self.selected_model:
-            for e in entries:
-                if self.selected_model in (e.name, str(e.path)):
-                    return e
-        current = getattr(self.engine, "current_model", None)
-        if current is not None:
-            return current
-        default = self.settings.default_model
-        for e in entries:
-            if default and default in (e.name, Path(str(e.path)).name):
-                return e
-        return entries[0] if entries else None
-
-    # ---- submitting and waiting ---------------------------------------------------------------
-
-    def check_request(self, request: GenerationRequest) -> GenerationRequest:
-        """Everything a caller can get wrong, checked before the job is accepted."""
-        request.model = self.resolve_model(request.model)
-        for key in ("vae",):
-            value = getattr(request, key)
-            if value is not None and ("/" in str(value) or "\\" in str(value)):
-                raise InvalidRequest(f"{key} must be a name from the library, not a path: {value!r}")
-        for lora in request.loras:
-            if "/" in str(lora[0]) or "\\" in str(lora[0]):
-                raise InvalidRequest(f"LoRA must be a name from the library, not a path: {lora[0]!r}")
-        # the device and memory policy belong to whoever runs the server, not to HTTP callers
-        request.device = self.settings.device
-        request.memory = self.settings.memory
-        for image in (request.init_image, request.mask_image):
-            if image is not None and image.width * image.height > self.settings.max_image_pixels:
-                raise InvalidRequest(
-                    f"the image is {image.width}x{image.height} pixels, over the limit of "
-                    f"{self.settings.max_image_pixels} pixels; make it smaller"
-                )
-        request.validate()
-        limits = self.settings
-        for value, limit, what, name in (
-                (request.steps, limits.max_steps, "steps", "max_steps"),
-                (request.width, limits.max_side, "width", "max_side"),
-                (request.height, limits.max_side, "height", "max_side"),
-                (request.total_images, limits.max_images, "images (batch size x n_iter)", "max_images")):
-            if isinstance(value, int) and value > limit:
-                raise InvalidRequest(f"{value} {what} is over this server's limit of {limit} (its owner can change "
-                                     f"BRUSHWORK_{name.upper()})")
-        return request
-
-    def submit(self, request: GenerationRequest, *, source: str = "api") -> Job:
-        request = self.check_request(request)
-        job = self.store.create(request.to_dict(), source=source)
-        self.worker.notify()
-        return job
-
-    async def wait(self, job_id: str, *, poll: float = 0.1) -> Job:
-        """Wait (without holding a thread) until the job has finished."""
-        while True:
-            status = self.store.status(job_id)
-            if status is None or status in FINISHED:
-                job = self.store.get(job_id)
-                if job is None:
-                    raise HTTPError(404, f"job {job_id} not found")
-                return job
-            await asyncio.sleep(poll)
-
-    def decode_image(self, data: Any, what: str = "image"):
-        """A base64 (or data: URL) image from a caller, with the upload limits applied."""
-        from ..output.images import open_image_bytes
-
-        if not isinstance(data, str) or not data:
-            raise InvalidRequest(f"{what} must be a base64-encoded image")
-        if data.startswith("data:"):
-            data = data.split(",", 1)[1] if "," in data else ""
-        if len(data) * 3 // 4 > self.settings.max_upload_bytes:
-            raise HTTPError(413, f"{what} is larger than the upload limit of {self.settings.max_upload_bytes} bytes")
-        try:
-            raw = base64.b64decode(data, validate=False)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(f"{what} is not valid base64") from None
-        return open_image_bytes(raw, self.settings.max_image_pixels)
-
-    def image_path(self, rel: str) -> Path:
-        """A file inside the outputs folder, or a 404: no path from the database or a caller escapes it."""
-        root = self.outputs_dir.resolve()
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise HTTPError(404, "image not found")
-        return path
-
-
-def state_of(request) -> ServerState:
-    """The server state of the app a request came to (for the route modules)."""
-    return request.app.state.brushwork
-
-
-def job_request_mode(job: Job) -> Mode:
-    return Mode(job.request.get("mode", "txt2img"))
 
 
 # ---- the app -------------------------------------------------------------------------------------

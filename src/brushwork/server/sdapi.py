@@ -32,9 +32,9 @@ from ..request import (
     InvalidRequest,
     Mode,
 )
-from .app import HTTPError, ServerState
-from .app import state_of as _state
 from .edge import StrictJSONRoute
+from .state import HTTPError, ServerState
+from .state import state_of as _state
 from .store import CANCELLED, DONE, INPUT_IMAGES
 
 MAX_OPTIONS_BYTES = 256 * 1024
