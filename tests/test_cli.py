@@ -183,7 +183,7 @@ def test_fast_mode_is_in_the_parameters_and_they_remake_the_same_picture(tiny, t
     text = picture.info["parameters"]
     assert "Fast mode: 3" in text
     kwargs = request_from_infotext(text)
-    assert kwargs["extra"] == {"fast": 3}
+    assert kwargs["fast"] == 3
     kwargs["model"] = str(tiny["sd1"]["safetensors"])
     again = Engine(Settings(home=tmp_path / "home")).generate(GenerationRequest(**kwargs, watermark=True))
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(picture.convert("RGB")))

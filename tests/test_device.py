@@ -99,7 +99,7 @@ def test_fast_mode_reuses_deep_features_and_stays_close(tiny, engine):
                loaded.parts.unet.mid_block.resnets[0].register_forward_pre_hook(  # really computed
                    lambda *_: calls.__setitem__("mid", calls["mid"] + 1))]
     try:
-        fast = engine.generate(req(tiny, steps=6, sampler="Euler", extra={"fast": True}))
+        fast = engine.generate(req(tiny, steps=6, sampler="Euler", fast=True))
     finally:
         for handle in handles:
             handle.remove()
@@ -110,8 +110,8 @@ def test_fast_mode_reuses_deep_features_and_stays_close(tiny, engine):
     # the UNet is whole again afterwards
     assert np.array_equal(np.asarray(engine.generate(req(tiny, steps=6, sampler="Euler")).images[0]),
                           np.asarray(plain.images[0]))
-    with pytest.raises(InvalidRequest, match="fast must be true, false or a whole number"):
-        engine.generate(req(tiny, extra={"fast": "very"}))
+    with pytest.raises(InvalidRequest, match="fast mode interval must be a whole number"):
+        engine.generate(req(tiny, fast="very"))
 
 
 def test_compile_and_threads_settings_reach_the_loaded_model(tiny, tmp_path, monkeypatch):

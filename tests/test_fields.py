@@ -14,7 +14,7 @@ FIELDS = [f.name for f in dataclasses.fields(GenerationRequest)]
 # field -> the CLI option's parameter name where it differs from the field's
 CLI_NAMES = {"prompt": "prompt_arg", "scheduler": "schedule", "init_image": "init_img", "mask_image": "mask",
              "inpainting_fill": "fill", "inpaint_full_res": "only_masked", "inpaint_full_res_padding": "padding",
-             "inpainting_mask_invert": "invert_mask", "watermark": "no_watermark"}
+             "inpainting_mask_invert": "invert_mask", "watermark": "no_watermark", "config": "config_yaml"}
 # field -> A1111's request field (txt2img or img2img) or option (override_settings / POST /options)
 SDAPI_NAMES = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "sd_model_checkpoint", "vae": "sd_vae",
@@ -45,20 +45,20 @@ INFOTEXT = {
     "hires_sampler": ("Hires sampler", "Euler"), "hires_prompt": ("Hires prompt", "more detail"),
     "hires_negative_prompt": ("Hires negative prompt", "blur"), "prompt": (None, None),
     "hires_strength": ("Hires upscale", "2, Denoising strength: 0.5"),  # the second pass's, beside a Hires key
-    "negative_prompt": (None, None),
+    "negative_prompt": (None, None), "fast": ("Fast mode", "3"),
 }
 WHY_NOT = {
     "cli": {"mode": "the command's name (txt2img, img2img, inpaint)", "loras": "a later issue: <lora:...> tags",
-            "extra": "internal (fast mode: --fast, config: --config)"},
+},
     "native": {"vae": "a later issue: VAEs by name from the library", "device": "the server owner's (settings)",
-               "memory": "the server owner's (settings)", "loras": "a later issue", "extra": "internal; fast: `fast`"},
+               "memory": "the server owner's (settings)", "config": "a file path: models by name only"},
     "sdapi": {"mode": "the route (txt2img / img2img)", "vae": "not yet: sd_vae with the library's vae/ folder", "prediction": "read from the model", "device": "the owner's",
               "memory": "the owner's", "precision": "the owner's", "watermark": "the owner's setting",
-              "loras": "a later issue: <lora:...> tags", "extra": "internal"},
+              "config": "a file path", "fast": "not in A1111; the native API and the web UI have it"},
     "infotext": {"mode": "what the picture is", "vae": "written as VAE, chosen by the reader", "mask_image": "an image",
                  "init_image": "an image", "prediction": "read from the model", "device": "not the picture's",
                  "memory": "not the picture's", "precision": "not the picture's", "watermark": "not the picture's",
-                 "loras": "a later issue", "extra": "Fast mode: N (checked below)",
+                 "config": "not the picture's",
                  "comma_padding_backtrack": "A1111 does not write it", "batch_size": "one picture each",
                  "n_iter": "one picture each"},
 }
@@ -114,4 +114,4 @@ def test_fast_mode_is_reachable_everywhere():
     from brushwork.server.api import JobRequest
 
     assert "fast" in _cli_params() and "fast" in JobRequest.model_fields
-    assert request_from_infotext("x\nSteps: 2, Sampler: Euler, Seed: 1, Fast mode: 3")["extra"] == {"fast": 3}
+    assert request_from_infotext("x\nSteps: 2, Sampler: Euler, Seed: 1, Fast mode: 3")["fast"] == 3

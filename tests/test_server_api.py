@@ -80,14 +80,15 @@ def test_a_job_is_queued_runs_and_its_picture_is_served_with_parameters(client):
     assert Image.open(io.BytesIO(thumb.content)).size == (32, 32)  # never enlarged
 
 
-def test_fast_mode_is_passed_to_the_engine_and_nothing_else_of_extra(client):
+def test_fast_mode_is_passed_to_the_engine_and_no_file_path_is(client):
     job = client.post("/api/v1/jobs", json={"prompt": "quick", "fast": True, "seed": 4, "width": 32, "height": 32,
                                             "steps": 6}).json()
-    assert job["request"]["extra"] == {"fast": True}
+    assert job["request"]["fast"] == 3 and job["request"]["config"] is None
     done = wait_done(client, job["id"])
     assert done["status"] == "done", done["error"]
-    r = client.post("/api/v1/jobs", json={"prompt": "x", "extra": {"config_yaml": "/etc/passwd"}, **SMALL})
-    assert r.status_code == 422  # extra can name files: not settable over HTTP
+    for body in ({"extra": {"config_yaml": "/etc/passwd"}}, {"config": "/etc/passwd"}):
+        r = client.post("/api/v1/jobs", json={"prompt": "x", **body, **SMALL})
+        assert r.status_code == 422  # a file path: not settable over HTTP
     r = client.post("/api/v1/jobs", json={"prompt": "x", "fast": 0.5, **SMALL})
     assert r.status_code == 422
 

@@ -164,9 +164,9 @@ def _request(mode: str, o: dict, **extra):
     if o["config_yaml"]:
         if not Path(o["config_yaml"]).is_file():
             raise InvalidRequest(f"config file not found: {o['config_yaml']} (--config takes the model's .yaml)")
-        req.extra["config_yaml"] = o["config_yaml"]
+        req.config = o["config_yaml"]
     if o["fast"]:
-        req.extra["fast"] = True
+        req.fast = 3
     return settings, req.validate()
 
 

@@ -156,8 +156,11 @@ class GenerationRequest:
     memory: str = "auto"
     # output
     watermark: bool = True
-    loras: list[tuple[str, float]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    # fast mode (DeepCache): the UNet's deep features are computed in full every N-th step and reused between;
+    # 0 = off, true = 3 (the CLI's --fast)
+    fast: int = field(default=0, metadata=limits(0, MAX_FAST_INTERVAL, "fast mode interval", whole=True,
+                                                 hint="; 0 is off, 3 is --fast"))
+    config: str | None = None  # the model's original .yaml (--config; tells SD 2.x v from eps); never over HTTP
 
     @property
     def total_images(self) -> int:
@@ -206,6 +209,8 @@ class GenerationRequest:
                 raise InvalidRequest(
                     f"unknown precision {self.precision!r}; choose one of: {', '.join(p.value for p in Precision)}"
                 ) from None
+        if isinstance(self.fast, bool):
+            self.fast = 3 if self.fast else 0  # --fast, the web UI's checkbox
         for f in dataclasses.fields(self):
             if "range" in f.metadata:
                 _check_number(getattr(self, f.name), f.metadata)
@@ -238,12 +243,6 @@ class GenerationRequest:
         for name in ("model", "vae", "sampler", "scheduler", "prediction", "device", "memory"):
             if getattr(self, name) is not None:
                 _check_text(name, getattr(self, name), 4096)
-        if "fast" in self.extra:
-            from .engine.deepcache import interval_for
-
-            if interval_for(self.extra) > MAX_FAST_INTERVAL:
-                raise InvalidRequest(f"fast must be true, false or a whole number of steps from 1 to "
-                                     f"{MAX_FAST_INTERVAL}, got {self.extra['fast']!r}")
         if self.prediction not in (None, "eps", "v"):
             raise InvalidRequest(f"unknown prediction type {self.prediction!r}; choose 'eps' or 'v'")
         canonical = {c.lower(): c for c in EMPHASIS_CHOICES}
@@ -310,8 +309,6 @@ class GenerationRequest:
                 value = value.value
             elif f.name in ("init_image", "mask_image") and value is not None:
                 value = image_to_b64(value)
-            elif f.name == "loras":
-                value = [list(x) for x in value]
             out[f.name] = value
         return out
 
@@ -326,8 +323,8 @@ class GenerationRequest:
             kwargs["mode"] = Mode(kwargs["mode"])
         if "precision" in kwargs:
             kwargs["precision"] = Precision(kwargs["precision"])
-        if "loras" in kwargs:
-            kwargs["loras"] = [tuple(x) for x in kwargs["loras"]]
+        if isinstance(data.get("extra"), dict) and "fast" not in kwargs:  # a job stored by an older version
+            kwargs["fast"] = data["extra"].get("fast") or 0
         return cls(**kwargs)
 
 

@@ -105,7 +105,7 @@ class Engine:
         else:
             if not entry.path.is_file():
                 raise ModelError(f"model file not found: {entry.path}")
-            config = request.extra.get("config_yaml")
+            config = request.config
             parts = load_mod.load_single_file(
                 entry.path,
                 prediction=request.prediction,

@@ -54,10 +54,10 @@ def deep_cache(unet, interval: int = DEFAULT_INTERVAL):
         cache.clear()
 
 
-def interval_for(extra: dict) -> int:
-    """The request's fast mode: ``extra["fast"]`` true -> every 3rd call in full; a number -> that interval."""
-    fast = extra.get("fast")
-    if fast is None or fast is False:
+def interval_for(fast) -> int:
+    """A request's fast mode as an interval: true -> every 3rd call in full; a number -> that interval (0, 1 and
+    false: off, every call in full)."""
+    if fast is None or fast is False or fast == 0:
         return 1
     if fast is True:
         return DEFAULT_INTERVAL

@@ -95,7 +95,7 @@ def generate(
     task.prepare(ctx)
     from .deepcache import interval_for
 
-    if (interval := interval_for(request.extra)) > 1:
+    if (interval := interval_for(request.fast)) > 1:
         notes.append(f"fast mode: the UNet's deep features are computed every {interval} steps and reused between "
                      "(DeepCache); a little less faithful than the default")
 
@@ -205,7 +205,7 @@ def infotext_for(request: GenerationRequest, *, seed, width, height, model_name,
     from .deepcache import interval_for
 
     sampler, schedule = display_name(request.sampler, request.scheduler)
-    fast_interval = interval_for(request.extra)
+    fast_interval = interval_for(request.fast)
     params = {
         "Steps": request.steps,
         "Sampler": sampler,

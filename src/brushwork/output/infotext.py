@@ -171,7 +171,7 @@ def request_from_infotext(text: str) -> dict:
         out["inpainting_mask_invert"] = p.get("Mask mode") == "Inpaint not masked"
         out.setdefault("inpainting_fill", "original")
     if p.get("Fast mode", "").isdigit() and len(p["Fast mode"]) <= 3:
-        out["extra"] = {"fast": int(p["Fast mode"])}  # brushwork's DeepCache interval
+        out["fast"] = int(p["Fast mode"])  # brushwork's DeepCache interval
     if any(key.startswith("Hires ") for key in p):  # A1111's hires fix: its denoising strength is the second pass's
         _hires_from_infotext(p, out)
     if "Size" in p and re.fullmatch(r"\d+x\d+", p["Size"]):

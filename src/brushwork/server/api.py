@@ -134,8 +134,8 @@ async def create_job(body: JobRequest, request: Request):
     data = body.model_dump()
     data["watermark"] = state.settings.watermark if body.watermark is None else body.watermark
     init_b64, mask_b64 = data.pop("init_image"), data.pop("mask_image")
-    fast = data.pop("fast")
-    data["extra"] = {"fast": fast} if fast else {}  # never anything else from HTTP (extra can name files)
+    if isinstance(data["fast"], bool):
+        data["fast"] = 3 if data["fast"] else 0
 
     def accept() -> Job:  # decoding images and hashing a new model file take a while: not on the event loop
         gen = GenerationRequest.from_dict(data)

@@ -95,9 +95,7 @@ class ServerState:
             value = getattr(request, key)
             if value is not None and ("/" in str(value) or "\\" in str(value)):
                 raise InvalidRequest(f"{key} must be a name from the library, not a path: {value!r}")
-        for lora in request.loras:
-            if "/" in str(lora[0]) or "\\" in str(lora[0]):
-                raise InvalidRequest(f"LoRA must be a name from the library, not a path: {lora[0]!r}")
+        request.config = None  # a file path: HTTP callers choose models by name only
         # the device and memory policy belong to whoever runs the server, not to HTTP callers
         request.device = self.settings.device
         request.memory = self.settings.memory

@@ -161,7 +161,7 @@ class RunContext:
 
         kwargs.setdefault("guidance_scale", float(r.cfg_scale))
         kwargs.setdefault("eta", float(r.eta))
-        with (torch.inference_mode(), deep_cache(parts.unet, interval_for(r.extra)),
+        with (torch.inference_mode(), deep_cache(parts.unet, interval_for(r.fast)),
               token_merging(parts.unet, float(r.token_merging_ratio))):
             out = pipe(**kwargs, output_type="latent", callback_on_step_end=on_step_end,
                        callback_on_step_end_tensor_inputs=[

@@ -414,7 +414,7 @@ function reuseSettings() {
   set("width", meta.width || r.width);
   set("height", meta.height || r.height);
   set("batch_size", 1);
-  $("fast").checked = Boolean(r.extra && r.extra.fast);
+  $("fast").checked = Boolean(r.fast);
   const tome = String(r.token_merging_ratio ?? 0);
   $("token_merging_ratio").value = [...$("token_merging_ratio").options].some((o) => o.value === tome) ? tome : "0";
   if (r.model && [...$("model").options].some((o) => o.value === r.model)) $("model").value = r.model;
