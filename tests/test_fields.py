@@ -52,7 +52,7 @@ WHY_NOT = {
 },
     "native": {"vae": "a later issue: VAEs by name from the library", "device": "the server owner's (settings)",
                "memory": "the server owner's (settings)", "config": "a file path: models by name only"},
-    "sdapi": {"mode": "the route (txt2img / img2img)", "vae": "not yet: sd_vae with the library's vae/ folder", "prediction": "read from the model", "device": "the owner's",
+    "sdapi": {"mode": "the route (txt2img / img2img)", "prediction": "read from the model", "device": "the owner's",
               "memory": "the owner's", "precision": "the owner's", "watermark": "the owner's setting",
               "config": "a file path", "fast": "not in A1111; the native API and the web UI have it"},
     "infotext": {"mode": "what the picture is", "vae": "written as VAE, chosen by the reader", "mask_image": "an image",

@@ -286,3 +286,35 @@ def test_schedule_types_a1111_clients_send_are_taken_or_fall_back_with_a_note(cl
     names = {s["name"] for s in client.get("/sdapi/v1/schedulers").json()}
     assert {"automatic", "uniform", "karras", "exponential", "sgm_uniform", "simple", "normal", "ddim",
             "beta"} <= names
+
+
+def test_sd_vae_lists_the_librarys_vaes_and_selects_one(client):
+    from safetensors.torch import save_file
+
+    from brushwork.models.convert import vae_to_original
+    from tinymodels import build_components
+
+    _, other_vae, _ = build_components("sd1", seed=5)
+    sd = {k.removeprefix("first_stage_model."): v for k, v in vae_to_original(other_vae.state_dict(),
+                                                                               other_vae.config).items()}
+    folder = client.paths["models"] / "vae"
+    folder.mkdir(exist_ok=True)
+    save_file(sd, str(folder / "other-vae.safetensors"))
+    listed = client.get("/sdapi/v1/sd-vae").json()
+    assert [v["model_name"] for v in listed] == ["other-vae.safetensors"]
+    # a VAE in the vae/ folder is not a checkpoint
+    assert all("other-vae" not in m["title"] for m in client.get("/sdapi/v1/sd-models").json())
+    body = {"prompt": "x", "seed": 3, **SMALL}
+    plain = client.post("/sdapi/v1/txt2img", json=body).json()
+    swapped = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "other-vae"}}).json()
+    assert decode_png(plain["images"][0]).tobytes() != decode_png(swapped["images"][0]).tobytes()
+    assert "VAE: other-vae.safetensors" in json.loads(swapped["info"])["infotexts"][0]
+    automatic = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "Automatic"}}).json()
+    assert decode_png(plain["images"][0]).tobytes() == decode_png(automatic["images"][0]).tobytes()
+    r = client.post("/sdapi/v1/options", json={"sd_vae": "nope"})
+    assert r.status_code == 400 and "other-vae.safetensors" in r.json()["detail"]
+    assert client.post("/sdapi/v1/options", json={"sd_vae": "/etc/passwd"}).status_code == 400
+    assert client.post("/sdapi/v1/options", json={"sd_vae": "other-vae.safetensors"}).status_code == 200
+    chosen = client.post("/sdapi/v1/txt2img", json=body).json()
+    assert decode_png(chosen["images"][0]).tobytes() == decode_png(swapped["images"][0]).tobytes()
+    assert client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200

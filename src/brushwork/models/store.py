@@ -102,10 +102,12 @@ class ModelStore:
         return self.settings.models_dir
 
     def scan(self) -> list[ModelEntry]:
-        """Every model in the library (sorted by name), then the bundled one."""
+        """Every model in the library (sorted by name), then the bundled one. VAEs are apart (``vaes``)."""
         found: list[ModelEntry] = []
         if self.root.is_dir():
             for path in sorted(self.root.rglob("*")):
+                if _in_vae_folder(path.relative_to(self.root)):
+                    continue
                 if path.is_file() and path.suffix in MODEL_SUFFIXES and not _is_vae_file(path):
                     found.append(ModelEntry(path.stem, path, path.suffix[1:]))
                 elif path.is_dir() and (path / "model_index.json").is_file():
@@ -113,6 +115,17 @@ class ModelStore:
         bundled = bundled_model_path()
         if bundled.is_file():
             found.append(ModelEntry(BUNDLED_NAME, bundled, "safetensors", bundled=True))
+        return found
+
+    def vaes(self) -> list[ModelEntry]:
+        """The VAEs of the library: files in its ``vae/`` (or A1111's ``VAE/``) folder and ``*.vae.safetensors``
+        (``.ckpt``, ``.pt``) anywhere in it, sorted by name."""
+        found: list[ModelEntry] = []
+        if self.root.is_dir():
+            for path in sorted(self.root.rglob("*")):
+                if path.is_file() and path.suffix in (*MODEL_SUFFIXES, ".pt") and (
+                        _in_vae_folder(path.relative_to(self.root)) or _is_vae_file(path)):
+                    found.append(ModelEntry(path.name, path, path.suffix[1:]))
         return found
 
     def with_hash(self, entry: ModelEntry) -> ModelEntry:
@@ -163,6 +176,10 @@ class ModelStore:
             return ModelEntry(name, Path(name), "hub")
         known = ", ".join(e.name for e in entries) or "none"
         raise ModelError(f"model {name!r} not found: not a file, and not in the library {self.root} (has: {known})")
+
+
+def _in_vae_folder(relative: Path) -> bool:
+    return bool(relative.parts) and relative.parts[0].lower() == "vae"
 
 
 def _is_vae_file(path: Path) -> bool:

@@ -192,6 +192,7 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
         negative_prompt=body.negative_prompt,
         mode=mode,
         model=overrides.get("sd_model_checkpoint"),
+        vae=option("sd_vae"),
         sampler=sampler,
         scheduler=scheduler,
         steps=body.steps,
@@ -453,6 +454,8 @@ def set_options(body: dict[str, Any], request: Request):
         if isinstance(value, bool) or not whole or not 0 <= value <= MAX_COMMA_PADDING_BACKTRACK:
             raise InvalidRequest(f"comma_padding_backtrack must be a whole number from 0 (off) to "
                                  f"{MAX_COMMA_PADDING_BACKTRACK}, got {value!r}")
+    if "sd_vae" in body:
+        state.resolve_vae(body["sd_vae"])  # an unknown VAE is refused now, not at the next picture
     kept = {**{k: v for k, v in state.options.items() if not k.startswith("_")},
             **{k: v for k, v in body.items() if not k.startswith("_") and k != "sd_model_checkpoint"}}
     size = len(json.dumps(kept))
@@ -498,8 +501,9 @@ async def reload_checkpoint(request: Request):
 
 
 @router.get("/sd-vae")
-async def sd_vae(request: Request):
-    return []
+def sd_vae(request: Request):
+    """The library's VAEs (its vae/ folder), as A1111 lists them; choose one with the sd_vae option."""
+    return [{"model_name": e.name, "filename": str(e.path)} for e in _state(request).vaes()]
 
 
 @router.get("/samplers")

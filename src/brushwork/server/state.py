@@ -70,6 +70,26 @@ class ServerState:
         names = ", ".join(e.name for e in entries) or "(the model library is empty)"
         raise InvalidRequest(f"unknown model {wanted!r}; choose one of: {names}")
 
+    def vaes(self) -> list[Any]:
+        store = getattr(self.engine, "store", None)
+        return list(store.vaes()) if store is not None and hasattr(store, "vaes") else []
+
+    def resolve_vae(self, name: str | None) -> str | None:
+        """The file of a library VAE named ``name`` (file name or stem); None, "Automatic" and "None": the model's
+        own. A path is refused: over HTTP files are chosen by name only."""
+        if name is None or (isinstance(name, str) and name.strip() in ("", "Automatic", "None")):
+            return None
+        if not isinstance(name, str):
+            raise InvalidRequest(f"vae must be a VAE's name, got {name!r}")
+        if "/" in name or "\\" in name:
+            raise InvalidRequest(f"vae must be a name from the library, not a path: {name!r}")
+        entries = self.vaes()
+        for entry in entries:
+            if name.strip() in (entry.name, Path(entry.name).stem, Path(entry.name).stem.removesuffix(".vae")):
+                return str(entry.path)
+        names = ", ".join(e.name for e in entries) or "(no VAE in the library's vae/ folder)"
+        raise InvalidRequest(f"unknown VAE {name!r}; choose one of: Automatic, None, {names}")
+
     def current_model_entry(self) -> Any:
         """The model a request without ``model`` would use, as a ModelEntry (or None)."""
         entries = self.models()
@@ -91,10 +111,7 @@ class ServerState:
     def check_request(self, request: GenerationRequest) -> GenerationRequest:
         """Everything a caller can get wrong, checked before the job is accepted."""
         request.model = self.resolve_model(request.model)
-        for key in ("vae",):
-            value = getattr(request, key)
-            if value is not None and ("/" in str(value) or "\\" in str(value)):
-                raise InvalidRequest(f"{key} must be a name from the library, not a path: {value!r}")
+        request.vae = self.resolve_vae(request.vae)
         request.config = None  # a file path: HTTP callers choose models by name only
         # the device and memory policy belong to whoever runs the server, not to HTTP callers
         request.device = self.settings.device
