@@ -61,6 +61,17 @@ def decode_png(data: str):
     return image
 
 
+def wait_done(client, job_id: str, timeout: float = 60) -> dict:
+    """Poll a job (through a TestClient or any client with .get) until it has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from serverkit import LiveServer, make_home, make_settings, png_b64, tiny_model_file  # noqa: F401
+from serverkit import LiveServer, make_home, make_settings, png_b64, tiny_model_file, wait_done  # noqa: F401
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
 MB = 1_000_000
@@ -44,16 +44,6 @@ def live(home):
     server = LiveServer(home).start()
     yield server
     server.stop()
-
-
-def wait_done(client, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/v1/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
 
 def still_serving(client) -> None:

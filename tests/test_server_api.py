@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serverkit import make_home, make_settings, png_b64, tiny_model_file  # noqa: F401
+from serverkit import make_home, make_settings, png_b64, tiny_model_file, wait_done  # noqa: F401
 
 SMALL = {"width": 32, "height": 32, "steps": 2}
 
@@ -27,16 +27,6 @@ def client(tiny_model_file, tmp_path_factory):  # noqa: F811
         c.paths = paths
         c.store = app.state.brushwork.store
         yield c
-
-
-def wait_done(client, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/v1/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
 
 def wait_running(client, job_id: str, min_step: int = 1, timeout: float = 60) -> dict:

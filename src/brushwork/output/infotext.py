@@ -158,12 +158,7 @@ def request_from_infotext(text: str) -> dict:
             "Token merging ratio": ("token_merging_ratio", float), "CFG end": ("cfg_end", float),
             "Emphasis": ("emphasis", str), "Mask blur": ("mask_blur", int), "Eta": ("eta", float),
             "Masked area padding": ("inpaint_full_res_padding", int), "Masked content": ("inpainting_fill", str)}
-    for key, (name, cast) in conv.items():
-        if key in p:
-            try:
-                out[name] = cast(p[key])
-            except ValueError:
-                pass
+    _convert(p, conv, out)
     out.setdefault("cfg_end", 1.0)  # written whenever CFG ended early: without it, every step had CFG
     out.setdefault("emphasis", "Original")  # as A1111: written only when not the default
     if "Inpaint area" in p or "Masked content" in p or "Mask mode" in p:  # A1111 writes each only when not the default
@@ -180,17 +175,23 @@ def request_from_infotext(text: str) -> dict:
     return out
 
 
-def _hires_from_infotext(p: dict, out: dict) -> None:
-    """The hires fix's keys (``Size`` is the first pass's size, as A1111 writes it)."""
-    conv = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
-            "Hires upscaler": ("hires_upscaler", str), "Hires sampler": ("hires_sampler", str),
-            "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}
+def _convert(p: dict, conv: dict, out: dict) -> None:
+    """``out[name] = cast(p[key])`` for each ``key: (name, cast)`` present; a value that does not convert is left
+    out (the request's default applies), as A1111 does."""
     for key, (name, cast) in conv.items():
         if key in p:
             try:
                 out[name] = cast(p[key])
             except ValueError:
                 pass
+
+
+def _hires_from_infotext(p: dict, out: dict) -> None:
+    """The hires fix's keys (``Size`` is the first pass's size, as A1111 writes it)."""
+    conv = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+            "Hires upscaler": ("hires_upscaler", str), "Hires sampler": ("hires_sampler", str),
+            "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}
+    _convert(p, conv, out)
     if re.fullmatch(r"\d+x\d+", p.get("Hires resize", "")):
         x, y = p["Hires resize"].split("x")
         out["hires_resize_x"], out["hires_resize_y"] = int(x), int(y)
