@@ -17,7 +17,7 @@ from typing import Any
 from ..request import BrushworkError, InvalidRequest
 from ..settings import Settings
 from .edge import BodyLimit
-from .state import _STATUS_NAMES, HTTPError, ServerState, state_of  # noqa: F401 (re-exported)
+from .state import _STATUS_NAMES, HTTPError, ServerState
 from .store import JobStore
 from .worker import Worker, recover_outputs
 

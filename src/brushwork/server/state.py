@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..request import BrushworkError, GenerationRequest, InvalidRequest, Mode
+from ..request import BrushworkError, GenerationRequest, InvalidRequest
 from ..settings import Settings
 from .store import FINISHED, Job, JobStore
 from .worker import Worker
@@ -179,7 +179,3 @@ class ServerState:
 def state_of(request) -> ServerState:
     """The server state of the app a request came to (for the route modules)."""
     return request.app.state.brushwork
-
-
-def job_request_mode(job: Job) -> Mode:
-    return Mode(job.request.get("mode", "txt2img"))
