@@ -198,3 +198,16 @@ def test_wrong_thread_counts_are_one_line_errors(tiny, tmp_path, monkeypatch, en
     result = run(*args) if env else run(*args, "--threads", 0)
     _one_line_error(result, needle)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_models_list_names_each_models_family(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copy(tiny["sd2-inpaint"]["safetensors"], home / "models" / "repaint.safetensors")
+    monkeypatch.setenv("BRUSHWORK_HOME", str(home))
+    result = run("models", "list")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "repaint" in x)
+    assert line.split()[:3] == ["repaint", "sd2-inpaint", "safetensors"]

@@ -408,8 +408,8 @@ def models_list():
     entries = store.scan()
     click.echo(f"library: {settings.models_dir}")
     for e in entries:
-        store.with_hash(e)
-        click.echo(f"  {e.name:30} {e.format:12} {e.short_hash or '-':10}  {e.path}")
+        store.with_family(store.with_hash(e))
+        click.echo(f"  {e.name:30} {e.family or '?':16} {e.format:12} {e.short_hash or '-':10}  {e.path}")
 
 
 @models.command("hash")

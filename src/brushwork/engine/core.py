@@ -47,7 +47,7 @@ class Engine:
     # ---- models -------------------------------------------------------------------------------
 
     def list_models(self) -> list[ModelEntry]:
-        return [self.store.with_hash(e) for e in self.store.scan()]
+        return [self.store.with_family(self.store.with_hash(e)) for e in self.store.scan()]
 
     def refresh_models(self) -> list[ModelEntry]:
         return self.list_models()

@@ -33,6 +33,45 @@ def _indices(shapes: Shapes, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
 
 
+def family_name(shapes: Shapes, *, text_encoder: str | None = None, in_channels: int | None = None,
+                xl: bool = False) -> str | None:
+    """What a file is, from its key names and the UNet's input width alone (no configs built): a family of
+    ``families.FAMILIES`` ("sd1", "sd2-inpaint", ...), one this version does not load yet ("sdxl",
+    "sdxl-refiner", "sd2-depth", "sd2-x4-upscaler", ...), "vae" or "lora"; None if it cannot be told. For a
+    diffusers folder pass ``text_encoder``, ``in_channels`` and ``xl`` instead of shapes."""
+    keys = shapes.keys()
+    if shapes:
+        if f"{UNET_PREFIX}label_emb.0.0.weight" in shapes or any(k.startswith("conditioner.embedders.")
+                                                                  for k in keys):
+            width = shapes.get(f"{UNET_PREFIX}label_emb.0.0.weight", (0, 0))[-1]
+            channels = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight", (0, 4))[1]
+            if width == 2560:
+                return "sdxl-refiner"
+            return "sdxl-inpaint" if channels == 9 else "sdxl"
+        if f"{UNET_PREFIX}input_blocks.0.0.weight" not in shapes:
+            if any(k.startswith(("encoder.", "decoder.", VAE_PREFIX)) for k in keys):
+                return "vae"
+            if any("lora_" in k or k.startswith(("lycoris_", "lora.")) for k in keys):
+                return "lora"
+            return None
+        in_channels = shapes[f"{UNET_PREFIX}input_blocks.0.0.weight"][1]
+        if any(k.startswith(CLIP_PREFIX) for k in keys):
+            text_encoder = "clip"
+        elif any(k.startswith(OPENCLIP_PREFIX) for k in keys):
+            text_encoder = "openclip"
+        else:
+            return None
+    if xl:
+        return "sdxl-inpaint" if in_channels == 9 else "sdxl"
+    if text_encoder is None or in_channels is None:
+        return None
+    family = find_family(text_encoder, in_channels)
+    if family is not None:
+        return family.name
+    base = "sd1" if text_encoder == "clip" else "sd2"
+    return {5: f"{base}-depth", 7: f"{base}-x4-upscaler"}.get(in_channels)
+
+
 def detect(shapes: Shapes, name: str = "checkpoint") -> Detected:
     keys = shapes.keys()
     has_unet = f"{UNET_PREFIX}input_blocks.0.0.weight" in shapes

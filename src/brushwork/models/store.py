@@ -34,6 +34,7 @@ class ModelEntry:
     format: str  # "safetensors" | "ckpt" | "diffusers" | "hub"
     bundled: bool = False
     sha256: str | None = None
+    family: str | None = None  # read from the file's header (``ModelStore.with_family``); None until then
 
     @property
     def short_hash(self) -> str | None:
@@ -62,19 +63,27 @@ class HashCache:
         return self._data
 
     def sha256(self, file: Path) -> str:
+        def digest() -> str:
+            h = hashlib.sha256()
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        return self.remembered(file, "sha256", digest)
+
+    def remembered(self, file: Path, what: str, compute):
+        """``compute()`` for this file, remembered under ``what`` until the file's size or time changes."""
         st = file.stat()
         key = str(file.resolve())
         stamp = [st.st_size, st.st_mtime_ns]
         data = self._load()
         entry = data.get(key)
-        if entry and entry.get("stamp") == stamp:
-            return entry["sha256"]
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        value = digest.hexdigest()
-        data[key] = {"stamp": stamp, "sha256": value}
+        if not entry or entry.get("stamp") != stamp:
+            entry = data[key] = {"stamp": stamp}
+        if what in entry:
+            return entry[what]
+        value = entry[what] = compute()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
@@ -105,13 +114,15 @@ class ModelStore:
         """Every model in the library (sorted by name), then the bundled one. VAEs are apart (``vaes``)."""
         found: list[ModelEntry] = []
         if self.root.is_dir():
+            folders: list[Path] = []  # diffusers folders: their unet/, vae/, ... files are parts, not models
             for path in sorted(self.root.rglob("*")):
-                if _in_vae_folder(path.relative_to(self.root)):
+                if _in_vae_folder(path.relative_to(self.root)) or any(f in path.parents for f in folders):
                     continue
                 if path.is_file() and path.suffix in MODEL_SUFFIXES and not _is_vae_file(path):
                     found.append(ModelEntry(path.stem, path, path.suffix[1:]))
                 elif path.is_dir() and (path / "model_index.json").is_file():
                     found.append(ModelEntry(path.name, path, "diffusers"))
+                    folders.append(path)
         bundled = bundled_model_path()
         if bundled.is_file():
             found.append(ModelEntry(BUNDLED_NAME, bundled, "safetensors", bundled=True))
@@ -133,12 +144,19 @@ class ModelStore:
             entry.sha256 = self.hashes.sha256(entry.path)
         return entry
 
+    def with_family(self, entry: ModelEntry) -> ModelEntry:
+        """``entry.family`` from the file's header (safetensors: the key names, no weights read; a diffusers
+        folder: its configs; a pickle is opened only as a zip index), cached with the hash."""
+        if entry.family is None and entry.format != "hub":
+            entry.family = self.hashes.remembered(entry.path, "family", lambda: family_of_path(entry.path))
+        return entry
+
     def resolve(self, name: str | None, *, default: str | None = None) -> tuple[ModelEntry, str | None]:
         """(entry, a hint for the user or None). Order: name, configured default, library, bundled."""
         if name:
-            return self._find(name), None
+            return self.find(name), None
         if default:
-            return self._find(default), None
+            return self.find(default), None
         entries = self.scan()
         library = [e for e in entries if not e.bundled]
         if library:
@@ -150,32 +168,83 @@ class ModelStore:
             )
         raise ModelError(f"no model found; put a Stable Diffusion checkpoint in {self.root} or pass --model FILE")
 
-    def _find(self, name: str) -> ModelEntry:
-        path = Path(name).expanduser()
-        if path.is_file():
-            if path.suffix not in MODEL_SUFFIXES + (".pt", ".pth", ".bin"):
-                raise ModelError(f"{path.name} is not a model file (expected .safetensors or .ckpt)")
-            return ModelEntry(path.stem, path, path.suffix[1:])
-        if path.is_dir():
-            if (path / "model_index.json").is_file():
-                return ModelEntry(path.name, path, "diffusers")
-            raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+    def find(self, name: str, *, paths: bool = True) -> ModelEntry:
+        """The one model resolver, for the CLI and HTTP alike. ``name`` is a library model's name, its A1111 title
+        ("file name [hash]"), its file name, its hash (10 hex = A1111's "Model hash", 8 = the old one, or a longer
+        sha256 prefix), matched exactly, then ignoring case. With ``paths`` (the CLI, the Python API) it may also
+        be a file or diffusers folder, or a hub id; without (HTTP) only the library is searched."""
+        wanted = name.strip()
+        if paths:
+            path = Path(wanted).expanduser()
+            if path.is_file():
+                if path.suffix not in MODEL_SUFFIXES + (".pt", ".pth", ".bin"):
+                    raise ModelError(f"{path.name} is not a model file (expected .safetensors or .ckpt)")
+                return ModelEntry(path.stem, path, path.suffix[1:])
+            if path.is_dir():
+                if (path / "model_index.json").is_file():
+                    return ModelEntry(path.name, path, "diffusers")
+                raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json)")
         entries = self.scan()
-        wanted = re.sub(r"\s*\[[0-9a-f]{8,10}\]$", "", name.strip())  # A1111 titles: "name [hash]"
-        for entry in entries:
-            if wanted in (entry.name, entry.path.name) or str(entry.path).endswith("/" + wanted):
-                return entry
-        if re.fullmatch(r"[0-9a-fA-F]{8,10}", name.strip()):
+        bare = re.sub(r"\s*\[[0-9a-fA-F]{8,10}\]$", "", wanted)  # A1111 titles: "name [hash]"
+        for same in (lambda a, b: a == b, lambda a, b: a.lower() == b.lower()):
             for entry in entries:
-                if entry.path.is_file():
-                    if len(name) == 10 and self.with_hash(entry).short_hash == name.lower():
-                        return entry
-                    if len(name) == 8 and legacy_hash(entry.path) == name.lower():
-                        return entry
-        if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.endswith(MODEL_SUFFIXES):
-            return ModelEntry(name, Path(name), "hub")
+                names = (entry.name, entry.path.name, entry.path.stem)
+                if any(same(bare, n) for n in names) or str(entry.path).endswith("/" + bare):
+                    return entry
+        if re.fullmatch(r"[0-9a-fA-F]{8,64}", wanted):
+            digits = wanted.lower()
+            for entry in (e for e in entries if e.path.is_file()):
+                if len(digits) == 8 and legacy_hash(entry.path) == digits:
+                    return entry
+                if len(digits) >= 10 and (self.with_hash(entry).sha256 or "").startswith(digits):
+                    return entry
+        if paths and re.fullmatch(r"[\w.\-]+/[\w.\-]+", wanted) and not wanted.endswith(MODEL_SUFFIXES):
+            return ModelEntry(wanted, Path(wanted), "hub")
         known = ", ".join(e.name for e in entries) or "none"
-        raise ModelError(f"model {name!r} not found: not a file, and not in the library {self.root} (has: {known})")
+        where = "not a file, and not" if paths else "not"
+        raise ModelError(f"model {wanted!r} not found: {where} in the library {self.root} (has: {known})")
+
+
+def family_of_path(path: Path) -> str | None:
+    """The family name of a model file or diffusers folder, from its header alone; None if it cannot be told."""
+    from .detect import family_name
+
+    try:
+        if path.is_dir():
+            return _family_of_folder(path)
+        if path.suffix == ".safetensors":
+            from .load import read_safetensors_header
+
+            return family_name(read_safetensors_header(path)[0])
+        return family_name(_pickle_keys(path))
+    except (ModelError, OSError, ValueError):
+        return None
+
+
+def _family_of_folder(path: Path) -> str | None:
+    from .detect import family_name
+
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    te_file = path / "text_encoder" / "config.json"
+    te = json.loads(te_file.read_text()) if te_file.is_file() else {}
+    kind = "openclip" if te.get("hidden_act") == "gelu" else "clip"
+    return family_name({}, text_encoder=kind, in_channels=int(unet.get("in_channels", 4)),
+                       xl=(path / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time")
+
+
+def _pickle_keys(path: Path) -> dict:
+    """The key names of a zip-format .ckpt without reading a tensor (its pickle holds only references); other
+    pickles give no keys (their family shows once loaded)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return {}
+    import torch
+
+    sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")} if isinstance(sd, dict) else {}
 
 
 def _in_vae_folder(relative: Path) -> bool:

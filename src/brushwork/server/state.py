@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelError
 from ..request import BrushworkError, GenerationRequest, InvalidRequest
 from ..settings import Settings
 from .store import FINISHED, Job, JobStore
@@ -51,24 +52,21 @@ class ServerState:
             return []
 
     def resolve_model(self, name: str | None) -> str | None:
-        """A library model name for ``name`` (a name, "name [hash]" title, file name or hash); None = default."""
+        """A library model name for ``name`` (a name, "name [hash]" title, file name or hash: ``ModelStore.find``,
+        the CLI's resolver, without paths); None = the default."""
         if name is None or (isinstance(name, str) and not name.strip()):
             return self.selected_model
         if not isinstance(name, str):
             raise InvalidRequest(f"model must be a model name, got {name!r}")
-        wanted = name.strip()
-        entries = self.models()
-        for entry in entries:
-            candidates = {entry.name, getattr(entry, "title", None), Path(str(entry.path)).name,
-                          Path(str(entry.path)).stem, getattr(entry, "short_hash", None)}
-            sha = getattr(entry, "sha256", None) or ""
-            if (wanted in candidates or wanted.lower() in {str(c).lower() for c in candidates if c}
-                    or (len(wanted) >= 8 and sha.lower().startswith(wanted.lower()))):
-                # the engine reads a name that exists as a path (relative to where the server runs) as that
-                # path; hand it this entry's own file then, so a name always means the library entry
-                return str(entry.path) if Path(entry.name).exists() else entry.name
-        names = ", ".join(e.name for e in entries) or "(the model library is empty)"
-        raise InvalidRequest(f"unknown model {wanted!r}; choose one of: {names}")
+        store = getattr(self.engine, "store", None)
+        try:
+            entry = store.find(name, paths=False)
+        except ModelError:
+            names = ", ".join(e.name for e in self.models()) or "(the model library is empty)"
+            raise InvalidRequest(f"unknown model {name.strip()!r}; choose one of: {names}") from None
+        # the engine reads a name that exists as a path (relative to where the server runs) as that path; hand
+        # it this entry's own file then, so a name always means the library entry
+        return str(entry.path) if Path(entry.name).exists() else entry.name
 
     def vaes(self) -> list[Any]:
         store = getattr(self.engine, "store", None)
