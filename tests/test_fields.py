@@ -28,7 +28,7 @@ SDAPI_NAMES = {
     "inpaint_full_res_padding": "inpaint_full_res_padding", "inpainting_mask_invert": "inpainting_mask_invert",
     "hires_scale": "hr_scale", "hires_resize_x": "hr_resize_x", "hires_resize_y": "hr_resize_y",
     "hires_upscaler": "hr_upscaler", "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength",
-    "hires_sampler": "hr_sampler_name", "hires_prompt": "hr_prompt", "hires_negative_prompt": "hr_negative_prompt",
+    "hires_sampler": "hr_sampler_name", "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt", "hires_negative_prompt": "hr_negative_prompt",
 }
 # field -> (infotext key, a value as written)
 INFOTEXT = {
@@ -42,7 +42,7 @@ INFOTEXT = {
     "inpainting_mask_invert": ("Mask mode", "Inpaint not masked"), "hires_scale": ("Hires upscale", "2"),
     "hires_resize_x": ("Hires resize", "96x64"), "hires_resize_y": ("Hires resize", "96x64"),
     "hires_upscaler": ("Hires upscaler", "Lanczos"), "hires_steps": ("Hires steps", "5"),
-    "hires_sampler": ("Hires sampler", "Euler"), "hires_prompt": ("Hires prompt", "more detail"),
+    "hires_sampler": ("Hires sampler", "Euler"), "hires_scheduler": ("Hires schedule type", "Karras"), "hires_prompt": ("Hires prompt", "more detail"),
     "hires_negative_prompt": ("Hires negative prompt", "blur"), "prompt": (None, None),
     "hires_strength": ("Hires upscale", "2, Denoising strength: 0.5"),  # the second pass's, beside a Hires key
     "negative_prompt": (None, None), "fast": ("Fast mode", "3"),
@@ -50,7 +50,7 @@ INFOTEXT = {
 WHY_NOT = {
     "cli": {"mode": "the command's name (txt2img, img2img, inpaint)", "loras": "a later issue: <lora:...> tags",
 },
-    "native": {"vae": "a later issue: VAEs by name from the library", "device": "the server owner's (settings)",
+    "native": {"device": "the server owner's (settings)",
                "memory": "the server owner's (settings)", "config": "a file path: models by name only"},
     "sdapi": {"mode": "the route (txt2img / img2img)", "prediction": "read from the model", "device": "the owner's",
               "memory": "the owner's", "precision": "the owner's", "watermark": "the owner's setting",

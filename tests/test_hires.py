@@ -107,6 +107,7 @@ def test_resize_both_sides_crops_to_that_size(tiny, engine):
     {"hires_steps": 3, "hires_upscaler": "Lanczos", "hires_strength": 0.6, "hires_prompt": "a blue, square: box",
      "hires_negative_prompt": "green", "negative_prompt": "red"},
     {"hires_scale": None, "hires_resize_x": 48, "hires_sampler": "DPM++ 2M", "hires_upscaler": "Latent (nearest)"},
+    {"hires_scheduler": "SGM Uniform", "hires_steps": 3},
 ])
 def test_the_infotext_remakes_the_picture_exactly(tiny, engine, fields):
     first = engine.generate(req(tiny, **fields))
@@ -128,6 +129,15 @@ def test_hires_steps_is_exactly_the_second_pass_progress(tiny, engine):
         engine.generate(req(tiny, steps=2, hires_steps=hires_steps, hires_strength=0.45), progress=seen.append)
         assert [p.step for p in seen] == list(range(1, 2 + expected + 1)), hires_steps
         assert {p.total for p in seen} == {2 + expected}
+
+
+def test_hires_schedule_type_is_the_second_passs_own(tiny, engine):
+    a = engine.generate(req(tiny, steps=2, hires_steps=3))
+    b = engine.generate(req(tiny, steps=2, hires_steps=3, hires_scheduler="SGM Uniform"))
+    assert not np.array_equal(px(a), px(b))
+    assert "Hires schedule type: SGM Uniform" in b.infotexts[0] and ", Schedule type:" not in b.infotexts[0]  # the first pass: Automatic
+    with pytest.raises(InvalidRequest, match="schedule"):
+        engine.generate(req(tiny, hires_scheduler="Sideways"))
 
 
 def test_hires_prompt_changes_only_the_second_pass(tiny, engine):

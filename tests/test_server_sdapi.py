@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -318,3 +319,15 @@ def test_sd_vae_lists_the_librarys_vaes_and_selects_one(client):
     chosen = client.post("/sdapi/v1/txt2img", json=body).json()
     assert decode_png(chosen["images"][0]).tobytes() == decode_png(swapped["images"][0]).tobytes()
     assert client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
+    # the native API chooses the same VAE by name (and refuses an unknown one or a path before queueing)
+    from serverkit import wait_done
+
+    job = client.post("/api/v1/jobs", json={**body, "sampler": "Euler", "vae": "other-vae"})
+    assert job.status_code == 202, job.text
+    done = wait_done(client, job.json()["id"])
+    image = client.get(done["result"]["images"][0]["url"])
+    assert decode_png(base64.b64encode(image.content)).convert("RGB").tobytes() == \
+        decode_png(swapped["images"][0]).convert("RGB").tobytes()
+    for bad in ("nope", "../vae/other-vae.safetensors"):
+        r = client.post("/api/v1/jobs", json={**body, "vae": bad})
+        assert r.status_code == 400 and "vae" in r.json()["detail"].lower(), r.text

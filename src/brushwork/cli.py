@@ -248,6 +248,8 @@ def _hires_options(fn):
         click.option("--hires-strength", type=float, default=0.7, show_default=True,
                      help="Hires fix: denoising strength of the second pass."),
         click.option("--hires-sampler", default=None, help="Hires fix: the second pass's sampler (default: --sampler)."),
+        click.option("--hires-schedule", "hires_scheduler", default=None,
+                     help="Hires fix: the second pass's schedule type (default: --schedule)."),
         click.option("--hires-prompt", default="", help="Hires fix: the second pass's prompt (default: the prompt)."),
         click.option("--hires-negative-prompt", default="", help="Hires fix: the second pass's negative prompt."),
     ]
@@ -257,7 +259,7 @@ def _hires_options(fn):
 
 
 _HIRES_FIELDS = ("hires_scale", "hires_resize_x", "hires_resize_y", "hires_upscaler", "hires_steps", "hires_strength",
-                 "hires_sampler", "hires_prompt", "hires_negative_prompt")
+                 "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt")
 
 
 @main.command()

@@ -147,6 +147,7 @@ class GenerationRequest:
     # A1111's denoising strength for the second pass (0 = the upscaled picture, not denoised again)
     hires_strength: float = field(default=0.7, metadata=limits(0, 1, "hires strength"))
     hires_sampler: str | None = None  # the second pass's sampler; None = the first pass's (A1111's hr_sampler_name)
+    hires_scheduler: str | None = None  # the second pass's schedule type; None = the first pass's (hr_scheduler)
     hires_prompt: str = ""  # empty = the first pass's prompt (A1111's hr_prompt)
     hires_negative_prompt: str = ""  # empty = the first pass's negative prompt
     # model interpretation and placement
@@ -279,15 +280,23 @@ class GenerationRequest:
             shown = self.hires_upscaler[:40] if isinstance(self.hires_upscaler, str) else self.hires_upscaler
             raise InvalidRequest(f"unknown hires upscaler {shown!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
         self.hires_upscaler = canonical[key]
-        if self.hires_sampler is not None and not str(self.hires_sampler).strip():
-            self.hires_sampler = None
-        if self.hires_sampler is not None:
-            _check_text("hires sampler", self.hires_sampler, 4096)
-            parse_sampler(self.hires_sampler, self.scheduler)
+        for name in ("hires_sampler", "hires_scheduler"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                setattr(self, name, None)
+            elif value is not None:
+                _check_text(name.replace("_", " "), value, 4096)
+        if self.hires_sampler is not None or self.hires_scheduler is not None:
+            parse_sampler(*self.hires_sampler_and_schedule)
         for name in ("hires_prompt", "hires_negative_prompt"):
             _check_text(name.replace("_", " "), getattr(self, name), MAX_PROMPT_CHARS)
         if self.hires_enabled and self.width and self.height:
             self.check_hires_size(self.width, self.height)
+
+    @property
+    def hires_sampler_and_schedule(self) -> tuple[str, str]:
+        """The second pass's sampler and schedule type: its own, else the first pass's."""
+        return self.hires_sampler or self.sampler, self.hires_scheduler or self.scheduler
 
     def check_hires_size(self, width: int, height: int) -> None:
         (uw, uh), (ow, oh) = self.hires_sizes(width, height)

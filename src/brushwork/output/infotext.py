@@ -190,6 +190,7 @@ def _hires_from_infotext(p: dict, out: dict) -> None:
     """The hires fix's keys (``Size`` is the first pass's size, as A1111 writes it)."""
     conv = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
             "Hires upscaler": ("hires_upscaler", str), "Hires sampler": ("hires_sampler", str),
+            "Hires schedule type": ("hires_scheduler", str),
             "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}
     _convert(p, conv, out)
     if re.fullmatch(r"\d+x\d+", p.get("Hires resize", "")):

@@ -60,6 +60,8 @@ class JobRequest(BaseModel):
     sampler: str = Field("Euler a", json_schema_extra={"enum": [x.name for x in SAMPLERS]},
                          description="a sampler name (GET /api/v1/samplers; A1111's aliases work too)")
     scheduler: str = Field("Automatic", json_schema_extra={"enum": list(SCHEDULE_TYPES)})
+    vae: str | None = Field(None, description="a VAE of the library by name (GET /sdapi/v1/sd-vae); null, "
+                                              "\"Automatic\" or \"None\" = the model's own")
     steps: int = declared("steps", 20)
     cfg_scale: float | None = declared("cfg_scale", None, "null = the model's recommended scale, else 7")
     cfg_end: float | None = Field(None, description="fraction of the steps with CFG; the last ones follow the "
@@ -96,6 +98,8 @@ class JobRequest(BaseModel):
     hires_steps: int = declared("hires_steps", 0, "hires fix: the second pass's steps (0 = steps)")
     hires_strength: float = declared("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
     hires_sampler: str | None = Field(None, description="hires fix: the second pass's sampler (null = sampler)")
+    hires_scheduler: str | None = Field(None, json_schema_extra={"enum": [*SCHEDULE_TYPES, None]},
+                                        description="hires fix: the second pass's schedule type (null = scheduler)")
     hires_prompt: str = Field("", description="hires fix: the second pass's prompt (empty = prompt)")
     hires_negative_prompt: str = Field("", description="hires fix: the second pass's negative prompt")
     prediction: str | None = Field(None, json_schema_extra={"enum": ["eps", "v", None]},

@@ -249,6 +249,8 @@ def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
     request.hires_strength = 0.75 if body.denoising_strength is None else body.denoising_strength
     if body.hr_sampler_name not in (None, "", "Use same sampler"):
         request.hires_sampler = body.hr_sampler_name
+    if body.hr_scheduler not in (None, "", "Use same scheduler"):
+        request.hires_scheduler = body.hr_scheduler
     request.hires_prompt, request.hires_negative_prompt = body.hr_prompt or "", body.hr_negative_prompt or ""
 
 

@@ -105,7 +105,8 @@ def denoise(ctx: RunContext, seeds: list[int]):
     latents = upscale(ctx, latents)
     if not steps:
         return latents
-    scheduler = build_scheduler(ctx.parts.scheduler_config, r.hires_sampler, r.scheduler) if r.hires_sampler else None
+    own = r.hires_sampler is not None or r.hires_scheduler is not None
+    scheduler = build_scheduler(ctx.parts.scheduler_config, *r.hires_sampler_and_schedule) if own else None
     pipe = ctx.pipe("StableDiffusionImg2ImgPipeline", scheduler=scheduler)
     embeds = ctx.embeddings(len(seeds), prompt=r.hires_prompt or None, negative=r.hires_negative_prompt or None)
     return ctx.run_pipe(pipe, step_offset=r.steps, total=total, **embeds, image=latents,
@@ -124,10 +125,11 @@ def infotext(r: GenerationRequest) -> dict:
     if r.hires_steps:
         keys["Hires steps"] = r.hires_steps
     keys["Hires upscaler"] = r.hires_upscaler
-    if r.hires_sampler:
-        name = display_name(r.hires_sampler, r.scheduler)[0]
-        if name != display_name(r.sampler, r.scheduler)[0]:
-            keys["Hires sampler"] = name
+    first, second = display_name(r.sampler, r.scheduler), display_name(*r.hires_sampler_and_schedule)
+    if second[0] != first[0]:
+        keys["Hires sampler"] = second[0]
+    if second[1] != first[1]:
+        keys["Hires schedule type"] = second[1]
     if r.hires_prompt and r.hires_prompt != r.prompt:
         keys["Hires prompt"] = r.hires_prompt
     if r.hires_negative_prompt and r.hires_negative_prompt != r.negative_prompt:
