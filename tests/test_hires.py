@@ -140,6 +140,16 @@ def test_hires_schedule_type_is_the_second_passs_own(tiny, engine):
         engine.generate(req(tiny, hires_scheduler="Sideways"))
 
 
+def test_an_interrupt_in_the_second_pass_counts_both_passes_steps(tiny, engine):
+    import threading
+
+    event = threading.Event()
+    result = engine.generate(req(tiny, steps=2, hires_steps=4),
+                             progress=lambda info: event.set() if info.step == 3 else None, interrupt=event)
+    assert result.interrupted and result.images[0].size == (64, 64)  # stopped in the upscaled pass
+    assert any("interrupted after step 4 of 6" in note for note in result.notes), result.notes
+
+
 def test_hires_prompt_changes_only_the_second_pass(tiny, engine):
     a = engine.generate(req(tiny, steps=1))
     b = engine.generate(req(tiny, steps=1, hires_prompt="a green triangle"))

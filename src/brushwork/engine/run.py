@@ -117,7 +117,7 @@ def generate(
             try:
                 latents, stopped_at = task.denoise(ctx, batch_seeds), None
             except Stop as stop:
-                latents, stopped_at = stop.latents, stop.step
+                latents, stopped_at = stop.latents, (stop.step, stop.total)
             t1 = time.perf_counter()
             decoded, fell_back = decode(parts.vae, latents)
             timings["sample_s"] += t1 - t0
@@ -129,11 +129,11 @@ def generate(
             notes.append("the fp16 VAE gave NaNs; decoded again in fp32")
         if stopped_at is not None and control.interrupted:
             interrupted = True
-            notes.append(f"interrupted after step {stopped_at} of {request.steps}: the last picture is not finished")
+            notes.append("interrupted after step {} of {}: the last picture is not finished".format(*stopped_at))
         elif stopped_at is not None:
             control.skip.clear()
-            notes.append(f"batch {batch + 1} skipped after step {stopped_at} of {request.steps}: its pictures are "
-                         "not finished")
+            notes.append("batch {} skipped after step {} of {}: its pictures are not finished".format(
+                batch + 1, *stopped_at))
         images += task.finish(ctx, decoded)
         seeds += batch_seeds
         if interrupted:

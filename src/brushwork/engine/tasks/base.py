@@ -57,9 +57,9 @@ class Task:
 class Stop(Exception):
     """Raised from the step callback when an interrupt or skip asks to stop; carries where the latents were."""
 
-    def __init__(self, latents, step: int):
+    def __init__(self, latents, step: int, total: int):
         super().__init__("interrupted")
-        self.latents, self.step = latents, step
+        self.latents, self.step, self.total = latents, step, total
 
 
 @dataclass
@@ -149,12 +149,12 @@ class RunContext:
         def on_step_end(p, i, t, callback_kwargs):
             if control.cancel is not None and control.cancel.is_set():
                 raise Cancelled("cancelled")
+            steps = total or getattr(p, "_num_timesteps", None) or r.steps
             if control.stop_requested():
-                raise Stop(callback_kwargs["latents"], step_offset + i + 1)
+                raise Stop(callback_kwargs["latents"], step_offset + i + 1, steps)
             end_guidance_after(r.cfg_end, p, i, callback_kwargs)
             if control.progress is not None:
                 preview = latent_preview(parts.vae, callback_kwargs["latents"]) if control.want_previews else None
-                steps = total or getattr(p, "_num_timesteps", None) or r.steps
                 control.progress(ProgressInfo(step=step_offset + i + 1, total=steps, batch=self.batch,
                                               batches=r.n_iter, preview=preview))
             return callback_kwargs
