@@ -46,15 +46,20 @@ def test_outside_the_blurred_mask_is_the_original_exactly(tiny, engine, family):
     assert "Mask blur: 4" in result.infotexts[0] and "Denoising strength: 0.75" in result.infotexts[0]
 
 
-def test_the_9_channel_result_is_plain_diffusers_overlaid(tiny, engine):
+@pytest.mark.parametrize("family", ["sd1-inpaint", "sd2-inpaint"])
+def test_the_9_channel_result_is_plain_diffusers_overlaid(tiny, engine, family):
+    """SD1 inpainting (CLIP) and SD2 inpainting (OpenCLIP, linear projections) single files, in the original
+    layout: the engine's pixels are plain diffusers' on the same weights, noise drawn on the CPU, seed + i."""
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInpaintPipeline
 
     from brushwork.engine.prompts import encode
     from brushwork.models.load import load_single_file
 
-    result = engine.generate(req(tiny, "sd1-inpaint", sampler="Euler a", cfg_scale=7.0, mask_blur=0))
-    parts = load_single_file(tiny["sd1-inpaint"]["safetensors"])
+    result = engine.generate(req(tiny, family, sampler="Euler a", cfg_scale=7.0, mask_blur=0, batch_size=2))
+    parts = load_single_file(tiny[family]["safetensors"])
+    assert parts.unet.config.in_channels == 9
+    assert parts.unet.config.use_linear_projection is (family == "sd2-inpaint")
     pipe = StableDiffusionInpaintPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=EulerAncestralDiscreteScheduler.from_config(parts.scheduler_config), safety_checker=None,
@@ -63,12 +68,15 @@ def test_the_9_channel_result_is_plain_diffusers_overlaid(tiny, engine):
     cond, uncond = encode(parts.text_encoder, parts.tokenizer, "a red circle", "")
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     with torch.inference_mode():
-        theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, image=[_init()],
-                      mask_image=[latent_mask(_mask(), 32, 32, factor)], height=32, width=32, strength=0.75,
-                      num_inference_steps=3, guidance_scale=7.0, generator=[torch.Generator("cpu").manual_seed(7)],
-                      ).images[0]
-    expected = overlay(_init(), theirs, _mask().point(lambda v: min(255, 2 * v)))
-    assert np.abs(px(result.images[0]) - px(expected)).max() == 0
+        theirs = pipe(prompt_embeds=cond.repeat(2, 1, 1), negative_prompt_embeds=uncond.repeat(2, 1, 1),
+                      image=[_init()] * 2, mask_image=[latent_mask(_mask(), 32, 32, factor)] * 2, height=32,
+                      width=32, strength=0.75, num_inference_steps=3, guidance_scale=7.0,
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in (7, 8)]).images
+    assert result.seeds == [7, 8]
+    for ours, plain in zip(result.images, theirs, strict=True):
+        expected = overlay(_init(), plain, _mask().point(lambda v: min(255, 2 * v)))
+        assert np.abs(px(ours) - px(expected)).max() == 0
+    assert not np.array_equal(px(result.images[0]), px(result.images[1]))
 
 
 def test_only_masked_keeps_the_size_and_the_outside(tiny, engine):
@@ -132,8 +140,6 @@ def test_infotext_round_trip(tiny, engine):
 def test_refusals_are_one_line(tiny, engine):
     with pytest.raises(InvalidRequest, match="inpainting fill"):
         req(tiny, inpainting_fill="sparkles").validate()
-    with pytest.raises(InvalidRequest, match="later version"):
-        engine.generate(req(tiny, inpainting_fill="latent noise"))
     with pytest.raises(InvalidRequest, match="inpaint"):
         engine.generate(GenerationRequest(prompt="x", model=str(tiny["sd1-inpaint"]["safetensors"]), steps=1,
                                           width=32, height=32))
@@ -174,6 +180,12 @@ def test_sdapi_img2img_with_a_mask_inpaints(tiny, tmp_path):
         outside = np.asarray(_mask()) == 0
         assert np.array_equal(out[outside], px(_init())[outside])
         assert "Masked content: fill" in res.json()["info"]
+        for number, name in ((2, "latent noise"), (3, "latent nothing")):  # A1111's numbering
+            res = client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": number})
+            assert res.status_code == 200, res.text
+            out = px(Image.open(io.BytesIO(base64.b64decode(res.json()["images"][0]))).convert("RGB"))
+            assert np.array_equal(out[outside], px(_init())[outside])
+            assert f"Masked content: {name}" in res.json()["info"]
         bad = client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 7})
         assert bad.status_code >= 400 and "inpainting_fill" in bad.text
 
@@ -188,3 +200,76 @@ def test_cfg_that_ends_early_inpaints_too(tiny, engine, family):
         assert np.array_equal(px(image)[outside], px(_init())[outside])
     assert not np.array_equal(px(early.images[0]), px(every.images[0]))
     assert "CFG end: 0.5" in early.infotexts[0]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint"])
+def test_latent_noise_and_latent_nothing_repaint_only_the_mask(tiny, engine, family):
+    original = engine.generate(req(tiny, family))
+    noise = engine.generate(req(tiny, family, inpainting_fill="latent noise"))
+    nothing = engine.generate(req(tiny, family, inpainting_fill="latent nothing"))
+    again = engine.generate(req(tiny, family, inpainting_fill="latent noise"))
+    init = px(_init())
+    outside = np.asarray(blurred(_mask(), 4)) == 0
+    inside = np.asarray(_mask()) == 255
+    for result in (noise, nothing):
+        out = px(result.images[0])
+        assert np.array_equal(out[outside], init[outside])
+        assert np.abs(out - px(original.images[0]))[inside].mean() > 2
+    assert np.abs(px(noise.images[0]) - px(nothing.images[0]))[inside].mean() > 2
+    assert np.array_equal(px(noise.images[0]), px(again.images[0]))
+    assert "Masked content: latent noise" in noise.infotexts[0]
+    assert "Masked content: latent nothing" in nothing.infotexts[0]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint"])
+def test_the_latent_route_with_the_latents_left_alone_is_original(tiny, engine, monkeypatch, family):
+    """The latent fills encode the original themselves and hand the pipeline latents: with the fill made a
+    no-op, that route gives "original"'s pixels exactly (same encoding, same draws from each generator)."""
+    from brushwork.engine.tasks import inpaint
+
+    original = engine.generate(req(tiny, family, sampler="Euler a", batch_size=2))
+    monkeypatch.setattr(inpaint, "fill_latents", lambda latents, mask, fill_mode, noise=None: latents)
+    untouched = engine.generate(req(tiny, family, sampler="Euler a", batch_size=2, inpainting_fill="latent noise"))
+    for a, b in zip(original.images, untouched.images, strict=True):
+        assert np.array_equal(px(a), px(b))
+
+
+def test_latent_noise_is_each_seeds_cpu_noise_in_the_latent_mask(tiny, engine, monkeypatch):
+    import torch
+
+    from brushwork.engine.tasks import inpaint
+
+    real, seen = inpaint.fill_latents, []
+
+    def spy(latents, mask, fill_mode, noise=None):
+        out = real(latents, mask, fill_mode, noise)
+        seen.append((latents.clone(), mask.clone(), fill_mode, noise.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(inpaint, "fill_latents", spy)
+    engine.generate(req(tiny, inpainting_fill="latent noise", batch_size=2, mask_blur=0))
+    (latents, mask, fill_mode, noise, out), = seen
+    side = latents.shape[-1]  # the tiny VAE halves: 32 px -> 16 latent cells
+    assert fill_mode == "latent noise" and latents.shape == noise.shape == (2, 4, side, side)
+    for i, seed in enumerate((7, 8)):  # A1111's create_random_tensors: randn from each image's seed, on the CPU
+        cpu = torch.randn((4, side, side), generator=torch.Generator("cpu").manual_seed(seed))
+        assert torch.equal(noise[i], cpu)
+    cells = np.asarray(latent_mask(_mask(), 32, 32, 32 // side).resize((side, side), Image.Resampling.NEAREST))
+    cells = torch.from_numpy(cells == 255)
+    assert torch.equal(mask[0, 0], cells.float()) and 0 < cells.sum() < side * side
+    assert torch.equal(out[:, :, ~cells], latents[:, :, ~cells])
+    assert torch.equal(out[:, :, cells], noise[:, :, cells])
+    nothing = real(latents, mask, "latent nothing")
+    assert torch.equal(nothing[:, :, ~cells], latents[:, :, ~cells]) and nothing[:, :, cells].abs().max() == 0
+
+
+@pytest.mark.parametrize("fill_mode", ["latent noise", "latent nothing"])
+def test_latent_fills_round_trip_through_the_infotext(tiny, engine, fill_mode):
+    from brushwork.output.infotext import request_from_infotext
+
+    result = engine.generate(req(tiny, inpainting_fill=fill_mode, mask_blur=0, steps=1, strength=1.0))
+    assert f"Masked content: {fill_mode}," in result.infotexts[0]
+    back = request_from_infotext(result.infotexts[0])
+    assert back["inpainting_fill"] == fill_mode and back["inpaint_full_res"] is False
+    assert GenerationRequest(**{**back, "model": str(tiny["sd1"]["safetensors"]), "init_image": _init(),
+                                "mask_image": _mask(), "mode": Mode.INPAINT}).validate().inpainting_fill == fill_mode

@@ -7,6 +7,22 @@ gets that mask rounded at latent resolution; the decoded picture is laid over th
 mask, ``original * (1 - m) + generated * m``, so every pixel outside the blurred mask is the original's exactly.
 "Only masked" (``inpaint_full_res``) repaints the mask's bounding box plus padding, grown to the output's
 aspect ratio, at the full requested size, and pastes it back at the original's size.
+
+Masked content (``inpainting_fill``), as A1111's: "original" starts the masked area from the original's pixels,
+"fill" from the colours around it (painted into the source before the pipeline encodes it). "latent noise" and
+"latent nothing" change the encoded original instead (A1111's StableDiffusionProcessingImg2Img.init, fills 2 and
+3): with ``m`` the latent mask, ``init = init * (1 - m) + noise * m`` (noise: the seed's own CPU noise,
+``randn`` from a fresh CPU generator per image seeded ``seed + i``, the tensor txt2img starts from, as A1111's
+``create_random_tensors``) or ``init = init * (1 - m)``. That modified init is what gets noised to the
+strength, and, being the original outside the mask, what a 4-channel model is blended with each step; a
+9-channel model's masked-image channels stay the encoded masked original. The route is the pipeline's public
+inputs, no subclass: ``fill_inputs`` encodes the original exactly as StableDiffusionInpaintPipeline would (its
+image processor, ``retrieve_latents`` per image with that image's generator, the VAE's scaling factor), changes
+the latents and hands them in as ``image`` (a 4-channel tensor the pipeline takes as latents, unencoded); the
+masked original goes in as ``masked_image_latents`` in pixels, which the pipeline encodes itself. So each
+generator is drawn from in the pipeline's own order (encode, noise, masked-image encode, sampler) and with the
+latents left unchanged the route gives "original"'s pixels exactly. At strength 1 the pipeline starts from pure
+noise and never reads the masked area's init latents, so there the latent fills equal "original".
 """
 
 from __future__ import annotations
@@ -14,7 +30,8 @@ from __future__ import annotations
 from ...request import InvalidRequest, Mode
 from .base import RunContext, Task, needs_init_image, resized
 
-SUPPORTED_FILLS = ("original", "fill")
+LATENT_FILLS = ("latent noise", "latent nothing")
+SUPPORTED_FILLS = ("original", "fill", *LATENT_FILLS)
 
 
 def accepts(parts) -> str | None:
@@ -87,7 +104,7 @@ def prepare(ctx: RunContext) -> None:
         raise InvalidRequest("inpaint needs a mask image (--mask)")
     fill_mode = r.inpainting_fill
     if fill_mode not in SUPPORTED_FILLS:
-        raise InvalidRequest(f"inpainting fill {fill_mode!r} arrives in a later version; use original or fill")
+        raise InvalidRequest(f"unknown inpainting fill {fill_mode!r}; choose one of: {', '.join(SUPPORTED_FILLS)}")
     original = r.init_image.convert("RGB")
     mask = mask_from(r.mask_image)
     if r.inpainting_mask_invert:
@@ -127,17 +144,51 @@ def passthrough(ctx: RunContext) -> bool:
     return ctx.data.get("empty", False) or (strength < 1 and int(ctx.request.steps * strength) < 1)
 
 
+def fill_latents(latents, mask, fill_mode: str, noise=None):
+    """A1111's latent fills on the encoded original (``mask`` 1 = repaint, at latent size): "latent noise"
+    ``latents * (1 - m) + noise * m``, "latent nothing" ``latents * (1 - m)``; where m is 0 the latents exactly."""
+    kept = latents * (1 - mask)
+    return kept + noise * mask if fill_mode == "latent noise" else kept
+
+
+def fill_inputs(ctx: RunContext, pipe, generators, seeds: list[int], dtype):
+    """``image`` (the encoded original, latent-filled) and ``masked_image_latents`` (the masked original, in
+    pixels, for the pipeline to encode) for StableDiffusionInpaintPipeline, prepared as it prepares its own."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_latents
+
+    n, h, w = len(generators), ctx.height, ctx.width
+    device = pipe._execution_device
+    init = pipe.image_processor.preprocess([ctx.data["source"]] * n, height=h, width=w).to(dtype=torch.float32)
+    mask = pipe.mask_processor.preprocess([ctx.data["mask"]] * n, height=h, width=w)
+    masked = init * (mask < 0.5)
+    pixels = init.to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        latents = torch.cat([retrieve_latents(pipe.vae.encode(pixels[i:i + 1]), generator=g)
+                             for i, g in enumerate(generators)])
+        latents = pipe.vae.config.scaling_factor * latents
+        m = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).to(device=device, dtype=latents.dtype)
+        noise = None
+        if ctx.request.inpainting_fill == "latent noise":  # fresh generators: the pipeline's stay untouched
+            noise = ctx.noise(ctx.generators(seeds)).to(device=device, dtype=latents.dtype)
+        latents = fill_latents(latents, m, ctx.request.inpainting_fill, noise)
+    return latents, masked
+
+
 def denoise(ctx: RunContext, seeds: list[int]):
     r = ctx.request
     n = len(seeds)
     generators = ctx.generators(seeds)
-    kwargs = {}
+    pipe = ctx.pipe("StableDiffusionInpaintPipeline")
+    embeds = ctx.embeddings(n)
+    kwargs = {"image": [ctx.data["source"]] * n}
     if float(r.strength) >= 1:  # from pure noise: the CPU-seeded noise txt2img starts from
         kwargs["latents"] = ctx.noise(generators)
-    return ctx.run_pipe(ctx.pipe("StableDiffusionInpaintPipeline"), **ctx.embeddings(n),
-                        image=[ctx.data["source"]] * n, mask_image=[ctx.data["mask"]] * n,
-                        height=ctx.height, width=ctx.width, strength=float(r.strength),
-                        num_inference_steps=r.steps, generator=generators, **kwargs)
+    elif r.inpainting_fill in LATENT_FILLS:
+        kwargs["image"], kwargs["masked_image_latents"] = fill_inputs(ctx, pipe, generators, seeds,
+                                                                      embeds["prompt_embeds"].dtype)
+    return ctx.run_pipe(pipe, **embeds, mask_image=[ctx.data["mask"]] * n, height=ctx.height, width=ctx.width,
+                        strength=float(r.strength), num_inference_steps=r.steps, generator=generators, **kwargs)
 
 
 def finish(ctx: RunContext, images: list) -> list:
