@@ -46,6 +46,18 @@ def test_outside_the_blurred_mask_is_the_original_exactly(tiny, engine, family):
     assert "Mask blur: 4" in result.infotexts[0] and "Denoising strength: 0.75" in result.infotexts[0]
 
 
+def test_the_watermark_marks_the_repainted_area_and_keeps_the_rest_exact(tiny, engine):
+    big = np.zeros((64, 64), np.uint8)
+    big[8:56, 8:56] = 255
+    plain = engine.generate(req(tiny, init_image=_init(64), mask_image=Image.fromarray(big), width=64, height=64))
+    marked = engine.generate(req(tiny, init_image=_init(64), mask_image=Image.fromarray(big), width=64, height=64,
+                                 watermark=True))
+    out, init = px(marked.images[0]), px(_init(64))
+    outside = np.asarray(blurred(Image.fromarray(big), 4)) == 0
+    assert np.array_equal(out[outside], init[outside])  # the watermark did not touch the kept pixels
+    assert not np.array_equal(out, px(plain.images[0]))  # but it is in the repainted area
+
+
 @pytest.mark.parametrize("family", ["sd1-inpaint", "sd2-inpaint"])
 def test_the_9_channel_result_is_plain_diffusers_overlaid(tiny, engine, family):
     """SD1 inpainting (CLIP) and SD2 inpainting (OpenCLIP, linear projections) single files, in the original

@@ -143,9 +143,7 @@ def generate(
 
     # 6. watermark + infotext
     if request.watermark:
-        from ..output.watermark import embed
-
-        images = [embed(im) for im in images]
+        images = task.watermark(ctx, images)
     own = task.infotext(request)
     infotexts = [
         infotext_for(request, seed=s, width=width, height=height, model_name=model_name, model_hash=model_hash,

@@ -52,6 +52,14 @@ class Task:
     finish: Callable[[RunContext, list], list] = lambda ctx, images: images  # the decoded pictures, per batch
     infotext: Callable[[GenerationRequest], dict] = lambda request: {}  # its own A1111 keys
     passthrough: Callable[[RunContext], bool] = lambda ctx: False  # nothing to denoise: the input is the answer
+    watermark: Callable[[RunContext, list], list] = lambda ctx, images: watermarked(images)  # when it is on
+
+
+def watermarked(images: list) -> list:
+    """The invisible watermark in each whole picture."""
+    from ...output.watermark import embed
+
+    return [embed(image) for image in images]
 
 
 class Stop(Exception):

@@ -206,6 +206,17 @@ def finish(ctx: RunContext, images: list) -> list:
     return out
 
 
+def watermark(ctx: RunContext, images: list) -> list:
+    """The watermark in the repainted area only: laid over the original with the same mask as the picture, so
+    the kept pixels stay the original's exactly (a small repaint carries a weaker mark)."""
+    from .base import watermarked
+
+    original, mask = ctx.data["init"], ctx.data["overlay"]
+    if ctx.data.get("empty"):
+        return images
+    return [overlay(original, marked, mask) for marked in watermarked(images)]
+
+
 def infotext(request) -> dict:
     """A1111's keys for an inpainting (its processing.py writes each only when it applies)."""
     keys = {"Denoising strength": request.strength,
@@ -219,4 +230,4 @@ def infotext(request) -> dict:
 
 
 TASK = Task(mode=Mode.INPAINT, pipeline="StableDiffusionInpaintPipeline", denoise=denoise, accepts=accepts,
-            prepare=prepare, finish=finish, infotext=infotext, passthrough=passthrough)
+            prepare=prepare, finish=finish, infotext=infotext, passthrough=passthrough, watermark=watermark)
