@@ -31,7 +31,11 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tiny_model_file, tmp_path_factory):  # noqa: F811
-    s = LiveServer(make_home(tmp_path_factory.mktemp("webui"), tiny_model_file, "tiny")).start()
+    paths = make_home(tmp_path_factory.mktemp("webui"), tiny_model_file, "tiny")
+    # no invisible watermark: the inpaint tests compare the kept pixels with the original's exactly
+    paths["home"].mkdir(parents=True, exist_ok=True)
+    (paths["home"] / "settings.json").write_text('{"watermark": false}')
+    s = LiveServer(paths).start()
     yield s
     s.stop()
 
@@ -200,3 +204,313 @@ def test_phone_width_has_no_sideways_scrolling(browser, server, tmp_path):
     box = page.locator("#generate").bounding_box()
     assert box["width"] > 300  # the main button spans the screen
     _shot(page, tmp_path, "webui-phone.png")
+
+    # the mask editor fits too, and a finger paints the mask (touch through Pointer Events)
+    _upload(page, tmp_path, _quadrants(64))
+    page.click("#inpaint-box summary")
+    page.click("#outpaint-box summary")
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"with the mask editor, the page is {overflow}px wider than a phone screen"
+    canvas = page.locator("#mask-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    assert "image to image" in page.inner_text("#mask-status")
+    page.touchscreen.tap(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_function("document.querySelector('#mask-status').textContent.includes('Mask painted')")
+    _shot(page, tmp_path, "webui-phone-mask.png")
+
+
+# ---- inpaint, outpaint, hires fix, emphasis --------------------------------------------------------------------
+
+
+def _page(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#sampler option", state="attached")
+    return page, errors
+
+
+def _set_range(page, selector: str, value) -> None:
+    page.locator(selector).evaluate("(el, v) => { el.value = v; el.dispatchEvent(new Event('input', "
+                                    "{bubbles: true})); }", str(value))
+
+
+def _quadrants(size: int = 64):
+    """A picture with four flat colours and a gradient, so a changed pixel shows."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((size, size, 3), np.uint8)
+    half = size // 2
+    arr[:half, :half] = (220, 40, 40)
+    arr[:half, half:] = (40, 200, 60)
+    arr[half:, :half] = (40, 60, 220)
+    arr[half:, half:] = (230, 220, 50)
+    arr[..., 2] = np.clip(arr[..., 2].astype(int) + np.arange(size)[None, :] // 4, 0, 255)
+    return Image.fromarray(arr)
+
+
+def _upload(page, tmp_path: Path, image, name: str = "init.png") -> None:
+    path = tmp_path / name
+    image.save(path)
+    page.set_input_files("#init-file", str(path))
+    page.wait_for_selector("#mask-editor:not([hidden])")
+    page.wait_for_function(f"document.querySelector('#mask-canvas').width === {image.width}")
+
+
+def _stroke(page, points, size: int | None = None) -> None:
+    """A drag with the real mouse over the mask canvas through ``points`` (in the init image's pixels), one move
+    event from point to point (a fast drag), or a click where there is one point."""
+    if size is not None:
+        _set_range(page, "#brush_size", size)
+    canvas = page.locator("#mask-canvas")
+    canvas.scroll_into_view_if_needed()  # the mouse reaches only what is on the screen
+    box = canvas.bounding_box()
+    natural = canvas.evaluate("c => [c.width, c.height]")
+
+    def screen(p):
+        return box["x"] + (p[0] + 0.5) * box["width"] / natural[0], box["y"] + (p[1] + 0.5) * box["height"] / natural[1]
+
+    page.mouse.move(*screen(points[0]))
+    page.mouse.down()
+    for p in points[1:]:
+        page.mouse.move(*screen(p))  # one pointermove: the stroke must be interpolated between
+    page.mouse.up()
+
+
+def _submit(page, button: str = "#generate") -> tuple[dict, str]:
+    """Click ``button``; the JSON body the page POSTed to /api/v1/jobs, and the job id the server answered."""
+    def is_job_post(r):
+        return r.url.endswith("/api/v1/jobs") and r.request.method == "POST"
+
+    with page.expect_response(is_job_post) as answer:
+        page.click(button)
+    response = answer.value
+    assert response.status == 202, response.text()
+    return response.request.post_data_json, response.json()["id"]
+
+
+def _finished(server, job_id: str, timeout: float = 60) -> dict:
+    import httpx
+
+    from serverkit import wait_done
+
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        job = wait_done(client, job_id, timeout)
+    assert job["status"] == "done", job.get("error")
+    return job
+
+
+def _result_image(server, job: dict):
+    import io
+
+    import httpx
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(httpx.get(server.url + job["result"]["images"][0]["url"], timeout=10).content))
+    return image.convert("RGB")
+
+
+def _data_url_image(data_url: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    assert data_url.startswith("data:image/png;base64,"), data_url[:40]
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    image.load()
+    return image
+
+
+def test_paint_a_mask_and_inpaint_only_there(browser, server, tmp_path):
+    import numpy as np
+
+    page, errors = _page(browser, server)
+    page.fill("#prompt", "a flower")
+    page.fill("#seed", "7")
+    _set_range(page, "#steps", 4)
+    original = _quadrants(64)
+    _upload(page, tmp_path, original)
+    assert page.locator("#mask-canvas").evaluate("c => getComputedStyle(c).touchAction") == "none"
+    # the preview is shown larger than the picture: the mask is still painted at the picture's own size
+    assert page.locator("#mask-canvas").bounding_box()["width"] > 128
+    assert "image to image" in page.inner_text("#mask-status")
+
+    page.click("#inpaint-box summary")
+    _set_range(page, "#mask_blur", 2)
+    _stroke(page, [(8, 8), (24, 24)], size=8)  # one fast diagonal drag
+    assert "Mask painted" in page.inner_text("#mask-status")
+    _shot(page, tmp_path, "webui-mask.png")
+    body, job_id = _submit(page)
+
+    assert body["mode"] == "inpaint" and body["mask_blur"] == 2
+    assert body["init_image"].startswith("data:image/png;base64,")
+    mask = np.asarray(_data_url_image(body["mask_image"]).convert("L"))
+    assert mask.shape == (64, 64)  # the init image's natural size, not the screen's
+    assert set(np.unique(mask)) <= set(range(256)) and mask.max() == 255
+    for x in range(8, 25, 2):  # the whole diagonal is painted: no gaps between the two pointer events
+        assert mask[x, x] > 200, f"gap in the stroke at {x}"
+    assert mask[40:, :].max() == 0 and mask[:, 40:].max() == 0
+
+    job = _finished(server, job_id)
+    assert job["request"]["mode"] == "inpaint" and job["request"]["mask_image"] == "<image>"
+    result = np.asarray(_result_image(server, job)).astype(int)
+    before = np.asarray(original).astype(int)
+    assert result.shape == before.shape
+    # outside the painted stroke plus the blur, the picture is the original exactly; inside it was repainted
+    assert (result[40:, :] == before[40:, :]).all() and (result[:, 40:] == before[:, 40:]).all()
+    assert np.abs(result[12:21, 12:21] - before[12:21, 12:21]).mean() > 5
+    page.wait_for_selector("#results img")
+    assert not errors, errors
+
+
+def test_mask_eraser_invert_clear_and_inpaint_options(browser, server, tmp_path):
+    import numpy as np
+
+    page, errors = _page(browser, server)
+    page.fill("#prompt", "x")
+    _set_range(page, "#steps", 2)
+    _upload(page, tmp_path, _quadrants(64))
+    _stroke(page, [(4, 32), (60, 32)], size=8)  # a line across
+    page.focus("#mask-eraser")
+    page.keyboard.press("Enter")  # the tools work from the keyboard
+    assert page.get_attribute("#mask-eraser", "aria-pressed") == "true"
+    assert page.get_attribute("#mask-brush", "aria-pressed") == "false"
+    _stroke(page, [(32, 32)], size=16)  # erase the middle of the line
+    first, first_id = _submit(page)
+    mask = np.asarray(_data_url_image(first["mask_image"]).convert("L"))
+    assert first["mode"] == "inpaint"
+    assert mask[32, 8] == 255 and mask[32, 56] == 255  # the line's ends stay
+    assert mask[32, 32] == 0 and mask[32, 28] == 0  # erased
+    assert mask[8, 32] == 0 and mask[56, 8] == 0  # never painted
+    assert first["inpainting_fill"] == "original" and first["inpaint_full_res"] is False
+    assert first["inpainting_mask_invert"] is False
+
+    # invert the painted mask, and A1111's inpaint options
+    page.click("#mask-invert")
+    page.click("#inpaint-box summary")
+    from brushwork.request import INPAINTING_FILLS
+
+    fills = page.eval_on_selector_all("#inpainting_fill option", "els => els.map(e => e.value)")
+    assert sorted(fills) == sorted(INPAINTING_FILLS)  # A1111's "Masked content" choices, as the server names them
+    page.select_option("#inpainting_fill", "fill")
+    assert page.locator("#padding-field").is_hidden()
+    page.check("#inpaint_full_res")  # "Only masked"
+    assert page.locator("#padding-field").is_visible()
+    _set_range(page, "#inpaint_full_res_padding", 16)
+    page.check("#inpainting_mask_invert")  # "Inpaint not masked"
+    second, second_id = _submit(page)
+    mask = np.asarray(_data_url_image(second["mask_image"]).convert("L"))
+    assert mask[32, 8] == 0 and mask[32, 56] == 0
+    assert mask[32, 32] == 255 and mask[8, 32] == 255 and mask[56, 8] == 255
+    assert second["inpainting_fill"] == "fill" and second["inpaint_full_res"] is True
+    assert second["inpaint_full_res_padding"] == 16 and second["inpainting_mask_invert"] is True
+
+    # cleared: no mask, so image to image
+    page.click("#mask-clear")
+    third, third_id = _submit(page)
+    assert third["mode"] == "img2img" and "mask_image" not in third
+
+    jobs = [_finished(server, i) for i in (first_id, second_id, third_id)]
+    assert [j["request"]["mode"] for j in jobs] == ["inpaint", "inpaint", "img2img"]
+    assert jobs[1]["request"]["inpaint_full_res"] is True and jobs[1]["request"]["inpainting_fill"] == "fill"
+    assert not errors, errors
+
+
+def test_outpaint_grows_the_canvas_and_keeps_the_middle(browser, server, tmp_path):
+    import numpy as np
+
+    page, errors = _page(browser, server)
+    page.fill("#prompt", "a wide landscape")
+    page.fill("#seed", "3")
+    _set_range(page, "#steps", 3)
+    original = _quadrants(64)
+    _upload(page, tmp_path, original)
+    page.click("#outpaint-box summary")
+    page.click("#outpaint-box [data-side='left']")  # quick button: 64 more on the left
+    assert page.input_value("#outpaint_left") == "64"
+    page.click("#outpaint-reset")
+    page.fill("#outpaint_left", "8")
+    page.fill("#outpaint_right", "5")  # 64 + 8 + 5 = 77: rounded up to 80, as `brushwork outpaint`
+    assert "64x64 → 80x64" in page.inner_text("#outpaint-size")
+    body, job_id = _submit(page, "#outpaint-run")
+
+    assert body["mode"] == "inpaint" and body["width"] is None and body["inpainting_fill"] == "fill"
+    canvas = np.asarray(_data_url_image(body["init_image"]).convert("RGB")).astype(int)
+    mask = np.asarray(_data_url_image(body["mask_image"]).convert("L"))
+    before = np.asarray(original).astype(int)
+    assert canvas.shape == (64, 80, 3) and mask.shape == (64, 80)
+    assert (canvas[:, 8:72] == before).all()
+    assert (canvas[:, :8] == before[:, :1]).all() and (canvas[:, 72:] == before[:, -1:]).all()  # edges stretched
+    assert (mask[:, :8] == 255).all() and (mask[:, 72:] == 255).all() and (mask[:, 8:72] == 0).all()
+
+    job = _finished(server, job_id)
+    result = np.asarray(_result_image(server, job)).astype(int)
+    assert result.shape == (64, 80, 3)
+    assert (result[:, 30:50] == before[:, 22:42]).all()  # beyond the mask blur (8) the original is kept
+    assert np.abs(result[:, :4] - canvas[:, :4]).mean() > 3  # the new border was painted
+
+    # the result becomes the init image, to outpaint it further
+    page.click("#results img")
+    page.wait_for_selector("#details[open]")
+    page.click("#details-to-init")
+    page.wait_for_function("document.querySelector('#mask-canvas').width === 80")
+    assert "80x64" in page.inner_text("#outpaint-size")
+    assert not errors, errors
+
+
+def test_hires_fix_and_emphasis(browser, server):
+    import httpx
+
+    page, errors = _page(browser, server)
+    page.fill("#prompt", "a (castle:1.3)")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    _set_range(page, "#steps", 2)
+    upscalers = page.eval_on_selector_all("#hires_upscaler option", "els => els.map(e => e.value)")
+    assert {"Latent", "Latent (bicubic)", "Lanczos", "Nearest"} <= set(upscalers) and "None" not in upscalers
+    assert page.locator("#hires-panel").is_hidden()
+    page.focus("#enable_hr")
+    page.keyboard.press("Space")  # keyboard usable
+    assert page.is_checked("#enable_hr") and page.locator("#hires-panel").is_visible()
+    assert page.get_attribute("#enable_hr", "aria-expanded") == "true"
+    assert "32x32 → 64x64" in page.inner_text("#hires-size")
+    page.select_option("#hires_upscaler", "Lanczos")
+    _set_range(page, "#hires_steps", 1)
+    _set_range(page, "#hires_strength", 0.5)
+    page.click("#advanced-box summary")
+    assert page.eval_on_selector_all("#emphasis option", "els => els.map(e => e.value)") == [
+        "Original", "No norm", "Ignore", "None"]
+    page.select_option("#emphasis", "No norm")
+    body, job_id = _submit(page)
+    assert body["hires_scale"] == 2 and body["hires_upscaler"] == "Lanczos" and body["hires_steps"] == 1
+    assert body["hires_strength"] == 0.5 and body["emphasis"] == "No norm" and body["mode"] == "txt2img"
+
+    job = _finished(server, job_id)
+    image = job["result"]["images"][0]
+    assert (image["width"], image["height"]) == (64, 64)
+    assert _result_image(server, job).size == (64, 64)
+    meta = httpx.get(f"{server.url}/api/v1/images/{image['id']}/meta", timeout=10).json()
+    assert "Hires upscale: 2" in meta["infotext"] and "Emphasis: No norm" in meta["infotext"]
+
+    # "reuse these settings" brings the first pass's size and the hires fix back
+    page.fill("#width", "")
+    page.uncheck("#enable_hr")
+    page.select_option("#emphasis", "Original")
+    page.click("#results img")
+    page.wait_for_selector("#details[open]")
+    page.click("#details-reuse")
+    assert page.is_checked("#enable_hr") and page.input_value("#width") == "32"
+    assert page.input_value("#hires_upscaler") == "Lanczos" and page.input_value("#emphasis") == "No norm"
+
+    # off again: the panel hides and a plain job is sent
+    page.uncheck("#enable_hr")
+    assert page.locator("#hires-panel").is_hidden()
+    body, job_id = _submit(page)
+    assert "hires_scale" not in body
+    job = _finished(server, job_id)
+    assert (job["result"]["images"][0]["width"], job["result"]["images"][0]["height"]) == (32, 32)
+    assert not errors, errors

@@ -1,4 +1,5 @@
-// brushwork web UI: plain JS, no build step. Talks only to the native /api/v1.
+// brushwork web UI: plain JS, no build step. Talks to the native /api/v1 (and reads the hires fix's upscaler
+// names from /sdapi/v1, which the native API does not list).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -6,12 +7,23 @@ const API = "api/v1";
 const STORE_KEY = "brushwork.settings.v1";
 const STYLES_KEY = "brushwork.styles.v1";
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "scheduler", "steps", "cfg_scale", "cfg_end",
-  "width", "height", "batch_size", "seed", "strength", "token_merging_ratio"];
+  "width", "height", "batch_size", "seed", "strength", "token_merging_ratio", "emphasis",
+  "hires_upscaler", "hires_scale", "hires_steps", "hires_strength",
+  "mask_blur", "inpainting_fill", "inpaint_full_res_padding", "brush_size"];
+const CHECKS = ["fast", "enable_hr", "inpaint_full_res"];  // checkboxes and radios saved with the settings
+// the partner of each saved radio, checked when the saved one is not
+const RADIO_PARTNER = { inpaint_full_res: "inpaint_area_whole", inpainting_mask_invert: "mask_mode_masked" };
+// the hires fix's upscalers (request.py HIRES_UPSCALERS), used when /sdapi/v1 cannot be read
+const FALLBACK_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+  "Latent (nearest)", "Latent (nearest-exact)", "Lanczos", "Nearest"];
+const OUTPAINT_MASK_BLUR = 8;  // as `brushwork outpaint` (engine/tasks/outpaint.py)
+const OUTPAINT_MAX_BORDER = 2048;
 const MODIFIERS = ["highly detailed", "oil painting", "watercolor", "photograph", "digital art",
   "pixel art", "cinematic lighting", "sunset", "pastel colors", "minimalist"];
 
 const state = {
   initImage: null,      // data: URL of the uploaded init image
+  tool: "brush",        // the mask tool: "brush" or "eraser"
   lastSeed: null,       // the seed of the last finished image
   pending: [],          // job ids to follow, in order (one EventSource at a time: browsers allow few connections)
   current: null,        // the job id followed now
@@ -53,8 +65,15 @@ function el(tag, attrs = {}, ...children) {
 
 // ---- settings in localStorage ----------------------------------------------------------------
 
+function setChecked(id, on) {
+  if (on) $(id).checked = true;
+  else if (RADIO_PARTNER[id]) $(RADIO_PARTNER[id]).checked = true;
+  else $(id).checked = false;
+}
+
 function saveSettings() {
-  const values = { fast: $("fast").checked };
+  const values = {};
+  for (const name of CHECKS) values[name] = $(name).checked;
   for (const name of FIELDS) values[name] = $(name).value;
   localStorage.setItem(STORE_KEY, JSON.stringify(values));
 }
@@ -63,7 +82,7 @@ function loadSettings() {
   let values = {};
   try { values = JSON.parse(localStorage.getItem(STORE_KEY) || "{}"); } catch (_) { values = {}; }
   applyModelDefaults();  // first visit: the model's own scale; a saved value wins below
-  $("fast").checked = values.fast === true;
+  for (const name of CHECKS) setChecked(name, values[name] === true);
   for (const name of FIELDS) {
     if (values[name] === undefined) continue;
     const input = $(name);
@@ -86,6 +105,15 @@ function updateOutputs() {
   $("cfg-out").textContent = $("cfg_scale").value;
   $("cfg-end-out").textContent = $("cfg_end").value;
   $("strength-out").textContent = $("strength").value;
+  $("brush-size-out").textContent = `${$("brush_size").value} px`;
+  $("mask-blur-out").textContent = $("mask_blur").value;
+  $("padding-out").textContent = $("inpaint_full_res_padding").value;
+  $("padding-field").hidden = !$("inpaint_full_res").checked;
+  $("hires-scale-out").textContent = `${Number($("hires_scale").value).toFixed(2)}x`;
+  $("hires-steps-out").textContent = $("hires_steps").value === "0" ? "same as steps" : $("hires_steps").value;
+  $("hires-strength-out").textContent = $("hires_strength").value;
+  updateHires();
+  updateOutpaintSize();
   const prompt = $("prompt").value.toLowerCase();
   for (const chip of document.querySelectorAll(".chip")) {
     chip.classList.toggle("on", prompt.includes(chip.dataset.text));
@@ -100,7 +128,8 @@ function fillSelect(select, items, selected) {
 }
 
 async function loadChoices() {
-  const [models, samplers] = await Promise.all([api("models"), api("samplers")]);
+  // (all fetched first, then filled at once: the saved settings are applied right after)
+  const [models, samplers, upscalers] = await Promise.all([api("models"), api("samplers"), hiresUpscalers()]);
   const current = models.models.find((m) => m.current);
   state.modelDefaults = Object.fromEntries(models.models.map((m) => [m.name, m.defaults || {}]));
   state.modelDefaults[""] = current ? current.defaults || {} : {};
@@ -108,6 +137,45 @@ async function loadChoices() {
     ...models.models.map((m) => [m.name, m.title])]);
   fillSelect($("sampler"), samplers.samplers.map((s) => [s.name, s.name]), "Euler a");
   fillSelect($("scheduler"), samplers.schedule_types.map((s) => [s, s]), "Automatic");
+  fillSelect($("hires_upscaler"), upscalers.map((name) => [name, name]), "Latent");
+}
+
+// the hires fix's upscalers: the latent modes, then the plain resizers ("None" and upscaler models are for the
+// extras tab, which the hires fix does not take)
+async function hiresUpscalers() {
+  try {
+    const get = async (path) => {
+      const res = await fetch(`sdapi/v1/${path}`);
+      if (!res.ok) throw new Error(`the server answered ${res.status}`);
+      return res.json();
+    };
+    const [latent, plain] = await Promise.all([get("latent-upscale-modes"), get("upscalers")]);
+    const names = [...latent.map((m) => m.name),
+      ...plain.filter((u) => !u.model_name && u.name !== "None").map((u) => u.name)];
+    return names.length ? names : FALLBACK_UPSCALERS;
+  } catch (_) {
+    return FALLBACK_UPSCALERS;
+  }
+}
+
+// ---- hires fix -------------------------------------------------------------------------------
+
+const floor8 = (v) => Math.max(8, v - (v % 8));
+
+function updateHires() {
+  const on = $("enable_hr").checked;
+  const txt2img = !state.initImage;
+  $("enable_hr").disabled = !txt2img;
+  $("enable_hr").setAttribute("aria-expanded", String(on && txt2img));
+  $("hires-panel").hidden = !on || !txt2img;
+  $("hires-note").textContent = txt2img
+    ? "Text to image: make the picture, upscale it, then denoise it again."
+    : "Text to image only: remove the init image to use it.";
+  $("hires-note").hidden = txt2img && on;
+  const w = Number($("width").value), h = Number($("height").value), scale = Number($("hires_scale").value);
+  $("hires-size").textContent = w && h
+    ? `${w}x${h} → ${floor8(Math.floor(w * scale))}x${floor8(Math.floor(h * scale))}`
+    : `the model's size x ${scale.toFixed(2)}`;
 }
 
 // ---- prompt modifiers and saved styles -------------------------------------------------------
@@ -176,12 +244,24 @@ function setupStyles() {
 
 function setInitImage(dataUrl) {
   state.initImage = dataUrl;
-  $("init-preview").hidden = !dataUrl;
-  $("drop-hint").hidden = !!dataUrl;
+  const preview = $("init-preview");
+  preview.hidden = !dataUrl;
+  $("mask-editor").hidden = !dataUrl;
+  $("inpaint-box").hidden = !dataUrl;
+  $("outpaint-box").hidden = !dataUrl;
   $("init-controls").hidden = !dataUrl;
-  if (dataUrl) $("init-preview").src = dataUrl; else $("init-preview").removeAttribute("src");
+  $("dropzone").classList.toggle("compact", !!dataUrl);
+  $("drop-hint").textContent = dataUrl ? "Drop another image here, or click to replace it"
+    : "Drop an image here, or click to choose one";
+  if (dataUrl) {
+    preview.onload = () => { if (preview.src === dataUrl) resetMask(); };
+    preview.src = dataUrl;
+  } else {
+    preview.removeAttribute("src");
+    resetMask();
+  }
+  updateOutputs();
 }
-
 function readFile(file) {
   if (!file) return;
   if (!/^image\/(png|jpeg|webp)$/.test(file.type)) {
@@ -214,11 +294,270 @@ function setupUpload() {
   $("init-clear").addEventListener("click", () => { input.value = ""; setInitImage(null); });
 }
 
+// ---- the inpaint mask ------------------------------------------------------------------------
+// The mask canvas has the init image's natural size and lies over its preview (CSS scales both alike). What is
+// painted has alpha 255 (shown semi-transparent by CSS); the PNG sent is white where painted, black elsewhere.
+
+function maskContext() {
+  return $("mask-canvas").getContext("2d", { willReadFrequently: true });
+}
+
+// the canvas sized to the init image (which clears it); the stage takes the image's aspect ratio
+function resetMask() {
+  const canvas = $("mask-canvas");
+  const preview = $("init-preview");
+  const w = state.initImage ? preview.naturalWidth || 8 : 8, h = state.initImage ? preview.naturalHeight || 8 : 8;
+  canvas.width = w;
+  canvas.height = h;
+  const stage = $("mask-stage");
+  stage.style.setProperty("--w", String(w));
+  stage.style.setProperty("--h", String(h));
+  stage.classList.toggle("pixelated", Math.max(w, h) < 256);  // small pictures: show the pixels, not a blur
+  updateMaskStatus();
+  updateOutpaintSize();
+}
+
+// true when some pixel of the mask is painted (then the job is an inpaint)
+function maskPainted() {
+  const canvas = $("mask-canvas");
+  if (!state.initImage || canvas.width < 1) return false;
+  const data = maskContext().getImageData(0, 0, canvas.width, canvas.height).data;
+  for (let i = 3; i < data.length; i += 4) if (data[i]) return true;
+  return false;
+}
+
+function updateMaskStatus() {
+  if (!state.initImage) { $("mask-status").textContent = ""; return; }
+  $("mask-status").textContent = maskPainted()
+    ? "Mask painted: Generate inpaints it (white = repaint)."
+    : "Paint over the image to inpaint a part of it; with no mask, Generate runs image to image.";
+}
+
+// the mask as a PNG data: URL at the init image's natural size: white = repaint, black = keep
+function maskPng() {
+  const canvas = $("mask-canvas");
+  const { width: w, height: h } = canvas;
+  const painted = maskContext().getImageData(0, 0, w, h);
+  const out = new ImageData(w, h);
+  for (let i = 0; i < painted.data.length; i += 4) {
+    const v = painted.data[i + 3];
+    out.data[i] = v; out.data[i + 1] = v; out.data[i + 2] = v; out.data[i + 3] = 255;
+  }
+  const flat = Object.assign(document.createElement("canvas"), { width: w, height: h });
+  flat.getContext("2d").putImageData(out, 0, 0);
+  return flat.toDataURL("image/png");
+}
+
+function invertMask() {
+  const canvas = $("mask-canvas");
+  const ctx = maskContext();
+  const image = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  const d = image.data;
+  for (let i = 0; i < d.length; i += 4) {
+    d[i] = 255; d[i + 1] = 255; d[i + 2] = 255; d[i + 3] = 255 - d[i + 3];
+  }
+  ctx.putImageData(image, 0, 0);
+  updateMaskStatus();
+}
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  maskContext().clearRect(0, 0, canvas.width, canvas.height);
+  updateMaskStatus();
+}
+
+function setTool(tool) {
+  state.tool = tool;
+  $("mask-brush").setAttribute("aria-pressed", String(tool === "brush"));
+  $("mask-eraser").setAttribute("aria-pressed", String(tool === "eraser"));
+  $("mask-stage").classList.toggle("erasing", tool === "eraser");
+}
+
+function setupMask() {
+  const canvas = $("mask-canvas");
+  const cursor = $("brush-cursor");
+  let last = null;  // the stroke's last point, in image pixels; null = not drawing
+  let pointerId = null;
+
+  const toImage = (e) => {
+    const rect = canvas.getBoundingClientRect();
+    return { x: ((e.clientX - rect.left) * canvas.width) / rect.width,
+      y: ((e.clientY - rect.top) * canvas.height) / rect.height };
+  };
+  const showCursor = (e) => {
+    const rect = canvas.getBoundingClientRect();
+    const side = (Number($("brush_size").value) * rect.width) / canvas.width;
+    cursor.style.width = cursor.style.height = `${side}px`;
+    cursor.style.left = `${e.clientX - rect.left}px`;
+    cursor.style.top = `${e.clientY - rect.top}px`;
+    cursor.hidden = e.pointerType === "touch";
+  };
+  // one segment of the stroke: a round-capped line, so a fast drag (few events far apart) leaves no gaps
+  const segment = (from, to) => {
+    const ctx = maskContext();
+    ctx.save();
+    ctx.globalCompositeOperation = state.tool === "eraser" ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = "#fff";
+    ctx.lineWidth = Number($("brush_size").value);
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath();
+    if (from.x === to.x && from.y === to.y) {
+      ctx.arc(to.x, to.y, ctx.lineWidth / 2, 0, 2 * Math.PI);
+      ctx.fill();
+    } else {
+      ctx.moveTo(from.x, from.y);
+      ctx.lineTo(to.x, to.y);
+      ctx.stroke();
+    }
+    ctx.restore();
+  };
+  const end = (e) => {
+    if (e.pointerId !== pointerId) return;
+    last = null;
+    pointerId = null;
+    if (canvas.hasPointerCapture(e.pointerId)) canvas.releasePointerCapture(e.pointerId);
+    updateMaskStatus();
+  };
+
+  canvas.addEventListener("pointerdown", (e) => {
+    if (pointerId !== null || (e.pointerType === "mouse" && e.button !== 0)) return;
+    e.preventDefault();
+    pointerId = e.pointerId;
+    canvas.setPointerCapture(e.pointerId);
+    last = toImage(e);
+    segment(last, last);
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    showCursor(e);
+    if (e.pointerId !== pointerId || last === null) return;
+    const events = typeof e.getCoalescedEvents === "function" ? e.getCoalescedEvents() : [];
+    for (const ev of events.length ? events : [e]) {
+      const point = toImage(ev);
+      segment(last, point);
+      last = point;
+    }
+  });
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+  canvas.addEventListener("pointerleave", () => { cursor.hidden = true; });
+  canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+
+  $("mask-brush").addEventListener("click", () => setTool("brush"));
+  $("mask-eraser").addEventListener("click", () => setTool("eraser"));
+  $("mask-invert").addEventListener("click", invertMask);
+  $("mask-clear").addEventListener("click", clearMask);
+  // keyboard: B brush, E eraser, [ and ] the brush size, while the focus is in the mask tools
+  $("mask-editor").addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    const size = $("brush_size");
+    const step = Math.max(1, Math.round(Number(size.value) / 8));
+    if (e.key === "b" || e.key === "B") setTool("brush");
+    else if (e.key === "e" || e.key === "E") setTool("eraser");
+    else if (e.key === "[") size.value = Math.max(1, Number(size.value) - step);
+    else if (e.key === "]") size.value = Math.min(Number(size.max), Number(size.value) + step);
+    else return;
+    e.preventDefault();
+    updateOutputs();
+    saveSettings();
+  });
+}
+
+// ---- outpaint --------------------------------------------------------------------------------
+
+const SIDES = ["left", "right", "top", "bottom"];
+
+// the borders asked for, right and bottom grown so the canvas is a multiple of 8 (as engine/tasks/outpaint.py)
+function outpaintBorders() {
+  const preview = $("init-preview");
+  const w = preview.naturalWidth, h = preview.naturalHeight;
+  const b = {};
+  for (const side of SIDES) {
+    const raw = $(`outpaint_${side}`).value.trim();
+    const value = raw === "" ? 0 : Number(raw);
+    if (!Number.isInteger(value) || value < 0 || value > OUTPAINT_MAX_BORDER) {
+      throw new Error(`Outpaint ${side} must be a whole number of pixels from 0 to ${OUTPAINT_MAX_BORDER}.`);
+    }
+    b[side] = value;
+  }
+  const mod8 = (v) => ((v % 8) + 8) % 8;
+  b.right += mod8(-(w + b.left + b.right));
+  b.bottom += mod8(-(h + b.top + b.bottom));
+  return { ...b, w, h, width: w + b.left + b.right, height: h + b.top + b.bottom };
+}
+
+function updateOutpaintSize() {
+  const preview = $("init-preview");
+  if (!state.initImage || !preview.naturalWidth) { $("outpaint-size").textContent = ""; return; }
+  try {
+    const b = outpaintBorders();
+    const any = SIDES.some((side) => Number($(`outpaint_${side}`).value) > 0);
+    $("outpaint-size").textContent = any ? `${b.w}x${b.h} → ${b.width}x${b.height}` : `${b.w}x${b.h}: choose a border`;
+  } catch (err) {
+    $("outpaint-size").textContent = err.message;
+  }
+}
+
+// the grown canvas (its new border the picture's edge pixels stretched out) and its mask (white on the border)
+async function outpaintImages() {
+  const preview = $("init-preview");
+  if (preview.decode) await preview.decode();
+  const b = outpaintBorders();
+  if (!SIDES.some((side) => Number($(`outpaint_${side}`).value) > 0)) {
+    throw new Error("Choose a border to outpaint: left, right, top and/or bottom pixels.");
+  }
+  const { w, h, width, height } = b;
+  const source = Object.assign(document.createElement("canvas"), { width: w, height: h });
+  const sctx = source.getContext("2d");
+  sctx.drawImage(preview, 0, 0);
+  const src = new Uint32Array(sctx.getImageData(0, 0, w, h).data.buffer);
+  const grown = new ImageData(width, height);
+  const mask = new ImageData(width, height);
+  const dst = new Uint32Array(grown.data.buffer);
+  const m = new Uint32Array(mask.data.buffer);
+  const WHITE = 0xffffffff, BLACK = new Uint32Array(new Uint8ClampedArray([0, 0, 0, 255]).buffer)[0];
+  for (let y = 0; y < height; y++) {
+    const sy = Math.min(h - 1, Math.max(0, y - b.top));
+    const inY = y >= b.top && y < b.top + h;
+    for (let x = 0; x < width; x++) {
+      const sx = Math.min(w - 1, Math.max(0, x - b.left));
+      dst[y * width + x] = src[sy * w + sx];
+      m[y * width + x] = inY && x >= b.left && x < b.left + w ? BLACK : WHITE;
+    }
+  }
+  const toPng = (image) => {
+    const c = Object.assign(document.createElement("canvas"), { width, height });
+    c.getContext("2d").putImageData(image, 0, 0);
+    return c.toDataURL("image/png");
+  };
+  return { init: toPng(grown), mask: toPng(mask), width, height };
+}
+
+function setupOutpaint() {
+  for (const button of document.querySelectorAll("#outpaint-box [data-side]")) {
+    button.addEventListener("click", () => {
+      const sides = button.dataset.side === "all" ? SIDES : [button.dataset.side];
+      for (const side of sides) {
+        const input = $(`outpaint_${side}`);
+        input.value = Math.min(OUTPAINT_MAX_BORDER, (Number(input.value) || 0) + 64);
+      }
+      updateOutpaintSize();
+    });
+  }
+  $("outpaint-reset").addEventListener("click", () => {
+    for (const side of SIDES) $(`outpaint_${side}`).value = 0;
+    updateOutpaintSize();
+  });
+  $("outpaint-run").addEventListener("click", () => generate("outpaint"));
+}
+
 // ---- generating ------------------------------------------------------------------------------
 
-function buildRequest() {
+// the job body for /api/v1/jobs: txt2img (with the hires fix when on), img2img, inpaint (a painted mask), or
+// outpaint (kind "outpaint": an inpaint of the grown canvas's new border)
+async function buildRequest(kind = "generate") {
   const num = (id) => ($(id).value === "" ? null : Number($(id).value));
   const body = {
+    mode: "txt2img",
     prompt: $("prompt").value,
     negative_prompt: $("negative_prompt").value,
     model: $("model").value || null,
@@ -233,28 +572,58 @@ function buildRequest() {
     batch_size: num("batch_size") || 1,
     fast: $("fast").checked,
     token_merging_ratio: Number($("token_merging_ratio").value) || 0,
+    emphasis: $("emphasis").value,
   };
+  if (kind === "outpaint") {
+    if (!state.initImage) throw new Error("Outpaint needs an init image: drop one above first.");
+    const grown = await outpaintImages();
+    // as `brushwork outpaint`: the canvas's own size, the border started from its surroundings ("fill")
+    const fill = $("inpainting_fill").value;
+    return Object.assign(body, {
+      mode: "inpaint", init_image: grown.init, mask_image: grown.mask, width: null, height: null,
+      strength: num("strength"), mask_blur: OUTPAINT_MASK_BLUR,
+      inpainting_fill: fill === "original" ? "fill" : fill, inpaint_full_res: false, inpainting_mask_invert: false,
+    });
+  }
   if (state.initImage) {
     body.mode = "img2img";
     body.init_image = state.initImage;
     body.strength = num("strength");
+    if (maskPainted()) {
+      Object.assign(body, {
+        mode: "inpaint",
+        mask_image: maskPng(),
+        mask_blur: num("mask_blur") ?? 4,
+        inpainting_fill: $("inpainting_fill").value,
+        inpaint_full_res: $("inpaint_full_res").checked,
+        inpaint_full_res_padding: num("inpaint_full_res_padding") ?? 32,
+        inpainting_mask_invert: $("inpainting_mask_invert").checked,
+      });
+    }
+  } else if ($("enable_hr").checked) {
+    Object.assign(body, {
+      hires_scale: num("hires_scale"),
+      hires_upscaler: $("hires_upscaler").value,
+      hires_steps: num("hires_steps") || 0,
+      hires_strength: num("hires_strength"),
+    });
   }
   return body;
 }
 
-async function generate() {
+async function generate(kind = "generate") {
   showError("");
   saveSettings();
-  const button = $("generate");
-  button.disabled = true;
+  const buttons = [$("generate"), $("outpaint-run")];
+  for (const button of buttons) button.disabled = true;
   try {
-    const job = await api("jobs", { method: "POST", body: JSON.stringify(buildRequest()) });
+    const job = await api("jobs", { method: "POST", body: JSON.stringify(await buildRequest(kind)) });
     follow(job.id);
     refreshQueue();
   } catch (err) {
     showError(err.message);
   } finally {
-    button.disabled = false;
+    for (const button of buttons) button.disabled = false;
   }
 }
 
@@ -398,6 +767,28 @@ async function openDetails(id) {
   $("details").showModal();
 }
 
+// the picture shown in the details dialog becomes the init image (to inpaint or outpaint it further)
+async function detailsToInit() {
+  const meta = state.details;
+  if (!meta) return;
+  try {
+    const res = await fetch(meta.url);
+    if (!res.ok) throw new Error(`the server answered ${res.status}`);
+    const blob = await res.blob();
+    const dataUrl = await new Promise((ok, fail) => {
+      const reader = new FileReader();
+      reader.onload = () => ok(reader.result);
+      reader.onerror = () => fail(reader.error);
+      reader.readAsDataURL(blob);
+    });
+    setInitImage(dataUrl);
+    $("details").close();
+    $("dropzone").scrollIntoView({ block: "nearest" });
+  } catch (err) {
+    showError(`Cannot load that picture: ${err.message}`);
+  }
+}
+
 function reuseSettings() {
   const meta = state.details;
   if (!meta) return;
@@ -418,6 +809,25 @@ function reuseSettings() {
   const tome = String(r.token_merging_ratio ?? 0);
   $("token_merging_ratio").value = [...$("token_merging_ratio").options].some((o) => o.value === tome) ? tome : "0";
   if (r.model && [...$("model").options].some((o) => o.value === r.model)) $("model").value = r.model;
+  set("emphasis", r.emphasis || "Original");
+  const hires = r.mode === "txt2img" && ((r.hires_scale && r.hires_scale !== 1) || r.hires_resize_x || r.hires_resize_y);
+  $("enable_hr").checked = Boolean(hires);
+  if (hires) {
+    // the first pass's size: the picture is the hires size
+    $("width").value = r.width ?? "";
+    $("height").value = r.height ?? "";
+    if (r.hires_scale) set("hires_scale", r.hires_scale);
+    if ([...$("hires_upscaler").options].some((o) => o.value === r.hires_upscaler)) set("hires_upscaler", r.hires_upscaler);
+    set("hires_steps", r.hires_steps);
+    set("hires_strength", r.hires_strength);
+  }
+  if (r.mode === "inpaint") {
+    set("mask_blur", r.mask_blur);
+    if ([...$("inpainting_fill").options].some((o) => o.value === r.inpainting_fill)) set("inpainting_fill", r.inpainting_fill);
+    setChecked("inpaint_full_res", Boolean(r.inpaint_full_res));
+    setChecked("inpainting_mask_invert", Boolean(r.inpainting_mask_invert));
+    set("inpaint_full_res_padding", r.inpaint_full_res_padding);
+  }
   updateOutputs();
   saveSettings();
   $("details").close();
@@ -430,6 +840,8 @@ async function main() {
   setupModifiers();
   setupStyles();
   setupUpload();
+  setupMask();
+  setupOutpaint();
   try { await loadChoices(); } catch (err) { showError(`Cannot reach the server: ${err.message}`); }
   loadSettings();
   try { window.brushworkLimits = (await api("status")).limits; } catch (_) { /* defaults apply */ }
@@ -447,6 +859,8 @@ async function main() {
     else showError("No seed to reuse yet: generate a picture first.");
   });
   $("details-reuse").addEventListener("click", reuseSettings);
+  $("details-to-init").addEventListener("click", detailsToInit);
+  $("enable_hr").addEventListener("change", updateOutputs);
   let searchTimer = null;
   $("gallery-search").addEventListener("input", () => {
     clearTimeout(searchTimer);
