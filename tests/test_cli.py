@@ -66,6 +66,14 @@ def test_info_prints_the_parameters_back(tiny, tmp_path):
     assert data["Seed"] == "9" and data["Negative prompt"] == "blurry, dark" and data["Model"] == "tiny-sd1"
 
 
+def test_a1111s_sigma_schedules_from_the_cli(tiny, tmp_path):
+    result = run("txt2img", "a dog", "--model", tiny["sd1"]["safetensors"], "--steps", 2, "-W", 32, "-H", 32,
+                 "--seed", 9, "--sampler", "DPM++ 2M", "--scheduler", "align_your_steps", "--outdir", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    text = Image.open(result.stdout.split()[0]).info["parameters"]
+    assert "Steps: 2, Sampler: DPM++ 2M, Schedule type: Align Your Steps, CFG scale: 7, Seed: 9" in text
+
+
 def test_img2img_research_flags(tiny, tmp_path):
     init = tmp_path / "bird.png"
     Image.new("RGB", (41, 35), (200, 100, 50)).save(init)
@@ -93,6 +101,7 @@ def _one_line_error(result, *needles):
     (["-W", 100000], ["too large"]),
     (["--steps", 0], ["steps"]),
     (["--sampler", "euler_b"], ["unknown sampler 'euler_b'", "Euler a"]),
+    (["--sampler", "Euler a", "--scheduler", "KL Optimal"], ["sampler Euler a does not support the KL Optimal"]),
     (["--cfg-end", 1.5], ["CFG end must be above 0 and at most 1"]),
     (["--device", "cpu", "--precision", "fp16"], ["does not run on a CPU", "fp32"]),
 ])

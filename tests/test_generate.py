@@ -220,9 +220,9 @@ def test_skip_ends_the_current_batch_and_goes_on(tiny, engine):
 
 
 def test_every_schedule_type_runs_with_every_sampler_that_takes_it(tiny, engine):
-    from brushwork.engine.samplers import SCHEDULE_TYPES
+    from brushwork.engine.samplers import CUSTOM_SIGMA_SCHEDULES, SCHEDULE_TYPES
 
-    seen = {}
+    seen, euler = {}, {}
     for sampler in SAMPLERS:
         for schedule in sampler.schedules:
             result = engine.generate(req(tiny, sampler=sampler.name, scheduler=schedule, steps=3))
@@ -231,12 +231,139 @@ def test_every_schedule_type_runs_with_every_sampler_that_takes_it(tiny, engine)
             if schedule != "Automatic" and schedule != sampler.automatic:
                 assert f"Schedule type: {schedule}," in result.infotexts[0]
             seen.setdefault(schedule, []).append(sampler.name)
+            if sampler.name == "Euler":
+                euler[schedule] = image
     assert set(seen) == set(SCHEDULE_TYPES)  # each schedule type runs with at least one sampler
+    # the sigma schedules computed here are real schedules: each its own picture, none the model's own
+    for schedule in CUSTOM_SIGMA_SCHEDULES:
+        assert len(seen[schedule]) == 9, seen[schedule]  # every sampler whose class takes Karras takes them
+        assert not np.array_equal(euler[schedule], euler["Automatic"]), schedule
+        assert not any(np.array_equal(euler[schedule], euler[other]) for other in CUSTOM_SIGMA_SCHEDULES
+                       if other != schedule), schedule
     # a spacing schedule changes the timesteps, so the picture: trailing (SGM Uniform) vs the model's leading
     leading = engine.generate(req(tiny, sampler="Euler", steps=3))
     trailing = engine.generate(req(tiny, sampler="Euler", scheduler="sgm_uniform", steps=3))
     assert not np.array_equal(px(leading), px(trailing))
     with pytest.raises(InvalidRequest, match="does not support the Karras schedule"):
         engine.generate(req(tiny, sampler="Euler a", scheduler="Karras"))
+    for sampler, schedule, label in (("Euler a", "KL Optimal", "KL Optimal"), ("DDIM", "align_your_steps",
+                                      "Align Your Steps"), ("LCM", "polyexponential", "Polyexponential")):
+        with pytest.raises(InvalidRequest, match=f"sampler {sampler} does not support the {label} schedule"):
+            engine.generate(req(tiny, sampler=sampler, scheduler=schedule))
     with pytest.raises(InvalidRequest, match="unknown schedule type 'weird'"):
         engine.generate(req(tiny, sampler="Euler", scheduler="weird"))
+
+
+def _sd_sigma_range():
+    """SD's sigma_min and sigma_max from its betas (scaled_linear 0.00085 .. 0.012, 1000 steps), as k-diffusion."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1 - betas)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return sigmas[0], sigmas[-1]
+
+
+AYS_SD1 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]  # NVIDIA's, SD 1.5
+AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "UniPC", "LMS"])
+def test_polyexponential_kl_optimal_and_align_your_steps_are_a1111s_sigmas(sampler):
+    """The sigmas the scheduler samples at are A1111's (modules/sd_schedulers.py), from the model's sigma range."""
+    import math
+
+    from brushwork.engine.samplers import build_scheduler
+    from brushwork.models.load import scheduler_config
+
+    def sigmas(schedule, steps, **kw):
+        scheduler = build_scheduler(scheduler_config("eps"), sampler, schedule, **kw)
+        scheduler.set_timesteps(steps)
+        timesteps = np.asarray(scheduler.timesteps, dtype=float)
+        assert timesteps[0] == 999 and np.all(np.diff(timesteps) < 0), (schedule, timesteps)
+        return np.asarray(scheduler.sigmas, dtype=np.float64)
+
+    lo, hi = _sd_sigma_range()
+    # Polyexponential, rho 1: k-diffusion's get_sigmas_polyexponential, log-linear from sigma_max to sigma_min, 0
+    for n in (3, 20):
+        expected = [math.exp(math.log(hi) + i / (n - 1) * (math.log(lo) - math.log(hi))) for i in range(n)]
+        np.testing.assert_allclose(sigmas("Polyexponential", n), [*expected, 0.0], rtol=1e-4)  # diffusers: float32
+    # KL Optimal: A1111's tan(i/n * atan(sigma_min) + (1 - i/n) * atan(sigma_max)) for i in 0..n; its last point
+    # (sigma_min) is the scheduler's final sigma, 0, as for every other schedule
+    for n in (4, 20):
+        a1111 = [math.tan(i / n * math.atan(lo) + (1 - i / n) * math.atan(hi)) for i in range(n + 1)]
+        assert a1111[0] == pytest.approx(hi) and a1111[-1] == pytest.approx(lo)
+        np.testing.assert_allclose(sigmas("KL Optimal", n), [*a1111[:-1], 0.0], rtol=1e-4)
+    # Align Your Steps: A1111 takes the published table as it is when the steps are as many as its sigmas (11)...
+    np.testing.assert_allclose(sigmas("Align Your Steps", 11), [*AYS_SD1, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(sigmas("Align Your Steps", 11, xl=True), [*AYS_SDXL, 0.0], rtol=1e-6)
+    # ... and log-linearly interpolates it otherwise: at 21 steps every other sigma is the table's, halfway
+    # between two (in log) the rest
+    got = sigmas("Align Your Steps", 21)
+    assert len(got) == 22 and got[-1] == 0.0
+    np.testing.assert_allclose(got[:-1:2], AYS_SD1, rtol=1e-6)
+    np.testing.assert_allclose(got[1:-1:2], np.sqrt(np.array(AYS_SD1[:-1]) * np.array(AYS_SD1[1:])), rtol=1e-5)
+    got = sigmas("Align Your Steps", 20)
+    assert got[0] == pytest.approx(14.615) and got[-2] == pytest.approx(0.029) and got[-1] == 0.0
+    positions = np.linspace(0, 10, 20)  # where each of the 20 falls on the table's 11 points
+    left = np.minimum(positions.astype(int), 9)
+    logs = np.log(AYS_SD1)
+    expected = np.exp(logs[left] + (positions - left) * (logs[left + 1] - logs[left]))
+    np.testing.assert_allclose(got[:-1], expected, rtol=1e-5)
+    ten = sigmas("Align Your Steps", 10)  # A1111 at 10 steps: the 11 published sigmas interpolated to 10
+    assert len(ten) == 11 and ten[0] == pytest.approx(14.615) and ten[-2] == pytest.approx(0.029)
+
+
+def test_new_sigma_schedules_keep_the_schedule_through_a_config_copy_and_stay_torch_free_at_import():
+    import subprocess
+    import sys
+
+    from brushwork.engine.samplers import build_scheduler
+    from brushwork.models.load import scheduler_config
+
+    a = build_scheduler(scheduler_config("eps"), "DPM++ 2M", "KL Optimal")
+    b = type(a).from_config(a.config)  # what a pipeline copy does
+    a.set_timesteps(5)
+    b.set_timesteps(5)
+    assert np.array_equal(np.asarray(a.sigmas), np.asarray(b.sigmas))
+    assert build_scheduler(scheduler_config("eps"), "DPM++ 2M", "KL Optimal").__class__ is type(a)  # made once
+    code = ("import sys; from brushwork.engine.samplers import SCHEDULE_TYPES, parse_sampler; "
+            "parse_sampler('Euler', 'Align Your Steps'); print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize("schedule", ["Polyexponential", "KL Optimal", "Align Your Steps"])
+def test_img2img_with_the_new_sigma_schedules(tiny, engine, monkeypatch, schedule):
+    """strength < 1 starts part way down the schedule (the pipeline slices the timesteps): the steps taken are the
+    schedule's last ones (a multistep sampler, which the pipeline starts with set_begin_index), and a second-order
+    one (its timesteps in pairs) starts where it should."""
+    from brushwork.engine import samplers
+    from brushwork.models.load import scheduler_config
+
+    build, taken = samplers.build_scheduler, []
+
+    def spying(*args, **kwargs):
+        scheduler = build(*args, **kwargs)
+        step = scheduler.step
+
+        def recording(*a, **kw):
+            out = step(*a, **kw)
+            taken.append(float(scheduler.sigmas[scheduler.step_index - 1]))  # the sigma this step started from
+            return out
+
+        scheduler.step = recording
+        return scheduler
+
+    monkeypatch.setattr(samplers, "build_scheduler", spying)
+    for sampler in ("DPM++ 2M", "Heun"):
+        taken.clear()
+        result = engine.generate(req(tiny, mode=Mode.IMG2IMG, init_image=_init_image(), strength=0.5, steps=4,
+                                     sampler=sampler, scheduler=schedule))
+        assert px(result).std() > 1
+        assert f"Sampler: {sampler}, Schedule type: {schedule}," in result.infotexts[0]
+        assert "Denoising strength: 0.5" in result.infotexts[0]
+        full = build(scheduler_config("eps"), sampler, schedule)
+        full.set_timesteps(4)
+        if sampler != "Heun":
+            np.testing.assert_allclose(taken, np.asarray(full.sigmas)[2:4])  # 4 steps at 0.5: the last 2
+        else:
+            assert len(taken) == 3 and taken[0] == pytest.approx(float(full.sigmas[3]))  # 2 steps, 3 evaluations

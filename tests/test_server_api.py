@@ -126,7 +126,7 @@ def test_cancel_a_queued_job_and_a_running_job(client):
     ({"model": "../models/tiny"}, 400, "unknown model"),
     ({"mode": "img2img"}, 400, "init image"),
     ({"init_image": "%%%not base64%%%", "mode": "img2img"}, 400, "image"),
-    ({"vae": "/home/someone/vae.pt"}, 422, "vae"),  # no VAE by path from HTTP
+    ({"vae": "/home/someone/vae.pt"}, 400, "vae"),  # no VAE by path from HTTP: by name only
 ])
 def test_caller_mistakes_are_4xx_naming_the_problem(client, body, status, words):
     r = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL, **body})
@@ -176,6 +176,9 @@ def test_jobs_list_models_samplers_status_docs_and_web_ui(client):
     assert {m["name"]: m["family"] for m in models}["tiny"] == "sd1"  # read from the file's header
     samplers = client.get("/api/v1/samplers").json()
     assert "Euler a" in [s["name"] for s in samplers["samplers"]] and "Karras" in samplers["schedule_types"]
+    assert samplers["schedule_types"][4:8] == ["Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps"]
+    takes = {s["name"]: s["schedules"] for s in samplers["samplers"]}
+    assert "Align Your Steps" in takes["DPM++ 2M"] and "Align Your Steps" not in takes["Euler a"]
     status = client.get("/api/v1/status").json()
     assert status["worker_alive"] and status["limits"]["max_upload_bytes"] == 200_000
     schema = client.get("/openapi.json").json()

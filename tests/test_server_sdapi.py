@@ -271,6 +271,9 @@ def test_skip_ends_the_current_batch_and_the_next_one_runs(client):
     ("Euler", "normal", "Normal", None),  # SillyTavern's default
     ("Euler a", "Karras", None, "does not support the Karras schedule"),  # Open WebUI's suggestion
     ("Euler", "kl_optimal_v9", None, "unknown schedule type"),
+    ("DPM++ 2M", "align_your_steps", "Align Your Steps", None),  # A1111's names for the sigma schedules
+    ("Euler", "KL Optimal", "KL Optimal", None),
+    ("Euler a", "polyexponential", None, "does not support the Polyexponential schedule"),
 ])
 def test_schedule_types_a1111_clients_send_are_taken_or_fall_back_with_a_note(client, sampler, scheduler, used,
                                                                               note):
@@ -284,9 +287,12 @@ def test_schedule_types_a1111_clients_send_are_taken_or_fall_back_with_a_note(cl
     else:
         assert "Schedule type" not in text
         assert any(note in n and "Automatic" in n for n in info["notes"]), info["notes"]
-    names = {s["name"] for s in client.get("/sdapi/v1/schedulers").json()}
-    assert {"automatic", "uniform", "karras", "exponential", "sgm_uniform", "simple", "normal", "ddim",
-            "beta"} <= names
+    listed = client.get("/sdapi/v1/schedulers").json()
+    assert [s["name"] for s in listed] == ["automatic", "uniform", "karras", "exponential", "polyexponential",
+                                           "sgm_uniform", "kl_optimal", "align_your_steps", "simple", "normal",
+                                           "ddim", "beta"]  # A1111's list, in its order
+    assert {s["label"]: s["default_rho"] for s in listed if s["default_rho"] != -1} == {"Karras": 7.0,
+                                                                                        "Polyexponential": 1.0}
 
 
 def test_sd_vae_lists_the_librarys_vaes_and_selects_one(client):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .engine.samplers import SCHEDULE_TYPES  # a torch-free table
 from .request import BrushworkError
 
 EXIT_USER_ERROR = 1
@@ -72,8 +73,7 @@ def generation_options(fn):
         click.option("--prediction", type=click.Choice(["eps", "v"]), help="Prediction type (SD 2.x 768 = v)."),
         click.option("--sampler", default=None, help='Sampler, e.g. "Euler a", "DPM++ 2M Karras", ddim, plms.'),
         click.option("--scheduler", "--schedule", "schedule", default="Automatic",
-                     help="Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Normal, "
-                          "DDIM, Beta."),
+                     help=f"Schedule type: {', '.join(SCHEDULE_TYPES)}."),
         click.option("--plms", is_flag=True, help="Use the PLMS sampler (research scripts' flag)."),
         click.option("--dpm", is_flag=True, help="Use DPM++ 2M (Stability v2 scripts' flag)."),
         click.option("--steps", "--ddim_steps", "--ddim-steps", "steps", type=int, default=None,

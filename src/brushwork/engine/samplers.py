@@ -3,7 +3,9 @@
 Names follow A1111 (v1.9+): a sampler ("DPM++ 2M") plus a schedule type ("Karras"). The old
 combined names ("DPM++ 2M Karras"), ComfyUI/k-diffusion spellings ("dpmpp_2m_karras",
 "euler_ancestral", "k_lms") and any case are accepted. Schedulers are always built fresh with
-``Cls.from_config({**base, **overrides})``; a shared scheduler config is never mutated.
+``Cls.from_config({**base, **overrides})``; a shared scheduler config is never mutated. For the sigma schedules
+diffusers has no flag for (Polyexponential, KL Optimal, Align Your Steps) ``Cls`` is a small subclass whose Karras
+path yields A1111's sigmas.
 """
 
 from __future__ import annotations
@@ -24,15 +26,79 @@ SPACING_SCHEDULES: dict[str, dict[str, Any]] = {
     "Normal": {"timestep_spacing": "trailing"},  # ComfyUI's: time-linear from the end
     "DDIM": {"timestep_spacing": "leading", "steps_offset": 1},  # A1111's ddim_uniform
 }
+# The sigma schedules diffusers has no flag for are computed here (``custom_sigmas``, A1111's formulas) and handed
+# to the scheduler through its Karras path (``use_karras_sigmas``): the class maps each sigma to a timestep with
+# its own ``_sigma_to_t`` and appends its own final sigma (0), exactly as it does for Karras.
+CUSTOM_SIGMA_SCHEDULES = ("Polyexponential", "KL Optimal", "Align Your Steps")
 SIGMA_SCHEDULES: dict[str, dict[str, Any]] = {
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
     "Beta": {"use_beta_sigmas": True},  # Lee et al. 2024, alpha = beta = 0.6 (needs scipy)
+    **{name: {"use_karras_sigmas": True, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+       for name in CUSTOM_SIGMA_SCHEDULES},
 }
-SCHEDULE_TYPES: dict[str, dict[str, Any]] = {**SPACING_SCHEDULES, **SIGMA_SCHEDULES}
-_SPACING = tuple(SPACING_SCHEDULES)
-_EVERY = (*SPACING_SCHEDULES, *SIGMA_SCHEDULES)
+# A1111's order (modules/sd_schedulers.py), the order shown to users
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
+    name: {**SPACING_SCHEDULES, **SIGMA_SCHEDULES}[name]
+    for name in ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                 "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
+}
+assert set(SCHEDULE_TYPES) == {*SPACING_SCHEDULES, *SIGMA_SCHEDULES}
+_SPACING = tuple(name for name in SCHEDULE_TYPES if name in SPACING_SCHEDULES)
+_EVERY = tuple(SCHEDULE_TYPES)
 _SCHEDULE_NEEDS = {"Beta": "scipy"}
+
+# Align Your Steps (NVIDIA, Sabour et al. 2024): the published 10-step sigmas, as A1111 has them
+AYS_SIGMAS = {
+    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),  # SD 1.x and 2.x
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def custom_sigmas(schedule: str, steps: int, sigma_min: float, sigma_max: float, xl: bool = False) -> list[float]:
+    """The ``steps`` sigmas A1111 samples at for Polyexponential, KL Optimal or Align Your Steps, from the model's
+    sigma range (the scheduler appends the final 0 itself)."""
+    import numpy as np
+
+    n = int(steps)
+    if schedule == "Polyexponential":  # k-diffusion's get_sigmas_polyexponential with A1111's default rho
+        rho = 1.0
+        ramp = np.linspace(1.0, 0.0, n) ** rho
+        sigmas = np.exp(ramp * (np.log(sigma_max) - np.log(sigma_min)) + np.log(sigma_min))
+    elif schedule == "KL Optimal":  # A1111's kl_optimal: n + 1 points from sigma_max to sigma_min, the last replaced
+        t = np.arange(n) / n  # by the scheduler's final 0
+        sigmas = np.tan(t * np.arctan(sigma_min) + (1.0 - t) * np.arctan(sigma_max))
+    elif schedule == "Align Your Steps":  # A1111's get_align_your_steps_sigmas and its loglinear_interp
+        table = np.array(AYS_SIGMAS["sdxl" if xl else "sd1"])
+        if n == len(table):
+            sigmas = table
+        else:
+            ys = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(table)), np.log(table[::-1]))
+            sigmas = np.exp(ys)[::-1]
+    else:
+        raise ValueError(f"{schedule!r} is not a custom sigma schedule")
+    return [float(x) for x in sigmas]
+
+
+_CUSTOM_CLASSES: dict[tuple[type, str, bool], type] = {}
+
+
+def _custom_sigma_class(cls: type, schedule: str, xl: bool) -> type:
+    """``cls`` whose Karras path yields this schedule's sigmas (one subclass per class and schedule, kept)."""
+    key = (cls, schedule, xl)
+    if key not in _CUSTOM_CLASSES:
+        def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
+            import numpy as np
+
+            # the model's whole sigma range, as A1111 (model.sigmas[0], [-1]), whatever the timestep spacing
+            train = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+            steps = num_inference_steps or self.num_inference_steps
+            return np.array(custom_sigmas(schedule, steps, float(train[0]), float(train[-1]), xl=xl))
+
+        name = f"{cls.__name__}{''.join(part.capitalize() for part in schedule.split())}"
+        _CUSTOM_CLASSES[key] = type(name, (cls,), {"_convert_to_karras": _convert_to_karras,
+                                                   "__module__": __name__, "__doc__": cls.__doc__})
+    return _CUSTOM_CLASSES[key]
 
 
 @dataclass(frozen=True)
@@ -130,8 +196,9 @@ def _parse_schedule(schedule: str) -> str:
     raise InvalidRequest(f"unknown schedule type {schedule!r}; choose one of: {', '.join(SCHEDULE_TYPES)}")
 
 
-def build_scheduler(base_config: dict[str, Any], name: str, schedule: str = "Automatic"):
-    """A new diffusers scheduler for this sampler, from the model's base scheduler config."""
+def build_scheduler(base_config: dict[str, Any], name: str, schedule: str = "Automatic", xl: bool = False):
+    """A new diffusers scheduler for this sampler, from the model's base scheduler config (``xl``: an SDXL model,
+    for Align Your Steps' table)."""
     import diffusers
 
     sampler, sched = parse_sampler(name, schedule)
@@ -147,6 +214,8 @@ def build_scheduler(base_config: dict[str, Any], name: str, schedule: str = "Aut
     # settings of one scheduler that make no sense for another are dropped by from_config
     config.update(sampler.overrides)
     config.update(SCHEDULE_TYPES[sched])
+    if sched in CUSTOM_SIGMA_SCHEDULES:
+        cls = _custom_sigma_class(cls, sched, xl)
     return cls.from_config(config)
 
 

@@ -522,7 +522,8 @@ async def schedulers(request: Request):
     out = []
     for label in SCHEDULE_TYPES:
         out.append({"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
-                    "default_rho": 7.0 if label == "Karras" else -1, "need_inner_model": False})
+                    "default_rho": {"Karras": 7.0, "Polyexponential": 1.0}.get(label, -1),
+                    "need_inner_model": False})
     return out
 
 
