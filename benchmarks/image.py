@@ -159,13 +159,17 @@ def bench_cpu(folder: Path, steps: int, rounds: int, results: dict, side: int = 
     gc.collect()
 
 
-def bench_gpu(folder: Path, steps: int, results: dict) -> None:
+GPU_MODELS = {"sd15": (512, None), "sd21": (768, "v")}  # family: (side, prediction)
+
+
+def bench_gpu(folder: Path, steps: int, results: dict, families=tuple(GPU_MODELS)) -> None:
     """Per model: eager diffusers fp16, then brushwork in every memory mode; it/s and peak VRAM."""
     import torch
 
     from brushwork import Engine, Settings
 
-    for family, side, prediction in (("sd15", 512, None), ("sd21", 768, "v")):
+    for family in families:
+        side, prediction = GPU_MODELS[family]
         path, modules = build_checkpoint(folder, family)
         pipe = diffusers_pipeline(modules, family, "cuda")
         run_diffusers(pipe, side, 2, 0, "cuda")  # warm-up
@@ -177,22 +181,30 @@ def bench_gpu(folder: Path, steps: int, results: dict) -> None:
         del pipe, modules
         gc.collect()
         torch.cuda.empty_cache()
+        key = f"gpu_{family}_{side}"
+        print(json.dumps({key: entry}), flush=True)  # each number as soon as it is measured: a timeout keeps them
         engine = Engine(Settings(home=folder / f"home-{family}"))
         for memory in ("high", "medium", "low", "minimal"):
-            run_engine(engine, path, side, 2, 0, "cuda", memory, prediction)  # warm-up (and load)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            result, seconds = run_engine(engine, path, side, steps, 1, "cuda", memory, prediction)
-            entry[f"brushwork_{memory}"] = {
-                "s": round(seconds, 2), "it_s": round(steps / max(result.timings["sample_s"], 1e-9), 2),
-                "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2), "timings": result.timings,
-                "notes": result.notes,
-            }
-        entry["policy"] = engine._loaded.policy.describe()
-        entry["speedup_high_vs_diffusers"] = round(entry["diffusers_fp16_eager"]["s"] / entry["brushwork_high"]["s"],
-                                                   2)
-        results[f"gpu_{family}_{side}"] = entry
-        print(json.dumps({f"gpu_{family}_{side}": entry}), flush=True)
+            try:
+                run_engine(engine, path, side, 2, 0, "cuda", memory, prediction)  # warm-up (and load)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                result, seconds = run_engine(engine, path, side, steps, 1, "cuda", memory, prediction)
+                entry[f"brushwork_{memory}"] = {
+                    "s": round(seconds, 2), "it_s": round(steps / max(result.timings["sample_s"], 1e-9), 2),
+                    "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2), "timings": result.timings,
+                    "notes": result.notes,
+                }
+            except Exception as err:  # one mode's failure (a bug to fix) does not lose the other modes' numbers
+                entry[f"brushwork_{memory}"] = {"error": f"{type(err).__name__}: {str(err)[:1000]}"}
+            print(json.dumps({key: {f"brushwork_{memory}": entry[f"brushwork_{memory}"]}}), flush=True)
+        if engine._loaded is not None:
+            entry["policy"] = engine._loaded.policy.describe()
+        if "s" in entry["brushwork_high"]:
+            entry["speedup_high_vs_diffusers"] = round(
+                entry["diffusers_fp16_eager"]["s"] / entry["brushwork_high"]["s"], 2)
+        results[key] = entry
+        print(json.dumps({key: entry}), flush=True)
         engine.unload()
         del engine
         path.unlink()
@@ -209,6 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--side", type=int, default=512, help="CPU image side")
     parser.add_argument("--no-fast", action="store_true", help="skip the opt-in runs (fast mode, token merging)")
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
+    parser.add_argument("--gpu-families", default=",".join(GPU_MODELS),
+                        help="the GPU's models, comma-separated (one per process keeps a timeout's losses small)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "image.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched
@@ -218,7 +232,7 @@ def main(argv=None) -> int:
         if args.device in ("all", "cpu"):
             bench_cpu(Path(tmp), args.steps, args.rounds, results, args.side, not args.no_fast)
         if args.device in ("all", "cuda") and torch.cuda.is_available():
-            bench_gpu(Path(tmp), args.steps, results)
+            bench_gpu(Path(tmp), args.steps, results, [f for f in args.gpu_families.split(",") if f])
         else:
             results["gpu"] = "no CUDA device in this run; the GPU variants run when one is present"
     write_results(results, started, args.out)
