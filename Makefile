@@ -5,6 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 (here it lies on disk; plain `torch` would pull a multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
+# Upscaler models load through spandrel; its torchvision requirement would pull a CUDA torch, and only two of its
+# architectures (not upscalers) use torchvision, so it is installed without its dependencies (engine/upscalers.py)
+SPANDREL ?= spandrel==0.4.2
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
@@ -17,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q --no-deps "$(SPANDREL)"
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

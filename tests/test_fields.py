@@ -46,16 +46,23 @@ INFOTEXT = {
     "hires_negative_prompt": ("Hires negative prompt", "blur"), "prompt": (None, None),
     "hires_strength": ("Hires upscale", "2, Denoising strength: 0.5"),  # the second pass's, beside a Hires key
     "negative_prompt": (None, None), "fast": ("Fast mode", "3"),
+    "noise_level": ("Noise level", "40"), "tile_size": ("Tile size", "96"), "tile_overlap": ("Tile overlap", "16"),
 }
 WHY_NOT = {
     "cli": {"mode": "the command's name (txt2img, img2img, inpaint)", "loras": "a later issue: <lora:...> tags",
 },
     "native": {"device": "the server owner's (settings)",
-               "memory": "the server owner's (settings)", "config": "a file path: models by name only"},
+               "memory": "the server owner's (settings)", "config": "a file path: models by name only",
+               "save_depth": "a file beside the pictures: the command line's and Python's"},
     "sdapi": {"mode": "the route (txt2img / img2img)", "prediction": "read from the model", "device": "the owner's",
               "memory": "the owner's", "precision": "the owner's", "watermark": "the owner's setting",
-              "config": "a file path", "fast": "not in A1111; the native API and the web UI have it"},
+              "config": "a file path", "fast": "not in A1111; the native API and the web UI have it",
+              "depth_map": "A1111's img2img on a depth model estimates it (the native API takes one)",
+              "save_depth": "not in A1111",
+              "noise_level": "A1111 has no SD x4 upscaler: the native API and the CLI run it",
+              "tile_size": "the SD x4 upscaler's (native API, CLI)", "tile_overlap": "the SD x4 upscaler's"},
     "infotext": {"mode": "what the picture is", "vae": "written as VAE, chosen by the reader", "mask_image": "an image",
+                 "depth_map": "an image", "save_depth": "not the picture's",
                  "init_image": "an image", "prediction": "read from the model", "device": "not the picture's",
                  "memory": "not the picture's", "precision": "not the picture's", "watermark": "not the picture's",
                  "config": "not the picture's",
@@ -68,7 +75,7 @@ def _cli_params() -> set[str]:
     from brushwork import cli
 
     names: set[str] = set()
-    for command in ("txt2img", "img2img", "inpaint", "outpaint"):
+    for command in ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "depth2img"):
         names |= {p.name for p in cli.main.commands[command].params}
     return names
 

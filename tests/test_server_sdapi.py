@@ -234,10 +234,10 @@ def test_listing_routes_have_the_shapes_clients_read(client):
     assert flags["ckpt_dir"] == str(client.paths["models"])
 
 
-def test_extra_single_image_says_no_upscaler_is_available(client):
+def test_extra_single_image_names_the_upscalers_there_are(client):
     r = client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(), "upscaler_1": "R-ESRGAN 4x+"})
     assert r.status_code == 400
-    assert "no upscaler model available" in r.json()["detail"]
+    assert "unknown upscaler 'R-ESRGAN 4x+'; choose one of: None, Lanczos, Nearest" in r.json()["detail"]
 
 
 def test_skip_ends_the_current_batch_and_the_next_one_runs(client):

@@ -514,3 +514,46 @@ def test_hires_fix_and_emphasis(browser, server):
     job = _finished(server, job_id)
     assert (job["result"]["images"][0]["width"], job["result"]["images"][0]["height"]) == (32, 32)
     assert not errors, errors
+
+
+def test_upscale_a_picture_with_a_library_upscaler(browser, server):
+    import torch
+
+    from test_upscalers import tiny_esrgan
+
+    folder = server.paths["models"] / "upscalers"
+    folder.mkdir(exist_ok=True)
+    model = folder / "tiny-4x.pth"
+    torch.save(tiny_esrgan(4), model)
+    try:
+        page, errors = _page(browser, server)
+        choices = page.eval_on_selector_all("#upscale-upscaler option", "els => els.map(e => e.value)")
+        assert choices == ["Lanczos", "Nearest", "tiny-4x"] and page.input_value("#upscale-upscaler") == "tiny-4x"
+        assert "tiny-4x" in page.eval_on_selector_all("#hires_upscaler option", "els => els.map(e => e.value)")
+        page.fill("#prompt", "a green square")
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        _set_range(page, "#steps", 1)
+        page.uncheck("#enable_hr")
+        _, job_id = _submit(page)
+        _finished(server, job_id)
+        page.click("#results img")
+        page.wait_for_selector("#details[open]")
+        page.fill("#upscale-scale", "2")
+        with page.expect_response(lambda r: r.url.endswith("/sdapi/v1/extra-single-image")) as answer:
+            page.click("#details-upscale")
+        assert answer.value.status == 200, answer.value.text()
+        sent = answer.value.request.post_data_json
+        assert sent["upscaler_1"] == "tiny-4x" and sent["upscaling_resize"] == 2
+        assert sent["image"].startswith("data:image/png;base64,")
+        page.wait_for_function("document.querySelector('#details-img').naturalWidth === 64")
+        assert page.inner_text("#upscale-status") == "64x64, tiny-4x 2x"
+        assert _data_url_image(page.get_attribute("#details-download", "href")).size == (64, 64)
+        # a factor the server refuses: its message, in the dialog
+        page.fill("#upscale-scale", "100")
+        page.click("#details-upscale")
+        page.wait_for_function("document.querySelector('#upscale-status').textContent.startsWith('Cannot')")
+        assert "upscaling_resize must be above 0 and at most 16" in page.inner_text("#upscale-status")
+        assert not errors, errors
+    finally:
+        model.unlink()

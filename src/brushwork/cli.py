@@ -243,7 +243,8 @@ def _hires_options(fn):
         click.option("--hires-resize-y", type=int, default=0, help="Hires fix: this target height (both: scaled to "
                      "cover, then centre-cropped)."),
         click.option("--hires-upscaler", default="Latent", show_default=True,
-                     help=f"Hires fix upscaler: {', '.join(HIRES_UPSCALERS)}."),
+                     help=f"Hires fix upscaler: {', '.join(HIRES_UPSCALERS)}, or an upscaler model "
+                          "(.pth / .safetensors: ESRGAN, ...) in the library's upscalers/ folder, by file name."),
         click.option("--hires-steps", type=int, default=0, help="Hires fix: steps of the second pass (0 = --steps)."),
         click.option("--hires-strength", type=float, default=0.7, show_default=True,
                      help="Hires fix: denoising strength of the second pass."),
@@ -357,6 +358,129 @@ def outpaint(init_img, strength, fill, left, right, top, bottom, **o):
 
 
 @main.command()
+@generation_options
+@click.option("--init-img", "--init_img", "init_img", type=click.Path(dir_okay=False),
+              help="The image to start from (its depth is kept).")
+@click.option("--depth-map", "depth_map", type=click.Path(dir_okay=False),
+              help="A depth map to use instead of the model's estimate (grayscale, white = near).")
+@click.option("--strength", "--denoising-strength", type=float, default=0.75, show_default=True,
+              help="How much to change it: 0 = keep, 1 = only the depth is kept.")
+@click.option("--save-depth", "save_depth", is_flag=True,
+              help="Also write the depth map used, beside the pictures (<picture>-depth.png).")
+@friendly_errors
+def depth2img(init_img, depth_map, strength, save_depth, **o):
+    """Repaint an image keeping its depth, with an SD 2 depth model (512-depth-ema).
+
+    \b
+      brushwork depth2img "a marble statue" --init-img me.png --model 512-depth-ema.safetensors
+      brushwork depth2img "a castle" --init-img photo.png --depth-map depth.png --save-depth
+    """
+    from .output.images import open_image_file
+    from .request import InvalidRequest
+
+    if init_img is None:
+        raise InvalidRequest("depth2img needs an init image (--init-img)")
+    depth = open_image_file(depth_map) if depth_map else None
+    settings, req = _request("depth2img", o, init_image=open_image_file(init_img), depth_map=depth,
+                             strength=strength, save_depth=save_depth)
+    _run(settings, req, o)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--model", "--ckpt", "model", help="The SD x4 upscaler: a file, diffusers folder or library name.")
+@click.option("--prompt", default="", help="What the picture shows (optional; without one there is no CFG: half "
+                                           "the work, the same picture).")
+@click.option("--negative-prompt", "--negative_prompt", "-N", default="", help="What to keep out.")
+@click.option("--noise-level", "noise_level", type=int, default=20, show_default=True,
+              help="Noise added to the input first (0-350): more invents more detail, keeps less of the input.")
+@click.option("--steps", type=int, default=None, help="Sampling steps [20; --plain-defaults: 75].")
+@click.option("--sampler", default=None, help="Sampler [DPM++ 2M Karras; --plain-defaults: DDIM].")
+@click.option("--scheduler", "--schedule", "schedule", default=None,
+              help=f"Schedule type: {', '.join(SCHEDULE_TYPES)}.")
+@click.option("--cfg-scale", "--cfg_scale", "cfg_scale", type=float, default=None,
+              help="Classifier-free guidance scale, with a prompt [9].")
+@click.option("--plain-defaults", is_flag=True,
+              help="diffusers' StableDiffusionUpscalePipeline defaults instead: 75 DDIM steps, CFG 9 (slower).")
+@click.option("--seed", type=int, default=-1, help="Seed; -1 = random (the seed used is printed).")
+@click.option("--n-samples", "--n_samples", "--batch-size", "-n", "batch_size", type=int, default=1,
+              show_default=True, help="Pictures per batch.")
+@click.option("--n-iter", "--n_iter", "n_iter", type=int, default=1, show_default=True, help="Batches to run.")
+@click.option("--eta", type=float, default=0.0, help="Eta for DDIM/ancestral noise.")
+@click.option("--tile", "--tile-size", "tile_size", type=int, default=128, show_default=True,
+              help="A larger input runs in overlapping tiles of this many input pixels (memory bounded by the tile).")
+@click.option("--overlap", "--tile-overlap", "tile_overlap", type=int, default=32, show_default=True,
+              help="Input pixels the tiles share, blended.")
+@click.option("--upscaler", default=None,
+              help="Instead of the diffusion model: an upscaler by name (Lanczos, Nearest, or a model in the "
+                   "library's upscalers/ folder).")
+@click.option("--scale", type=float, default=4.0, show_default=True, help="With --upscaler: how much larger.")
+@click.option("--outdir", type=click.Path(file_okay=False), help="Output folder [outputs].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="Number format.")
+@click.option("--memory", default="auto", show_default=True,
+              type=click.Choice(["auto", "high", "medium", "low", "minimal"]), help="GPU memory mode.")
+@click.option("--threads", type=int, help="CPU threads [one per physical core].")
+@click.option("--no-watermark", "no_watermark", is_flag=True, help="Do not embed the invisible watermark.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the file paths.")
+@friendly_errors
+def upscale(image, upscaler, scale, plain_defaults, **o):
+    """Make a picture four times larger with the SD x4 upscaler (or --upscaler NAME: another upscaler).
+
+    \b
+      brushwork upscale small.png --model x4-upscaler-ema.safetensors
+      brushwork upscale small.png --prompt "a white cat" --noise-level 40
+      brushwork upscale small.png --upscaler Lanczos --scale 2
+    """
+    from .engine.tasks.upscale import DEFAULTS, PLAIN_DEFAULTS
+    from .output.images import open_image_file
+    from .request import GenerationRequest, InvalidRequest, Mode, Precision
+    from .settings import Settings
+
+    _quiet_libraries()
+    if o["threads"] is not None and o["threads"] < 1:
+        raise InvalidRequest(f"--threads must be 1 or more, got {o['threads']}")
+    picture = open_image_file(image)
+    settings = Settings.load(threads=o["threads"])
+    if upscaler is not None:
+        if o["model"]:
+            raise InvalidRequest("--upscaler and --model name two different upscalers; give one of them")
+        _upscale_with(picture, upscaler, scale, settings, o)
+        return
+    defaults = PLAIN_DEFAULTS if plain_defaults else DEFAULTS
+    req = GenerationRequest(
+        prompt=o["prompt"], negative_prompt=o["negative_prompt"], mode=Mode.UPSCALE, init_image=picture,
+        model=o["model"], sampler=o["sampler"] or defaults["sampler"],
+        scheduler=o["schedule"] or ("Automatic" if o["sampler"] else defaults["scheduler"]),
+        steps=o["steps"] if o["steps"] is not None else defaults["steps"],
+        cfg_scale=o["cfg_scale"] if o["cfg_scale"] is not None else defaults["cfg_scale"], seed=o["seed"],
+        batch_size=o["batch_size"], n_iter=o["n_iter"], eta=o["eta"], noise_level=o["noise_level"],
+        tile_size=o["tile_size"], tile_overlap=o["tile_overlap"], device=o["device"],
+        precision=Precision(o["precision"]), memory=o["memory"],
+        watermark=settings.watermark and not o["no_watermark"],
+    ).validate()
+    from .engine.core import Engine
+
+    _run_one(Engine(settings), settings, req, {**o, "grid": True, "skip_grid_legacy": False, "n_rows": 0})
+
+
+def _upscale_with(picture, name: str, scale: float, settings, o: dict) -> None:
+    """``brushwork upscale --upscaler NAME``: a plain or model upscaler (``engine.upscalers``), no diffusion."""
+    from .engine.upscalers import upscale_with
+    from .output.files import encode_png, write_atomic
+
+    device = None if o["device"] == "auto" else o["device"]
+    out = upscale_with(name, picture, scale, settings, device=device)
+    text = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {name}"  # A1111's extras keys
+    outdir = Path(o["outdir"]) if o["outdir"] else settings.outputs_dir
+    path = write_atomic(encode_png(out, text), outdir / "upscale", lambda n: f"{n:05d}.png")
+    if not o["quiet"]:
+        click.echo(f"{name} x{scale:g}: {picture.width}x{picture.height} -> {out.width}x{out.height}", err=True)
+    click.echo(str(path))
+
+
+@main.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the parameters as JSON.")
 @friendly_errors
@@ -441,8 +565,10 @@ def models_convert(file, out):
         raise BrushworkError(f"{dst} already exists; pass --out to choose another name")
     click.echo(f"loading {src.name} with full unpickling (you said you trust it)...", err=True)
     data = torch.load(str(src), map_location="cpu", weights_only=False)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
+    for key in ("state_dict", "params_ema", "params"):  # a checkpoint's, Real-ESRGAN's (upscaler models)
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
     tensors = {k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
     if not tensors:
         raise BrushworkError(f"{src.name} holds no tensors to convert")

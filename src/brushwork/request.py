@@ -51,6 +51,8 @@ MAX_BATCH_PIXELS = 64 * 1024 * 1024  # width x height x batch size: 64 at 1024x1
 # one request can make the text encoder do (a 1 MB prompt took a minute and 5 GB before this limit).
 MAX_PROMPT_CHARS = 64 * 1024
 MAX_FAST_INTERVAL = 100
+MAX_NOISE_LEVEL = 350  # the SD x4 upscaler's max_noise_level (its low-res noise schedule's trained range)
+UPSCALE_FACTOR = 4  # the SD x4 upscaler: the output is the input times this
 
 
 MAX_TOKEN_MERGING_RATIO = 0.9  # beyond this almost every token of the self-attention is merged away
@@ -62,7 +64,8 @@ MAX_COMMA_PADDING_BACKTRACK = 74  # A1111's slider: a full 75-token chunk may en
 # 1 original, 2 latent noise, 3 latent nothing)
 INPAINTING_FILLS = ("original", "fill", "latent noise", "latent nothing")
 # The hires fix's upscalers, as A1111 names them: the latent ones interpolate the latents
-# (torch.nn.functional.interpolate: mode, antialias), the others resize the decoded picture (PIL)
+# (torch.nn.functional.interpolate: mode, antialias), the others resize the decoded picture (PIL). The upscaler
+# models of the library (engine/upscalers.py: ESRGAN, ...) are taken too, checked against it when the run prepares
 HIRES_LATENT_MODES = {
     "Latent": ("bilinear", False),
     "Latent (antialiased)": ("bilinear", True),
@@ -73,6 +76,9 @@ HIRES_LATENT_MODES = {
 }
 HIRES_IMAGE_UPSCALERS = ("Lanczos", "Nearest")
 HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_IMAGE_UPSCALERS)
+
+
+IMAGE_FIELDS = ("init_image", "mask_image", "depth_map")  # the request's pictures (base64 PNG in its JSON form)
 
 
 def limits(low: float, high: float, label: str, *, whole: bool = False, hint: str = "") -> dict[str, Any]:
@@ -131,6 +137,21 @@ class GenerationRequest:
     inpaint_full_res_padding: int = field(default=32, metadata=limits(0, 256, "masked area padding", whole=True))
     # inpaint: repaint what the mask leaves black instead (A1111's "Inpaint not masked")
     inpainting_mask_invert: bool = False
+    # depth2img (SD 2 depth): a depth map to use instead of the model's estimate of the init image (grayscale,
+    # white = near, any size; a 16-bit or float PIL picture given in Python keeps its precision, files are read as
+    # 8-bit), and whether to write the depth map used beside the pictures (<picture>-depth.png, at the latent size)
+    depth_map: Image | None = None
+    save_depth: bool = False
+    # upscale (the SD x4 upscaler): the noise added to the low-res picture before the model sees it (diffusers'
+    # noise_level; more invents more detail and keeps less of the input)
+    noise_level: int = field(default=20, metadata=limits(0, MAX_NOISE_LEVEL, "noise level", whole=True,
+                                                         hint="; 20 is the model's default"))
+    # upscale: a larger input runs in overlapping tiles of this many low-res (= latent) pixels, blended, so memory
+    # is bounded by the tile; an input no larger than the tile runs whole. A multiple of 8; overlap <= tile / 2
+    tile_size: int = field(default=128, metadata=limits(32, MAX_SIDE, "tile size", whole=True,
+                                                        hint="; a multiple of 8, 128 is the default"))
+    tile_overlap: int = field(default=32, metadata=limits(0, MAX_SIDE // 2, "tile overlap", whole=True,
+                                                          hint="; at most half the tile size"))
     # txt2img hires fix (A1111's "Hires. fix"): a first pass at width x height, the result upscaled
     # (HIRES_UPSCALERS: in latent space, or decoded and resized), then an img2img pass at the target size.
     # On when a scale other than 1, or a resize, is given. A1111's hr_scale: the target is width x height
@@ -140,7 +161,7 @@ class GenerationRequest:
     # aspect ratio; both: scaled to cover it and centre-cropped, as A1111
     hires_resize_x: int = field(default=0, metadata=limits(0, MAX_SIDE, "hires resize x", whole=True))
     hires_resize_y: int = field(default=0, metadata=limits(0, MAX_SIDE, "hires resize y", whole=True))
-    hires_upscaler: str = field(default="Latent", metadata={"schema": {"enum": list(HIRES_UPSCALERS)}})
+    hires_upscaler: str = "Latent"  # HIRES_UPSCALERS, or an upscaler model of the library (engine.upscalers)
     # A1111's hr_second_pass_steps: exactly this many steps run in the second pass; 0 = the same as steps
     hires_steps: int = field(default=0, metadata=limits(0, MAX_STEPS, "hires steps", whole=True,
                                                         hint="; 0 is the same as steps"))
@@ -259,6 +280,8 @@ class GenerationRequest:
             raise InvalidRequest(f"{self.mode.value} needs an init image (--init-img)")
         if self.mode is Mode.INPAINT and self.mask_image is None:
             raise InvalidRequest("inpaint needs a mask image (--mask)")
+        if self.mode is Mode.UPSCALE:
+            self._validate_upscale()
         fill = str(self.inpainting_fill).strip().lower().replace("-", " ").replace("_", " ")
         if fill not in INPAINTING_FILLS:
             raise InvalidRequest(f"unknown inpainting fill {str(self.inpainting_fill)[:40]!r}; choose one of: "
@@ -276,10 +299,13 @@ class GenerationRequest:
         and the target size against the limits."""
         canonical = {name.lower(): name for name in HIRES_UPSCALERS}
         key = self.hires_upscaler.strip().lower() if isinstance(self.hires_upscaler, str) else None
-        if key not in canonical:
-            shown = self.hires_upscaler[:40] if isinstance(self.hires_upscaler, str) else self.hires_upscaler
-            raise InvalidRequest(f"unknown hires upscaler {shown!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
-        self.hires_upscaler = canonical[key]
+        if not key:
+            raise InvalidRequest(f"hires upscaler must be a name ({', '.join(HIRES_UPSCALERS)}, or an upscaler model "
+                                 f"of the library), got {self.hires_upscaler!r}")
+        _check_text("hires upscaler", self.hires_upscaler, 255)
+        # another name is an upscaler model of the library: known only there (engine.upscalers.hires_upscaler,
+        # called by the server before it accepts a job and by the hires task before it runs)
+        self.hires_upscaler = canonical.get(key, self.hires_upscaler.strip())
         for name in ("hires_sampler", "hires_scheduler"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():
@@ -292,6 +318,24 @@ class GenerationRequest:
             _check_text(name.replace("_", " "), getattr(self, name), MAX_PROMPT_CHARS)
         if self.hires_enabled and self.width and self.height:
             self.check_hires_size(self.width, self.height)
+
+    def _validate_upscale(self) -> None:
+        """The tiles, and the x4 output against the size limits (before any work is queued)."""
+        if self.tile_size % 8:
+            lower = max(32, self.tile_size - self.tile_size % 8)
+            raise InvalidRequest(f"tile size {self.tile_size} is not a multiple of 8; use {lower} or {lower + 8}")
+        if 2 * self.tile_overlap > self.tile_size:
+            raise InvalidRequest(f"tile overlap {self.tile_overlap} must be at most half the tile size "
+                                 f"({self.tile_size}); use at most {self.tile_size // 2}")
+        w, h = (UPSCALE_FACTOR * side for side in self.init_image.size)
+        if max(w, h) > MAX_SIDE:
+            raise InvalidRequest(f"upscaling {self.init_image.width}x{self.init_image.height} x{UPSCALE_FACTOR} would "
+                                 f"make {w}x{h}, over the limit of {MAX_SIDE} pixels a side; use a picture of at most "
+                                 f"{MAX_SIDE // UPSCALE_FACTOR} pixels a side")
+        if w * h * self.batch_size > MAX_BATCH_PIXELS:
+            raise InvalidRequest(f"a batch of {self.batch_size} at {w}x{h} is over the limit of "
+                                 f"{MAX_BATCH_PIXELS // 2**20} megapixels a batch; use a smaller batch size and "
+                                 "more batches (n_iter)")
 
     @property
     def hires_sampler_and_schedule(self) -> tuple[str, str]:
@@ -316,7 +360,7 @@ class GenerationRequest:
             value = getattr(self, f.name)
             if isinstance(value, enum.Enum):
                 value = value.value
-            elif f.name in ("init_image", "mask_image") and value is not None:
+            elif f.name in IMAGE_FIELDS and value is not None:
                 value = image_to_b64(value)
             out[f.name] = value
         return out
@@ -325,7 +369,7 @@ class GenerationRequest:
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
-        for key in ("init_image", "mask_image"):
+        for key in IMAGE_FIELDS:
             if isinstance(kwargs.get(key), str):
                 kwargs[key] = image_from_b64(kwargs[key])
         if "mode" in kwargs:
@@ -395,6 +439,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # things the user should know (fallbacks taken)
     interrupted: bool = False  # stopped early on request: the last pictures are unfinished (as A1111's interrupt)
+    extras: dict[str, Any] = field(default_factory=dict)  # what a task made beside them (depth2img: "depth_map")
 
     @property
     def seed(self) -> int:

@@ -165,6 +165,7 @@ class Engine:
                 memory_state=loaded.memory_state,
                 control=control,
                 version=__version__,
+                settings=self.settings,
             )
         result.notes[:0] = notes
         result.timings["load_s"] = round(load_s, 3)

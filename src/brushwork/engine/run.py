@@ -44,7 +44,7 @@ def end_guidance_after(cfg_end: float, pipe, step: int, tensors: dict) -> dict:
     if step + 1 == guided_steps(cfg_end, total) and pipe.do_classifier_free_guidance:
         pipe._guidance_scale = 1.0
         tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
-        for name in ("mask", "masked_image_latents"):  # the inpainting pipeline doubles these for CFG too
+        for name in ("mask", "masked_image_latents", "depth_mask"):  # inpainting's and depth2img's, doubled for CFG
             if name in tensors:
                 tensors[name] = tensors[name].chunk(2)[1]
     return tensors
@@ -70,12 +70,13 @@ def generate(
     memory_state: dict | None = None,
     control: RunControl | None = None,
     version: str = "0",
+    settings=None,
 ) -> GenerationResult:
     """One request on a loaded model, through the task its mode names (``engine.tasks``). ``control``: progress,
     cancel (raise ``Cancelled``), interrupt (return what there is: finished pictures, and the current batch
     decoded where its denoising stopped), skip (end the current batch that way and go on, as A1111)."""
     control = control or RunControl()
-    task = task_for(request)
+    task = task_for(request, parts)
     if (problem := task.accepts(parts)) is not None:
         raise InvalidRequest(problem)
     timings = {"sample_s": 0.0, "decode_s": 0.0}
@@ -91,7 +92,7 @@ def generate(
         pixels = max(pixels, hires_w * hires_h)
     ladder = memory.Ladder(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
                            state=memory_state)
-    ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use)
+    ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use, settings=settings)
     task.prepare(ctx)
     from .deepcache import interval_for
 
@@ -119,7 +120,7 @@ def generate(
             except Stop as stop:
                 latents, stopped_at = stop.latents, (stop.step, stop.total)
             t1 = time.perf_counter()
-            decoded, fell_back = decode(parts.vae, latents)
+            decoded, fell_back = task.decode(ctx, latents) if task.decode else decode(parts.vae, latents)
             timings["sample_s"] += t1 - t0
             timings["decode_s"] += time.perf_counter() - t1
             return decoded, fell_back, stopped_at
@@ -152,7 +153,7 @@ def generate(
     ]
     timings = {k: round(v, 3) for k, v in timings.items()}
     return GenerationResult(images, seeds, infotexts, request, model_name, model_hash, timings, notes,
-                            interrupted=interrupted)
+                            interrupted=interrupted, extras=dict(ctx.extras))
 
 
 def decode(vae, latents) -> tuple[list, bool]:

@@ -49,6 +49,7 @@ def unet_to_original(sd: dict, config) -> dict:
         ("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
         ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
         ("mid_block.attentions.0", "middle_block.1"),
+        ("class_embedding", "label_emb"),  # an nn.Embedding of classes (the x4 upscaler's noise levels)
     ]
     resnets += [("mid_block.resnets.0", "middle_block.0"), ("mid_block.resnets.1", "middle_block.2")]
     for i in range(n_levels):

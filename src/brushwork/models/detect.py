@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ModelError
 from .convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from .families import SD_VAE_SCALING_FACTOR, Family, find_family
+from .families import SD_VAE_SCALING_FACTOR, Family, find_family, shipped_config
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -26,6 +26,7 @@ class Detected:
     text_encoder: dict  # transformers CLIPTextConfig kwargs
     text_encoder_kind: str
     notes: list[str] = field(default_factory=list)
+    depth_estimator: dict | None = None  # SD 2 depth's MiDaS DPT-Hybrid (DPTConfig kwargs), when the file has one
 
 
 def _indices(shapes: Shapes, pattern: str) -> list[int]:
@@ -99,12 +100,21 @@ def detect(shapes: Shapes, name: str = "checkpoint") -> Detected:
     if family is None:
         raise ModelError(
             f"{name}: a {te_kind} model with a {in_channels}-channel UNet input is not supported yet "
-            "(known: 4 = text-to-image, 9 = inpainting)"
+            "(known: 4 = text-to-image, 9 = inpainting, 5 = SD 2 depth)"
         )
     text_encoder = _clip_config(shapes) if te_kind == "clip" else _openclip_config(shapes)
     unet = _unet_config(shapes, family, text_encoder["hidden_size"])
     vae = _vae_config(shapes, name)
-    return Detected(family, unet, vae, text_encoder, te_kind)
+    if family.configs is not None:  # what the shapes cannot say (VAE scaling factor, native sizes): shipped
+        unet = {**unet, "sample_size": shipped_config(family, "unet")["sample_size"]}
+        shipped_vae = shipped_config(family, "vae")
+        vae = {**vae, "scaling_factor": shipped_vae["scaling_factor"], "sample_size": shipped_vae["sample_size"]}
+    detected = Detected(family, unet, vae, text_encoder, te_kind)
+    if family.unet_in_channels == 5:
+        from . import dpt
+
+        detected.depth_estimator = dpt.config_from_shapes(shapes) if dpt.has_depth_estimator(shapes) else None
+    return detected
 
 
 def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
@@ -153,7 +163,34 @@ def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
     time_width = shapes[f"{p}time_embed.0.weight"][0]
     if time_width != 4 * model_channels:  # SD's is 4x the first level's width; small models may differ
         config["time_embedding_dim"] = time_width
+    cross_only = _cross_only(shapes, family, channels, per, context_dim)
+    if any(cross_only):
+        config["only_cross_attention"] = cross_only
+    if (mid := shapes.get(f"{p}middle_block.1.transformer_blocks.0.attn1.to_k.weight")) is not None:
+        if mid[1] == context_dim != channels[-1]:
+            config["mid_block_only_cross_attention"] = True
+    if f"{p}label_emb.weight" in shapes:  # a class embedding (the x4 upscaler's noise level: one of 1000)
+        config["num_class_embeds"] = shapes[f"{p}label_emb.weight"][0]
     return config
+
+
+def _cross_only(shapes: Shapes, family: Family, channels: list[int], per: int, context_dim: int) -> list[bool]:
+    """Per level, whether the first attention of each transformer block reads the text instead of the picture
+    (the original's ``disable_self_attentions``, diffusers' ``only_cross_attention``): its keys then have the
+    text's width. Where the level is as wide as the text the shapes cannot tell; the family's shipped config
+    does (the x4 upscaler's deepest level, 1024 wide beside OpenCLIP-H's 1024), else self-attention."""
+    p = UNET_PREFIX
+    known = shipped_config(family, "unet").get("only_cross_attention") if family.configs else None
+    out = []
+    for level, width in enumerate(channels):
+        key = f"{p}input_blocks.{1 + level * (per + 1)}.1.transformer_blocks.0.attn1.to_k.weight"
+        if key not in shapes:
+            out.append(False)  # no attention at this level
+        elif width == context_dim:
+            out.append(bool(known[level]) if isinstance(known, list) and len(known) == len(channels) else False)
+        else:
+            out.append(shapes[key][1] == context_dim)
+    return out
 
 
 def _groups(channels: int) -> int:

@@ -39,6 +39,8 @@ class Family:
     default_size: int
     prediction: str | None  # "eps" | "v" | None = cannot be told from the keys
     upcast_attention: bool = False
+    # the shipped configs (models/configs/<configs>.<part>.json) for what the weights cannot say; None: SD's
+    configs: str | None = None
 
     def matches(self, text_encoder: str, in_channels: int) -> bool:
         return self.text_encoder == text_encoder and self.unet_in_channels == in_channels
@@ -50,6 +52,11 @@ FAMILIES: tuple[Family, ...] = (
     # SD 2.x 512 (eps) and 768 (v-prediction) have identical keys and shapes: prediction=None.
     Family("sd2", "Stable Diffusion 2.x", "openclip", 4, "per64", 512, None),
     Family("sd2-inpaint", "Stable Diffusion 2.x inpainting", "openclip", 9, "per64", 512, "eps"),
+    # 4 latent + 1 depth input channels (512-depth-ema); its MiDaS estimator, when the file has one: models/dpt.py
+    Family("sd2-depth", "Stable Diffusion 2 depth", "openclip", 5, "per64", 512, "eps"),
+    # 4 latent + 3 low-res RGB input channels; 8 heads a level, as the original's num_heads: 8; output = input x 4
+    Family("sd2-x4-upscaler", "Stable Diffusion x4 upscaler", "openclip", 7, "fixed8", 128, "v",
+           configs="sd2-x4-upscaler"),
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
@@ -70,3 +77,15 @@ def find_family(text_encoder: str, in_channels: int) -> Family | None:
     found = [f for f in FAMILIES if f.matches(text_encoder, in_channels)]
     assert len(found) <= 1, f"ambiguous family table: {found}"
     return found[0] if found else None
+
+
+def shipped_config(family: Family, part: str) -> dict:
+    """A config that ships in the package for this family (``part``: unet, vae, scheduler, low_res_scheduler,
+    text_encoder, pipeline), as the family's diffusers folder on the hub has it; nothing is downloaded."""
+    import json
+    from pathlib import Path
+
+    if family.configs is None:
+        raise KeyError(f"{family.name} ships no configs")
+    path = Path(__file__).parent / "configs" / f"{family.configs}.{part}.json"
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .detect import Detected, Shapes, detect
-from .families import FAMILY_BY_NAME, KNOWN_PREDICTION_BY_HASH, SD_SCHEDULER_CONFIG, Family
+from .families import FAMILY_BY_NAME, KNOWN_PREDICTION_BY_HASH, SD_SCHEDULER_CONFIG, Family, shipped_config
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ class ModelParts:
     # what the model's maker recommends where a request leaves it open (e.g. {"cfg_scale": 2.0}); few-step
     # models (SD-Turbo, LCM) need this the most
     defaults: dict = field(default_factory=dict)
+    # what a family's own pipeline takes beside the components, e.g. the x4 upscaler's
+    # {"low_res_scheduler": {...DDPMScheduler config}, "max_noise_level": 350}
+    pipeline_config: dict = field(default_factory=dict)
+    # SD 2 depth's MiDaS estimator (transformers DPTForDepthEstimation, fp32, kept on the CPU between runs);
+    # None: the file has none, depth2img then needs a depth map
+    depth_estimator: object = None
 
     @property
     def modules(self) -> dict:
@@ -300,21 +306,63 @@ def load_single_file(
     if sd is None:
         sd = load_state_dict(path)
     unet, vae, text_encoder = build_from_original(sd, det, scale_factor=hints.get("scale_factor"))
+    depth_estimator = _depth_estimator(sd, det)
     del sd
     size = _resolution(metadata) or ((768, 768) if pred == "v" and det.family.name == "sd2" else
                                      (det.family.default_size,) * 2)
     # a guess worth telling: a hash or a YAML picked the target (a file that names its own says nothing new)
     notes = [f"prediction {pred} (from {why})"] if why not in ("family", "file metadata", "--prediction") else []
+    if det.family.unet_in_channels == 5 and depth_estimator is None:
+        notes.append(f"{path.name} carries no depth estimator (depth_model.*): depth2img needs --depth-map")
     return ModelParts(
         name=path.stem, family=det.family, unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=tokenizer_for(det.text_encoder_kind),
-        scheduler_config=scheduler_config(pred), prediction=pred, default_size=size,
+        scheduler_config=scheduler_config(pred, det.family), prediction=pred, default_size=size,
         source="single-file", notes=notes, defaults=_model_defaults(metadata),
+        pipeline_config=shipped_pipeline_config(det.family), depth_estimator=depth_estimator,
     )
 
 
-def scheduler_config(prediction: str) -> dict:
-    return {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+def _depth_estimator(sd: dict, det: Detected):
+    """SD 2 depth's MiDaS DPT-Hybrid from the file's ``depth_model.model.*`` (diffusers' from_single_file has no
+    converter for it), in fp32; None when the file has none."""
+    if det.depth_estimator is None:
+        return None
+    from . import dpt
+
+    return dpt.build(sd, det.depth_estimator).float()
+
+
+def scheduler_config(prediction: str, family: Family | None = None) -> dict:
+    base = SD_SCHEDULER_CONFIG
+    if family is not None and family.configs:
+        base = with_own_spacing(shipped_config(family, "scheduler"))
+    return {**base, "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+
+
+def with_own_spacing(config: dict) -> dict:
+    """A scheduler config that names no ``timestep_spacing`` (the hub's older ones) gets its own class's default
+    written in, so that another sampler built from it (``build_scheduler``) keeps the model's own timesteps
+    ("Automatic") rather than its class's default: the x4 upscaler's DDIM config means "leading" for Euler too."""
+    if "timestep_spacing" in config:
+        return config
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    param = inspect.signature(cls.__init__).parameters.get("timestep_spacing") if cls is not None else None
+    if param is None or param.default is inspect.Parameter.empty:
+        return config
+    return {**config, "timestep_spacing": param.default}
+
+
+def shipped_pipeline_config(family: Family) -> dict:
+    """The x4 upscaler's low-res scheduler and noise limit, as its diffusers folder has them; {} for the others."""
+    if family.configs is None or family.unet_in_channels != 7:
+        return {}
+    return {"low_res_scheduler": shipped_config(family, "low_res_scheduler"),
+            **{k: v for k, v in shipped_config(family, "pipeline").items() if not k.startswith("_")}}
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -344,14 +392,48 @@ def load_diffusers_folder(path: Path, *, prediction: str | None = None) -> Model
 
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     sched_file = path / "scheduler" / "scheduler_config.json"
-    base = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(SD_SCHEDULER_CONFIG)
+    shipped = shipped_config(family, "scheduler") if family.configs else SD_SCHEDULER_CONFIG
+    base = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(shipped)
+    if family.configs is not None:
+        base = with_own_spacing(base)
     pred = prediction or ("v" if base.get("prediction_type") == "v_prediction" else "eps")
     base["prediction_type"] = "v_prediction" if pred == "v" else "epsilon"
     side = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    if family.configs is not None:
+        side = family.default_size
     return ModelParts(
         name=path.name, family=family, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler_config=base, prediction=pred, default_size=(side, side), source="diffusers",
+        pipeline_config=_folder_pipeline_config(path, family), depth_estimator=_folder_depth_estimator(path, family),
     )
+
+
+def _folder_depth_estimator(path: Path, family: Family):
+    """A depth model folder's ``depth_estimator`` (DPTForDepthEstimation), in fp32; None without one."""
+    if family.unet_in_channels != 5 or not (path / "depth_estimator" / "config.json").is_file():
+        return None
+    from transformers import DPTForDepthEstimation
+
+    try:
+        model = DPTForDepthEstimation.from_pretrained(path / "depth_estimator", local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"the depth estimator of {path} is incomplete or broken: {_short(err)}") from None
+    return model.float().eval()
+
+
+def _folder_pipeline_config(path: Path, family: Family) -> dict:
+    """The folder's own low-res scheduler and ``max_noise_level`` (model_index.json), the shipped ones where
+    it has none."""
+    config = shipped_pipeline_config(family)
+    if not config:
+        return config
+    low_res = path / "low_res_scheduler" / "scheduler_config.json"
+    if low_res.is_file():
+        config["low_res_scheduler"] = json.loads(low_res.read_text())
+    index = json.loads((path / "model_index.json").read_text())
+    if isinstance(index.get("max_noise_level"), int):
+        config["max_noise_level"] = index["max_noise_level"]
+    return config
 
 
 def load_vae(path: Path):

@@ -21,6 +21,10 @@ from ..settings import Settings
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 BUNDLED_NAME = "mini"
+# upscaler models (ESRGAN family: engine/upscalers.py) live in these top folders of the library (A1111 and
+# ComfyUI spell them so; any case); they are never checkpoints
+UPSCALER_FOLDERS = ("upscalers", "upscale_models", "esrgan", "realesrgan", "swinir", "dat")
+UPSCALER_SUFFIXES = (".pth", ".safetensors")
 
 
 def bundled_model_path() -> Path:
@@ -93,6 +97,12 @@ class HashCache:
             pass  # a read-only home only costs re-hashing next time
         return value
 
+    def known(self, file: Path, what: str):
+        """What ``remembered`` holds for this file under ``what``; None if nothing, or the file has changed."""
+        st = file.stat()
+        entry = self._load().get(str(file.resolve()))
+        return entry.get(what) if entry and entry.get("stamp") == [st.st_size, st.st_mtime_ns] else None
+
 
 def legacy_hash(file: Path) -> str:
     """A1111's old 8-hex hash: sha256 of 64 KiB at offset 1 MiB."""
@@ -116,7 +126,9 @@ class ModelStore:
         if self.root.is_dir():
             folders: list[Path] = []  # diffusers folders: their unet/, vae/, ... files are parts, not models
             for path in sorted(self.root.rglob("*")):
-                if _in_vae_folder(path.relative_to(self.root)) or any(f in path.parents for f in folders):
+                relative = path.relative_to(self.root)
+                if _in_vae_folder(relative) or _in_upscaler_folder(relative) or \
+                        any(f in path.parents for f in folders):
                     continue
                 if path.is_file() and path.suffix in MODEL_SUFFIXES and not _is_vae_file(path):
                     found.append(ModelEntry(path.stem, path, path.suffix[1:]))
@@ -138,6 +150,21 @@ class ModelStore:
                         _in_vae_folder(path.relative_to(self.root)) or _is_vae_file(path)):
                     found.append(ModelEntry(path.name, path, path.suffix[1:]))
         return found
+
+    def upscalers(self) -> list[ModelEntry]:
+        """The upscaler models of the library: ``.pth`` / ``.safetensors`` files in its ``UPSCALER_FOLDERS``
+        (``upscalers/``, A1111's ``ESRGAN/``, ``RealESRGAN/``, ``SwinIR/``, ``DAT/``, ComfyUI's ``upscale_models/``),
+        by file stem, sorted; where two files share a stem the ``.safetensors`` one is kept."""
+        found: dict[str, ModelEntry] = {}
+        if self.root.is_dir():
+            for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and _in_upscaler_folder(Path(p.name))):
+                for path in sorted(folder.rglob("*")):
+                    if not path.is_file() or path.suffix.lower() not in UPSCALER_SUFFIXES:
+                        continue
+                    kept = found.get(path.stem)
+                    if kept is None or (kept.format != "safetensors" and path.suffix.lower() == ".safetensors"):
+                        found[path.stem] = ModelEntry(path.stem, path, path.suffix[1:].lower())
+        return sorted(found.values(), key=lambda e: e.name.lower())
 
     def with_hash(self, entry: ModelEntry) -> ModelEntry:
         if entry.sha256 is None and entry.path.is_file():
@@ -249,6 +276,10 @@ def _pickle_keys(path: Path) -> dict:
 
 def _in_vae_folder(relative: Path) -> bool:
     return bool(relative.parts) and relative.parts[0].lower() == "vae"
+
+
+def _in_upscaler_folder(relative: Path) -> bool:
+    return bool(relative.parts) and relative.parts[0].lower() in UPSCALER_FOLDERS
 
 
 def _is_vae_file(path: Path) -> bool:

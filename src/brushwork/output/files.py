@@ -158,8 +158,29 @@ def make_grid(images: list, rows: int | None = None):
 
 
 def save_result(result, outdir: str | Path, *, grid: bool = True, grid_rows: int | None = None) -> list[Path]:
-    """Save every image of a result (and a grid of them when there is more than one)."""
-    return [final for final, _ in _save(result, outdir, grid, grid_rows, None)]
+    """Save every image of a result (and a grid of them when there is more than one); with the request's
+    ``save_depth``, the depth map it used too, beside the first picture (``<picture>-depth.png``)."""
+    paths = [final for final, _ in _save(result, outdir, grid, grid_rows, None)]
+    depth = getattr(result, "extras", {}).get("depth_map")
+    if getattr(result.request, "save_depth", False) and depth is not None and paths:
+        paths.append(save_beside(paths[0], "depth", encode_png(depth)))
+    return paths
+
+
+def save_beside(picture: Path, tag: str, data: bytes) -> Path:
+    """``data`` as ``<picture's stem>-<tag>.png`` in its folder, written whole (a tmp file, then a link that fails
+    rather than overwrite)."""
+    final = picture.with_name(f"{picture.stem}-{tag}.png")
+    fd, tmp = tempfile.mkstemp(dir=picture.parent, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, final)
+    finally:
+        os.unlink(tmp)
+    return final
 
 
 def save_result_linked(result, outdir: str | Path, tag: str, *, grid: bool = False,

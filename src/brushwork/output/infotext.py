@@ -157,7 +157,9 @@ def request_from_infotext(text: str) -> dict:
             "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str),
             "Token merging ratio": ("token_merging_ratio", float), "CFG end": ("cfg_end", float),
             "Emphasis": ("emphasis", str), "Mask blur": ("mask_blur", int), "Eta": ("eta", float),
-            "Masked area padding": ("inpaint_full_res_padding", int), "Masked content": ("inpainting_fill", str)}
+            "Masked area padding": ("inpaint_full_res_padding", int), "Masked content": ("inpainting_fill", str),
+            # the x4 upscaler's (brushwork's keys; A1111 has no such model)
+            "Noise level": ("noise_level", int), "Tile size": ("tile_size", int), "Tile overlap": ("tile_overlap", int)}
     _convert(p, conv, out)
     out.setdefault("cfg_end", 1.0)  # written whenever CFG ended early: without it, every step had CFG
     out.setdefault("emphasis", "Original")  # as A1111: written only when not the default

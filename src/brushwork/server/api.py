@@ -89,12 +89,20 @@ class JobRequest(BaseModel):
                                                       "full size, then paste it back (A1111's Only masked)")
     inpaint_full_res_padding: int = declared("inpaint_full_res_padding", 32, "pixels around the mask, Only masked")
     inpainting_mask_invert: bool = Field(False, description="inpaint: repaint what the mask leaves black")
+    depth_map: str | None = Field(None, description="depth2img: a depth map (base64 grayscale picture, white = near) "
+                                                    "instead of the model's estimate of the init image")
+    noise_level: int = declared("noise_level", 20, "upscale (the SD x4 upscaler): noise added to the init image "
+                                                   "first; more invents more detail")
+    tile_size: int = declared("tile_size", 128, "upscale: a larger init image runs in overlapping tiles of this "
+                                                "many pixels (a multiple of 8)")
+    tile_overlap: int = declared("tile_overlap", 32, "upscale: pixels the tiles share, blended")
     hires_scale: float | None = declared("hires_scale", None, "txt2img hires fix (A1111's hr_scale): upscale the "
                                                               "picture this much and denoise it again; null or 1 = off")
     hires_resize_x: int = declared("hires_resize_x", 0, "hires fix: the target width instead of a scale (0 = from "
                                                         "the height)")
     hires_resize_y: int = declared("hires_resize_y", 0, "hires fix: the target height (both: cover, then crop)")
-    hires_upscaler: str = declared("hires_upscaler", "Latent", "hires fix: a latent mode, or Lanczos / Nearest")
+    hires_upscaler: str = declared("hires_upscaler", "Latent", "hires fix: a latent mode, Lanczos / Nearest, or an "
+                                                     "upscaler model of the library (GET /sdapi/v1/upscalers)")
     hires_steps: int = declared("hires_steps", 0, "hires fix: the second pass's steps (0 = steps)")
     hires_strength: float = declared("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
     hires_sampler: str | None = Field(None, description="hires fix: the second pass's sampler (null = sampler)")
@@ -137,7 +145,7 @@ async def create_job(body: JobRequest, request: Request):
     state = _state(request)
     data = body.model_dump()
     data["watermark"] = state.settings.watermark if body.watermark is None else body.watermark
-    init_b64, mask_b64 = data.pop("init_image"), data.pop("mask_image")
+    init_b64, mask_b64, depth_b64 = data.pop("init_image"), data.pop("mask_image"), data.pop("depth_map")
     if isinstance(data["fast"], bool):
         data["fast"] = 3 if data["fast"] else 0
 
@@ -147,6 +155,8 @@ async def create_job(body: JobRequest, request: Request):
             gen.init_image = state.decode_image(init_b64, "init image")
         if mask_b64:
             gen.mask_image = state.decode_image(mask_b64, "mask image")
+        if depth_b64:
+            gen.depth_map = state.decode_image(depth_b64, "depth map")
         return state.submit(gen, source="api")
 
     job = await anyio.to_thread.run_sync(accept)

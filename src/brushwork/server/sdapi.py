@@ -23,9 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.samplers import display_name, lenient_sampler
 from ..request import (
     EMPHASIS_CHOICES,
-    HIRES_IMAGE_UPSCALERS,
     HIRES_LATENT_MODES,
-    HIRES_UPSCALERS,
     MAX_COMMA_PADDING_BACKTRACK,
     MAX_TOKEN_MERGING_RATIO,
     GenerationRequest,
@@ -130,9 +128,11 @@ class PNGInfoRequest(BaseModel):
     image: str = ""
 
 
-class ExtrasSingleImageRequest(BaseModel):
+class _Extras(BaseModel):
+    """A1111's ExtrasBaseRequest: resize_mode 0 = scale by upscaling_resize, 1 = to upscaling_resize_w x _h (cover,
+    then centre-crop when upscaling_crop); upscaler_2 blended over upscaler_1 by extras_upscaler_2_visibility."""
+
     model_config = ConfigDict(extra="ignore")
-    image: str = ""
     resize_mode: int = 0
     show_extras_results: bool = True
     gfpgan_visibility: float = 0
@@ -145,7 +145,21 @@ class ExtrasSingleImageRequest(BaseModel):
     upscaler_1: str | None = "None"
     upscaler_2: str | None = "None"
     extras_upscaler_2_visibility: float = 0
-    upscale_first: bool = False
+    upscale_first: bool = False  # before or after face restoration, which this server does not have
+
+
+class ExtrasSingleImageRequest(_Extras):
+    image: str = ""
+
+
+class ExtrasFileData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    data: str = ""
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(_Extras):
+    imageList: list[ExtrasFileData] = Field(default_factory=list)  # A1111's name
 
 
 # ---- translation ---------------------------------------------------------------------------------
@@ -238,10 +252,7 @@ def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise InvalidRequest(f"a second checkpoint for the hires pass is not supported (hr_checkpoint_name "
                              f"{body.hr_checkpoint_name!r}); send null or \"Use same checkpoint\"")
-    upscaler = body.hr_upscaler or "Latent"
-    if upscaler.strip().lower() not in {name.lower() for name in HIRES_UPSCALERS}:
-        raise InvalidRequest(f"unknown hires upscaler (hr_upscaler) {upscaler[:40]!r}; choose one of: "
-                             f"{', '.join(HIRES_UPSCALERS)}")
+    upscaler = body.hr_upscaler or "Latent"  # a latent mode, or one of /upscalers: checked by state.check_request
     request.hires_scale = body.hr_scale
     request.hires_resize_x, request.hires_resize_y = body.hr_resize_x, body.hr_resize_y
     request.hires_upscaler = upscaler
@@ -528,15 +539,24 @@ async def schedulers(request: Request):
 
 
 def _upscalers(state: ServerState) -> list[Any]:
+    """The library's diffusion upscaler checkpoints (the SD x4 upscaler: a generation job, Mode.UPSCALE)."""
     return [e for e in state.models() if "upscal" in str(getattr(e, "family", ""))]
 
 
 @router.get("/upscalers")
 def upscalers(request: Request):
-    # "None", then the plain resizers the hires fix takes (as A1111 lists them), then the upscaler models
-    out = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-           for name in ("None", *HIRES_IMAGE_UPSCALERS)]
-    for e in _upscalers(_state(request)):
+    """As A1111: "None", Lanczos, Nearest, then the upscaler models (engine.upscalers: ESRGAN family, by file stem;
+    scale: remembered from a load, else read from the name, else 4 as A1111 says of ESRGAN), then the diffusion
+    upscaler checkpoints."""
+    from ..engine import upscalers as table
+
+    state = _state(request)
+    out = []
+    for u in table.upscalers(state.settings):
+        out.append({"name": u.name, "model_name": u.name if u.is_model else None,
+                    "model_path": str(u.path) if u.is_model else None, "model_url": None,
+                    "scale": (table.model_scale(u, state.settings) or 4) if u.is_model else 4})
+    for e in _upscalers(state):
         out.append({"name": e.name, "model_name": e.name, "model_path": str(e.path), "model_url": None, "scale": 4})
     return out
 
@@ -617,23 +637,102 @@ def png_info(body: PNGInfoRequest, request: Request):
     return {"info": text, "items": items, "parameters": parameters}
 
 
-@router.post("/extra-single-image")
-async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
-    state = _state(request)
-    available = await anyio.to_thread.run_sync(_upscalers, state)
-    if not available:
-        raise InvalidRequest("no upscaler model available; put an x4-upscaler model in the models folder")
-    if not body.image:
-        raise HTTPError(404, "Image not found")
-    chosen = None
-    for e in available:
-        if body.upscaler_1 in (e.name, getattr(e, "title", None)):
-            chosen = e
-    if chosen is None:
-        names = ", ".join(e.name for e in available)
-        raise InvalidRequest(f"unknown upscaler {body.upscaler_1!r}; choose one of: {names}")
+def _postprocess(state: ServerState, body: _Extras, image) -> tuple[Any, dict[str, Any]]:
+    """A1111's extras upscale (scripts/postprocessing_upscale.py) on one picture: (picture, its info)."""
+    from PIL import Image
+
+    from ..engine import upscalers as table
+
+    if body.gfpgan_visibility or body.codeformer_visibility:
+        raise InvalidRequest("face restoration (GFPGAN, CodeFormer) is not supported; send gfpgan_visibility and "
+                             "codeformer_visibility 0")
+    if body.resize_mode not in (0, 1):
+        raise InvalidRequest(f"resize_mode must be 0 (scale by upscaling_resize) or 1 (to upscaling_resize_w x "
+                             f"upscaling_resize_h), got {body.resize_mode!r}")
+
+    def chosen(name: str | None, field: str):
+        if name is None or name.strip() in ("", "None"):
+            return None
+        try:
+            return table.find(name, state.settings)
+        except InvalidRequest as err:
+            raise InvalidRequest(f"{field}: {err}") from None
+
+    first, second = chosen(body.upscaler_1, "upscaler_1"), chosen(body.upscaler_2, "upscaler_2")
+    info: dict[str, Any] = {}
+    if first is None:  # as A1111: no first upscaler, no upscale
+        return image, info
+    if body.resize_mode == 1:
+        tw, th = body.upscaling_resize_w, body.upscaling_resize_h
+        if not 1 <= tw <= state.settings.max_side or not 1 <= th <= state.settings.max_side:
+            raise InvalidRequest(f"upscaling_resize_w and upscaling_resize_h must be from 1 to "
+                                 f"{state.settings.max_side}, got {tw}x{th}")
+        scale = max(tw / image.width, th / image.height)
+        info["Postprocess upscale to"] = f"{tw}x{th}"
+    else:
+        scale = body.upscaling_resize
+        if not 0 < scale <= table.MAX_SCALE:
+            raise InvalidRequest(f"upscaling_resize must be above 0 and at most {table.MAX_SCALE}, got {scale!r}")
+        info["Postprocess upscale by"] = scale
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if size[0] * size[1] > state.settings.max_image_pixels:
+        raise InvalidRequest(f"the upscaled picture would be {size[0]}x{size[1]} pixels, over this server's limit "
+                             f"of {state.settings.max_image_pixels}; ask for a smaller factor")
+    out = table.upscale_to(first, image, *size, state.settings)
+    info["Postprocess upscaler"] = first.name
+    visibility = body.extras_upscaler_2_visibility
+    if second is not None and visibility > 0:
+        other = table.upscale_to(second, image, *size, state.settings)
+        out = Image.blend(out, other.convert(out.mode), min(1.0, float(visibility)))
+        info["Postprocess upscaler 2"] = second.name
+    if body.resize_mode == 1 and body.upscaling_crop:
+        cropped = Image.new(out.mode, (tw, th))
+        cropped.paste(out, box=(tw // 2 - out.width // 2, th // 2 - out.height // 2))
+        out = cropped
+        info["Postprocess crop to"] = f"{tw}x{th}"
+    return out, info
+
+
+def _extras_png(image, source, info: dict[str, Any]) -> str:
+    """Base64 PNG keeping the source's infotext ("parameters"), with the postprocessing one beside it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    png = PngInfo()
+    if isinstance((source.info or {}).get("parameters"), str):
+        png.add_text("parameters", source.info["parameters"])
+    if info:
+        png.add_text("postprocessing", _extras_text(info))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _extras_text(info: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in info.items())
+
+
+def _extras_html(info: dict[str, Any]) -> str:
+    from html import escape
+
+    return f"<p>{escape(_extras_text(info))}</p>" if info else ""
+
+
+def _diffusion_upscaler(state: ServerState, name: str | None) -> Any:
+    """The library's diffusion upscaler checkpoint called ``name`` (not an entry of the upscaler table), or None."""
+    from ..engine import upscalers as table
+
+    if not name or name.strip().lower() in {n.lower() for n in table.available(state.settings)}:
+        return None
+    for e in _upscalers(state):
+        if name in (e.name, getattr(e, "title", None)):
+            return e
+    return None
+
+
+async def _diffusion_extras(state: ServerState, chosen: Any, image_b64: str) -> dict[str, Any]:
+    """The SD x4 upscaler (a diffusion model) as an extras upscaler: a generation job."""
     def accept():
-        gen = GenerationRequest(mode=Mode.UPSCALE, model=chosen.name, init_image=state.decode_image(body.image),
+        gen = GenerationRequest(mode=Mode.UPSCALE, model=chosen.name, init_image=state.decode_image(image_b64),
                                 steps=20, sampler="Euler", watermark=state.settings.watermark)
         return state.submit(gen, source="sdapi")
 
@@ -645,3 +744,40 @@ async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
     img = job.result["images"][0]
     data = base64.b64encode(state.image_path(img["path"]).read_bytes()).decode("ascii")
     return {"image": data, "html_info": img.get("infotext", "")}
+
+
+def _run_extras(state: ServerState, body: _Extras, images_b64: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Decode, upscale and encode each picture, one upscale at a time with the generation jobs (the engine lock)."""
+    out, info = [], {}
+    for data in images_b64:
+        source = state.decode_image(data)
+        with state.worker.engine_lock:
+            image, info = _postprocess(state, body, source)
+        out.append(_extras_png(image, source, info))
+    return out, info
+
+
+@router.post("/extra-single-image")
+async def extra_single_image(body: ExtrasSingleImageRequest, request: Request):
+    """A1111's extras on one picture: the upscalers of /upscalers (engine.upscalers), scale by or to a size."""
+    state = _state(request)
+    if not body.image:
+        raise HTTPError(404, "Image not found")
+    diffusion = await anyio.to_thread.run_sync(_diffusion_upscaler, state, body.upscaler_1)
+    if diffusion is not None:
+        return await _diffusion_extras(state, diffusion, body.image)
+    images, info = await anyio.to_thread.run_sync(_run_extras, state, body, [body.image])
+    return {"html_info": _extras_html(info), "image": images[0]}
+
+
+@router.post("/extra-batch-images")
+async def extra_batch_images(body: ExtrasBatchImagesRequest, request: Request):
+    """A1111's extras on several pictures (``imageList``: [{data, name}]); ``images`` in the same order."""
+    state = _state(request)
+    if not body.imageList:
+        raise InvalidRequest("imageList is empty; send at least one {\"data\": base64 image, \"name\": ...}")
+    if len(body.imageList) > state.settings.max_images:
+        raise InvalidRequest(f"{len(body.imageList)} pictures is over this server's limit of "
+                             f"{state.settings.max_images} a request")
+    images, info = await anyio.to_thread.run_sync(_run_extras, state, body, [f.data for f in body.imageList])
+    return {"html_info": _extras_html(info), "images": images}

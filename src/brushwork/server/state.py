@@ -114,13 +114,17 @@ class ServerState:
         # the device and memory policy belong to whoever runs the server, not to HTTP callers
         request.device = self.settings.device
         request.memory = self.settings.memory
-        for image in (request.init_image, request.mask_image):
+        for image in (request.init_image, request.mask_image, request.depth_map):
             if image is not None and image.width * image.height > self.settings.max_image_pixels:
                 raise InvalidRequest(
                     f"the image is {image.width}x{image.height} pixels, over the limit of "
                     f"{self.settings.max_image_pixels} pixels; make it smaller"
                 )
         request.validate()
+        if request.hires_enabled:  # a library upscaler model's name: refused now, not when the job runs
+            from ..engine.upscalers import hires_upscaler
+
+            request.hires_upscaler = hires_upscaler(request.hires_upscaler, self.settings)
         limits = self.settings
         for value, limit, what, name in (
                 (request.steps, limits.max_steps, "steps", "max_steps"),
@@ -130,6 +134,13 @@ class ServerState:
             if isinstance(value, int) and value > limit:
                 raise InvalidRequest(f"{value} {what} is over this server's limit of {limit} (its owner can change "
                                      f"BRUSHWORK_{name.upper()})")
+        if request.mode.value == "upscale":  # the x4 upscaler's output, which width / height do not give
+            from ..request import UPSCALE_FACTOR
+
+            side = UPSCALE_FACTOR * max(request.init_image.size)
+            if side > limits.max_side:
+                raise InvalidRequest(f"upscaling makes a picture {side} pixels a side, over this server's limit of "
+                                     f"{limits.max_side} (its owner can change BRUSHWORK_MAX_SIDE)")
         return request
 
     def submit(self, request: GenerationRequest, *, source: str = "api") -> Job:

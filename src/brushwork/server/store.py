@@ -23,7 +23,7 @@ from typing import Any
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINISHED = (DONE, FAILED, CANCELLED)
-INPUT_IMAGES = ("init_image", "mask_image")  # kept apart from the request: listing jobs must not read megabytes
+INPUT_IMAGES = ("init_image", "mask_image", "depth_map")  # kept apart from the request: listing jobs must not read megabytes
 IMAGE_MARK = "<image>"
 
 _SCHEMA = """

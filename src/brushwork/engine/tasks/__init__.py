@@ -20,14 +20,19 @@ _MODULES = {
     Mode.TXT2IMG: "txt2img",
     Mode.IMG2IMG: "img2img",
     Mode.INPAINT: "inpaint",
+    Mode.DEPTH2IMG: "depth2img",
+    Mode.UPSCALE: "upscale",
 }
 
 
-def task_for(request) -> Task:
-    """The task that runs this request: by its mode, except a txt2img request with the hires fix on."""
+def task_for(request, parts=None) -> Task:
+    """The task that runs this request: by its mode, except a txt2img request with the hires fix on, and img2img
+    on a depth model (``parts``, the loaded model), which is depth2img, as A1111's img2img on a depth checkpoint."""
     name = _MODULES.get(request.mode)
     if request.mode is Mode.TXT2IMG and getattr(request, "hires_enabled", False):
         name = "hires"  # txt2img, then an upscale and an img2img pass (still Mode.TXT2IMG)
+    if request.mode is Mode.IMG2IMG and parts is not None and parts.family.unet_in_channels == 5:
+        name = "depth2img"  # the UNet needs a depth channel (still Mode.IMG2IMG)
     if name is None:
         done = ", ".join(m.value for m in _MODULES)
         raise InvalidRequest(f"{request.mode.value} arrives in a later version; this one does {done}")

@@ -36,6 +36,11 @@ def unet_in_channels(parts) -> int:
 
 def text_to_image_models(parts) -> str | None:
     """``Task.accepts`` for tasks that need an ordinary (4-channel) UNet."""
+    if unet_in_channels(parts) == 7:
+        return f"{parts.name} is an upscaler ({parts.family.label}); use it with: brushwork upscale IMAGE --model ..."
+    if unet_in_channels(parts) == 5:
+        return (f"{parts.name} is a depth model ({parts.family.label}): it needs an init image; use depth2img "
+                "(or img2img) with --init-img")
     if unet_in_channels(parts) != 4:
         return (f"{parts.name} is an inpainting model ({parts.family.label}); use it with inpaint, or use a "
                 "text-to-image model for txt2img/img2img")
@@ -53,6 +58,8 @@ class Task:
     infotext: Callable[[GenerationRequest], dict] = lambda request: {}  # its own A1111 keys
     passthrough: Callable[[RunContext], bool] = lambda ctx: False  # nothing to denoise: the input is the answer
     watermark: Callable[[RunContext, list], list] = lambda ctx, images: watermarked(images)  # when it is on
+    # latents -> (pictures, fell back to fp32); None: ``run.decode`` with the memory mode's VAE settings
+    decode: Callable[[RunContext, Any], tuple[list, bool]] | None = None
 
 
 def watermarked(images: list) -> list:
@@ -81,6 +88,8 @@ class RunContext:
     apply_memory: Callable[[Any], None]  # puts a pipeline in the current memory mode
     batch: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # what a task's prepare() made, for its denoise()
+    extras: dict[str, Any] = field(default_factory=dict)  # what the result carries beside the pictures (its extras)
+    settings: Any = None  # the engine's Settings (its library: upscaler models); None: Settings.load()
     _pipes: dict[str, Any] = field(default_factory=dict)
     _embeds: tuple | None = None
 
@@ -173,7 +182,7 @@ class RunContext:
               token_merging(parts.unet, float(r.token_merging_ratio))):
             out = pipe(**kwargs, output_type="latent", callback_on_step_end=on_step_end,
                        callback_on_step_end_tensor_inputs=[
-                           name for name in ("latents", "prompt_embeds", "mask", "masked_image_latents")
+                           name for name in ("latents", "prompt_embeds", "mask", "masked_image_latents", "depth_mask")
                            if name in pipe._callback_tensor_inputs])
         return out.images
 

@@ -8,8 +8,9 @@
    sides: scaled to cover it, then centre-cropped), rounded down to a multiple of 8;
 3. a latent upscaler ("Latent", ... ``HIRES_LATENT_MODES``) interpolates the first pass's latents
    (``torch.nn.functional.interpolate`` with A1111's mode and antialias); an image upscaler ("Lanczos",
-   "Nearest") decodes them, resizes the pictures as A1111's upscalers do (its own filter up to the scale,
-   Lanczos to the exact size) and encodes them again (the VAE's mean, so no random numbers are drawn);
+   "Nearest", or an upscaler model of the library: ``engine.upscalers``) decodes them, resizes the pictures as
+   A1111's upscalers do (its own filter or model up to the scale, Lanczos to the exact size) and encodes them
+   again (the VAE's mean, so no random numbers are drawn);
 4. the second pass is diffusers' img2img on those latents (4-channel latents given as ``image`` are used as
    they are): fresh per-image CPU generators seeded with the same seeds (as A1111's new ``ImageRNG`` over
    the same seeds) draw the noise, at the target size, with the hires prompt and sampler when set.
@@ -38,9 +39,20 @@ def second_pass(request: GenerationRequest) -> tuple[int, int, float]:
     return steps, schedule, min(1.0, (steps + 0.5) / schedule)  # int(schedule * this) == steps, exactly
 
 
+def _settings(ctx: RunContext):
+    from ...settings import Settings
+
+    return ctx.settings if ctx.settings is not None else Settings.load()
+
+
 def prepare(ctx: RunContext) -> None:
+    from .. import upscalers
+
     ctx.request.check_hires_size(ctx.width, ctx.height)
     ctx.data["hires_sizes"] = ctx.request.hires_sizes(ctx.width, ctx.height)
+    if ctx.request.hires_upscaler not in HIRES_LATENT_MODES:  # a name validate() cannot know: the library's
+        ctx.data["upscaler"] = upscalers.find(upscalers.hires_upscaler(ctx.request.hires_upscaler, _settings(ctx)),
+                                              _settings(ctx))
 
 
 def _crop(latents, size: tuple[int, int], factor: int):
@@ -50,18 +62,12 @@ def _crop(latents, size: tuple[int, int], factor: int):
     return latents[:, :, dy // 2:h - (dy + 1) // 2, dx // 2:w - (dx + 1) // 2]
 
 
-def upscale_image(image, width: int, height: int, upscaler: str):
-    """A1111's ``images.resize_image`` (just resize) with its Lanczos / Nearest upscaler: that filter up to the
-    scale, then Lanczos to the exact size."""
-    from PIL import Image
+def upscale_image(image, width: int, height: int, upscaler, settings=None, device: str | None = None):
+    """A1111's ``images.resize_image`` (just resize) with an upscaler of ``engine.upscalers`` (a name or its
+    entry): that filter or model up to the scale, then Lanczos to the exact size."""
+    from .. import upscalers
 
-    resample = Image.Resampling.NEAREST if upscaler == "Nearest" else Image.Resampling.LANCZOS
-    scale = max(width / image.width, height / image.height)
-    if scale > 1:
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
-    return image
+    return upscalers.upscale_to(upscaler, image, width, height, settings, device=device)
 
 
 def upscale(ctx: RunContext, latents):
@@ -81,7 +87,8 @@ def upscale(ctx: RunContext, latents):
     from ..run import decode
 
     images, _ = decode(ctx.parts.vae, latents)
-    images = [upscale_image(im, uw, uh, r.hires_upscaler) for im in images]
+    upscaler = ctx.data.get("upscaler", r.hires_upscaler)
+    images = [upscale_image(im, uw, uh, upscaler, ctx.settings, device=ctx.policy.device) for im in images]
     left, top = (uw - out[0]) // f // 2 * f, (uh - out[1]) // f // 2 * f  # the latent crop's, in pixels
     images = [im.crop((left, top, left + out[0], top + out[1])) for im in images]
     vae = ctx.parts.vae

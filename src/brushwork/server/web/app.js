@@ -129,7 +129,8 @@ function fillSelect(select, items, selected) {
 
 async function loadChoices() {
   // (all fetched first, then filled at once: the saved settings are applied right after)
-  const [models, samplers, upscalers] = await Promise.all([api("models"), api("samplers"), hiresUpscalers()]);
+  const [models, samplers, [upscalers, imageUpscalers]] = await Promise.all([api("models"), api("samplers"),
+    hiresUpscalers()]);
   const current = models.models.find((m) => m.current);
   state.modelDefaults = Object.fromEntries(models.models.map((m) => [m.name, m.defaults || {}]));
   state.modelDefaults[""] = current ? current.defaults || {} : {};
@@ -138,10 +139,12 @@ async function loadChoices() {
   fillSelect($("sampler"), samplers.samplers.map((s) => [s.name, s.name]), "Euler a");
   fillSelect($("scheduler"), samplers.schedule_types.map((s) => [s, s]), "Automatic");
   fillSelect($("hires_upscaler"), upscalers.map((name) => [name, name]), "Latent");
+  fillSelect($("upscale-upscaler"), imageUpscalers.map((name) => [name, name]),
+    imageUpscalers.find((name) => !["Lanczos", "Nearest"].includes(name)) || "Lanczos");
 }
 
-// the hires fix's upscalers: the latent modes, then the plain resizers ("None" and upscaler models are for the
-// extras tab, which the hires fix does not take)
+// [the hires fix's upscalers: the latent modes, then the picture upscalers; the picture upscalers alone (for the
+// Upscale action)]: Lanczos, Nearest, then the library's upscaler models (engine/upscalers.py), "None" left out
 async function hiresUpscalers() {
   try {
     const get = async (path) => {
@@ -149,12 +152,12 @@ async function hiresUpscalers() {
       if (!res.ok) throw new Error(`the server answered ${res.status}`);
       return res.json();
     };
-    const [latent, plain] = await Promise.all([get("latent-upscale-modes"), get("upscalers")]);
-    const names = [...latent.map((m) => m.name),
-      ...plain.filter((u) => !u.model_name && u.name !== "None").map((u) => u.name)];
-    return names.length ? names : FALLBACK_UPSCALERS;
+    const [latent, listed] = await Promise.all([get("latent-upscale-modes"), get("upscalers")]);
+    const pictures = listed.filter((u) => u.name !== "None").map((u) => u.name);
+    const names = [...latent.map((m) => m.name), ...pictures];
+    return names.length ? [names, pictures] : [FALLBACK_UPSCALERS, ["Lanczos", "Nearest"]];
   } catch (_) {
-    return FALLBACK_UPSCALERS;
+    return [FALLBACK_UPSCALERS, ["Lanczos", "Nearest"]];
   }
 }
 
@@ -764,7 +767,52 @@ async function openDetails(id) {
   $("details-text").textContent = meta.infotext || meta.prompt;
   $("details-download").href = `${meta.url}?download=true`;
   $("details-download").setAttribute("download", meta.file.split("/").pop());
+  $("upscale-status").textContent = "";
   $("details").showModal();
+}
+
+// the picture of the details dialog as a data: URL
+async function detailsDataUrl() {
+  const res = await fetch(state.details.url);
+  if (!res.ok) throw new Error(`the server answered ${res.status}`);
+  const blob = await res.blob();
+  return new Promise((ok, fail) => {
+    const reader = new FileReader();
+    reader.onload = () => ok(reader.result);
+    reader.onerror = () => fail(reader.error);
+    reader.readAsDataURL(blob);
+  });
+}
+
+// the details dialog's picture upscaled (A1111's extras: /sdapi/v1/extra-single-image); the dialog then shows the
+// result, and Download and "Use as init image" take it
+async function detailsUpscale() {
+  const meta = state.details;
+  if (!meta) return;
+  const upscaler = $("upscale-upscaler").value;
+  const scale = Number($("upscale-scale").value) || 2;
+  const button = $("details-upscale");
+  button.disabled = true;
+  $("upscale-status").textContent = `upscaling with ${upscaler}…`;
+  try {
+    const res = await fetch("sdapi/v1/extra-single-image", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ image: await detailsDataUrl(), upscaler_1: upscaler, upscaling_resize: scale }),
+    });
+    const body = await res.json().catch(() => null);
+    if (!res.ok) throw new Error((body && body.detail) || `the server answered ${res.status}`);
+    const url = `data:image/png;base64,${body.image}`;
+    const img = $("details-img");
+    await new Promise((ok) => { img.onload = ok; img.onerror = ok; img.src = url; });
+    state.details = { ...meta, url };
+    $("details-download").href = url;
+    $("details-download").setAttribute("download", meta.file.split("/").pop().replace(/(\.\w+)?$/, `-x${scale}.png`));
+    $("upscale-status").textContent = `${img.naturalWidth}x${img.naturalHeight}, ${upscaler} ${scale}x`;
+  } catch (err) {
+    $("upscale-status").textContent = `Cannot upscale: ${err.message}`;
+  } finally {
+    button.disabled = false;
+  }
 }
 
 // the picture shown in the details dialog becomes the init image (to inpaint or outpaint it further)
@@ -772,16 +820,7 @@ async function detailsToInit() {
   const meta = state.details;
   if (!meta) return;
   try {
-    const res = await fetch(meta.url);
-    if (!res.ok) throw new Error(`the server answered ${res.status}`);
-    const blob = await res.blob();
-    const dataUrl = await new Promise((ok, fail) => {
-      const reader = new FileReader();
-      reader.onload = () => ok(reader.result);
-      reader.onerror = () => fail(reader.error);
-      reader.readAsDataURL(blob);
-    });
-    setInitImage(dataUrl);
+    setInitImage(await detailsDataUrl());
     $("details").close();
     $("dropzone").scrollIntoView({ block: "nearest" });
   } catch (err) {
@@ -860,6 +899,7 @@ async function main() {
   });
   $("details-reuse").addEventListener("click", reuseSettings);
   $("details-to-init").addEventListener("click", detailsToInit);
+  $("details-upscale").addEventListener("click", detailsUpscale);
   $("enable_hr").addEventListener("change", updateOutputs);
   let searchTimer = null;
   $("gallery-search").addEventListener("input", () => {
