@@ -220,3 +220,17 @@ def test_models_list_names_each_models_family(tiny, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if "repaint" in x)
     assert line.split()[:3] == ["repaint", "sd2-inpaint", "safetensors"]
+
+
+def test_debug_shows_the_error_with_its_cause(tiny, tmp_path, monkeypatch):
+    broken = tmp_path / "half.safetensors"
+    data = tiny["sd1"]["safetensors"].read_bytes()
+    broken.write_bytes(data[: len(data) // 3])
+    args = ("txt2img", "x", "--model", broken, "--outdir", tmp_path / "o")
+    assert "Traceback" not in run(*args).output  # one line by default
+    monkeypatch.setenv("BRUSHWORK_DEBUG", "1")
+    result = run(*args)
+    assert result.exit_code != 0
+    # the library's error keeps what safetensors said underneath (raise ... from err)
+    assert "Traceback" in result.output and "direct cause" in result.output, result.output[-800:]
+    assert result.output.strip().splitlines()[-1].startswith("error:") and "truncated" in result.output

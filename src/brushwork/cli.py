@@ -34,6 +34,10 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BrushworkError as err:
+            if os.environ.get("BRUSHWORK_DEBUG"):  # the whole chain: what went wrong underneath, and where
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
             _fail(str(err))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -174,9 +178,9 @@ def _prompts_from_file(path: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise BrushworkError(f"cannot read prompts from {path}: {err.strerror}") from None
+        raise BrushworkError(f"cannot read prompts from {path}: {err.strerror}") from err
     except UnicodeDecodeError as err:
-        raise BrushworkError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        raise BrushworkError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise BrushworkError(f"{path} holds no prompts (one prompt a line)")

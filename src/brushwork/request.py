@@ -407,7 +407,7 @@ def _check_text(label: str, value: Any, limit: int) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
         raise InvalidRequest(f"the {label} holds a character that is not valid text (a lone surrogate at position "
-                             f"{err.start}); send it as UTF-8") from None
+                             f"{err.start}); send it as UTF-8") from err
 
 
 @dataclass

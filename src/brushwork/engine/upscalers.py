@@ -247,7 +247,7 @@ def tiled(fn, pixels, scale: int, *, tile: int = TILE, overlap: int = OVERLAP):
             _free_memory()
             if tile // 2 < MIN_TILE:
                 raise ModelError(f"out of memory upscaling even in tiles of {tile} pixels; free some memory "
-                                 "(close other programs, or use a smaller picture)") from None
+                                 "(close other programs, or use a smaller picture)") from err
             log.warning("out of memory upscaling in tiles of %d pixels; trying %d", tile, tile // 2)
             tile //= 2
 
@@ -374,7 +374,7 @@ def read_weights(path: Path) -> dict:
                 f"convert it once with: brushwork models convert '{path}' (the .safetensors is then used)") from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
             raise ModelError(f"{path.name} is not a readable model file ({_short(err)}); it may be "
-                             "truncated") from None
+                             "truncated") from err
     if not isinstance(state, dict):
         raise ModelError(f"{path.name} holds no weights (a {type(state).__name__}); it is not an upscaler model")
     return _spandrel_loader()["canonicalize"](state)
@@ -389,7 +389,7 @@ def describe(state: dict, label: str = "the model"):
         raise ModelError(f"{label} is not an upscaler model spandrel knows (its weights match none of its "
                          "architectures: ESRGAN, Real-ESRGAN, SwinIR, DAT, HAT, SPAN, ...)") from None
     except (KeyError, ValueError, RuntimeError, AssertionError, IndexError) as err:
-        raise ModelError(f"{label} looks like an upscaler model but cannot be loaded ({str(err)[:160]})") from None
+        raise ModelError(f"{label} looks like an upscaler model but cannot be loaded ({str(err)[:160]})") from err
     if type(descriptor).__name__ != "ImageModelDescriptor":
         raise ModelError(f"{label} is a {descriptor.purpose} model ({descriptor.architecture.name}), not an upscaler")
     return descriptor

@@ -153,7 +153,7 @@ def config_from_shapes(shapes, prefix: str = DEPTH_PREFIX) -> dict:
         fusion = shapes[f"{prefix}scratch.layer1_rn.weight"][0]
         embedding = shapes[bb + "stem.conv.weight"][0]
     except KeyError as err:
-        raise ModelError(f"the depth estimator (depth_model.*) is incomplete: {err.args[0]} is missing") from None
+        raise ModelError(f"the depth estimator (depth_model.*) is incomplete: {err.args[0]} is missing") from err
     if len(stages) != 3 or layers < 4:
         raise ModelError(f"the depth estimator is not a MiDaS DPT-Hybrid (a 3-stage ResNet and at least 4 ViT "
                          f"blocks expected; found {len(stages)} stages and {layers} blocks)")

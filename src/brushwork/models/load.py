@@ -69,7 +69,7 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
     except Exception as err:  # safetensors raises SafetensorError / OSError with varying text
         raise ModelError(
             f"{path.name} is not a valid .safetensors file ({_short(err)}); it may be truncated: download it again"
-        ) from None
+        ) from err
     return shapes, metadata
 
 
@@ -84,7 +84,7 @@ def load_state_dict(path: Path) -> dict:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise ModelError(f"{path.name} cannot be read ({_short(err)}); it may be truncated: download it again") from None
+            raise ModelError(f"{path.name} cannot be read ({_short(err)}); it may be truncated: download it again") from err
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError:
@@ -93,7 +93,7 @@ def load_state_dict(path: Path) -> dict:
             f"convert it once with: brushwork models convert '{path}'"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise ModelError(f"{path.name} is not a readable checkpoint ({_short(err)}); it may be truncated") from None
+        raise ModelError(f"{path.name} is not a readable checkpoint ({_short(err)}); it may be truncated") from err
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):
@@ -231,7 +231,7 @@ def _load_into(model, state: dict, what: str):
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:
-        raise ModelError(f"the {what} weights do not fit the detected architecture: {_short(err)}") from None
+        raise ModelError(f"the {what} weights do not fit the detected architecture: {_short(err)}") from err
     return model
 
 
@@ -380,7 +380,7 @@ def load_diffusers_folder(path: Path, *, prediction: str | None = None) -> Model
         vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise ModelError(f"the diffusers folder {path} is incomplete or broken: {_short(err)}") from None
+        raise ModelError(f"the diffusers folder {path} is incomplete or broken: {_short(err)}") from err
     kind = "openclip" if text_encoder.config.hidden_act == "gelu" else "clip"
     family = next((f for f in FAMILY_BY_NAME.values() if f.matches(kind, unet.config.in_channels)), None)
     if family is None:
@@ -417,7 +417,7 @@ def _folder_depth_estimator(path: Path, family: Family):
     try:
         model = DPTForDepthEstimation.from_pretrained(path / "depth_estimator", local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ModelError(f"the depth estimator of {path} is incomplete or broken: {_short(err)}") from None
+        raise ModelError(f"the depth estimator of {path} is incomplete or broken: {_short(err)}") from err
     return model.float().eval()
 
 
@@ -444,7 +444,7 @@ def load_vae(path: Path):
         try:
             return AutoencoderKL.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise ModelError(f"{path} is not a diffusers VAE folder: {_short(err)}") from None
+            raise ModelError(f"{path} is not a diffusers VAE folder: {_short(err)}") from err
     _, _, sd = read_shapes(path)
     sd = sd if sd is not None else load_state_dict(path)
     if not any(k.startswith("first_stage_model.") for k in sd):

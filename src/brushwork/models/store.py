@@ -298,4 +298,4 @@ def download_hub_model(repo_id: str) -> Path:
     except Exception as err:
         why = "offline (HF_HUB_OFFLINE=1) and not in the cache" if offline else f"download failed: {err}"
         raise ModelError(f"cannot get {repo_id} from the hub: {str(why).splitlines()[0][:160]}; "
-                         "download the checkpoint yourself and pass --model FILE") from None
+                         "download the checkpoint yourself and pass --model FILE") from err

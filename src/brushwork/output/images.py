@@ -41,8 +41,8 @@ def open_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     except FileNotFoundError:
         raise InvalidRequest(f"image file not found: {path}") from None
     except OSError as err:
-        raise InvalidRequest(f"cannot read image {path}: {err.strerror}") from None
+        raise InvalidRequest(f"cannot read image {path}: {err.strerror}") from err
     try:
         return open_image_bytes(raw, max_pixels)
     except InvalidRequest as err:
-        raise InvalidRequest(f"{path}: {err}") from None
+        raise InvalidRequest(f"{path}: {err}") from err

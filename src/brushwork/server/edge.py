@@ -46,7 +46,7 @@ def loads(data: bytes | str) -> Any:
     except UnicodeDecodeError:
         raise BadBody("the body is not UTF-8 text") from None
     except ValueError as err:  # JSONDecodeError, and int() of over 4300 digits
-        raise BadBody(f"the body is not valid JSON: {str(err)[:200]}") from None
+        raise BadBody(f"the body is not valid JSON: {str(err)[:200]}") from err
     check(value)
     return value
 
@@ -73,7 +73,7 @@ def _text(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise BadBody(f"{where} holds a lone surrogate (\\u{ord(text[err.start]):04x}) at position {err.start}, "
-                      "which is not text; send valid UTF-8") from None
+                      "which is not text; send valid UTF-8") from err
 
 
 class StrictJSONRequest(Request):
@@ -82,7 +82,7 @@ class StrictJSONRequest(Request):
             try:
                 self._json = loads(await self.body())
             except BadBody as err:
-                raise HTTPException(422, str(err)) from None
+                raise HTTPException(422, str(err)) from err
         return self._json
 
 

@@ -656,7 +656,7 @@ def _postprocess(state: ServerState, body: _Extras, image) -> tuple[Any, dict[st
         try:
             return table.find(name, state.settings)
         except InvalidRequest as err:
-            raise InvalidRequest(f"{field}: {err}") from None
+            raise InvalidRequest(f"{field}: {err}") from err
 
     first, second = chosen(body.upscaler_1, "upscaler_1"), chosen(body.upscaler_2, "upscaler_2")
     info: dict[str, Any] = {}
