@@ -318,3 +318,20 @@ def test_sdapi_img2img_on_the_depth_model_runs_depth2img_and_the_native_api_take
         refused = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 32, "height": 32,
                                                          "override_settings": {"sd_model_checkpoint": "tiny-depth"}})
         assert refused.status_code == 400 and "needs an init image" in refused.text
+
+
+def test_a_16_bit_depth_map_keeps_its_precision_from_a_file_and_through_the_job_store(tmp_path):
+    """MiDaS writes 16-bit PNGs: opened as a depth map (CLI, HTTP, a stored job) they keep all their levels."""
+    from brushwork.engine.tasks.depth2img import depth_from_image
+    from brushwork.output.images import open_image_file
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = tmp_path / "depth16.png"
+    Image.fromarray(ramp).save(path)
+    opened = open_image_file(path, high_depth=True)
+    assert len(np.unique(depth_from_image(opened).numpy())) > 1000  # 8 bits would leave 256
+    assert len(np.unique(np.asarray(open_image_file(path).convert("L")))) <= 256  # an ordinary image: 8 bits
+    stored = GenerationRequest(prompt="x", mode=Mode.DEPTH2IMG, init_image=Image.new("RGB", (64, 64)),
+                               depth_map=opened).to_dict()
+    again = GenerationRequest.from_dict(stored)
+    assert np.array_equal(depth_from_image(again.depth_map).numpy(), depth_from_image(opened).numpy())

@@ -384,7 +384,7 @@ def depth2img(init_img, depth_map, strength, save_depth, **o):
 
     if init_img is None:
         raise InvalidRequest("depth2img needs an init image (--init-img)")
-    depth = open_image_file(depth_map) if depth_map else None
+    depth = open_image_file(depth_map, high_depth=True) if depth_map else None
     settings, req = _request("depth2img", o, init_image=open_image_file(init_img), depth_map=depth,
                              strength=strength, save_depth=save_depth)
     _run(settings, req, o)

@@ -371,7 +371,7 @@ class GenerationRequest:
         kwargs = {k: v for k, v in data.items() if k in names}
         for key in IMAGE_FIELDS:
             if isinstance(kwargs.get(key), str):
-                kwargs[key] = image_from_b64(kwargs[key])
+                kwargs[key] = image_from_b64(kwargs[key], high_depth=key == "depth_map")
         if "mode" in kwargs:
             kwargs["mode"] = Mode(kwargs["mode"])
         if "precision" in kwargs:
@@ -452,7 +452,7 @@ def image_to_b64(image: Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def image_from_b64(data: str) -> Image:
+def image_from_b64(data: str, *, high_depth: bool = False) -> Image:
     """Decode base64 (optionally a ``data:image/...;base64,`` URL) into a PIL image, or raise InvalidRequest."""
     from .output.images import open_image_bytes
 
@@ -462,4 +462,4 @@ def image_from_b64(data: str) -> Image:
         raw = base64.b64decode(data, validate=False)
     except (ValueError, TypeError):
         raise InvalidRequest("the image is not valid base64") from None
-    return open_image_bytes(raw)
+    return open_image_bytes(raw, high_depth=high_depth)

@@ -156,7 +156,7 @@ async def create_job(body: JobRequest, request: Request):
         if mask_b64:
             gen.mask_image = state.decode_image(mask_b64, "mask image")
         if depth_b64:
-            gen.depth_map = state.decode_image(depth_b64, "depth map")
+            gen.depth_map = state.decode_image(depth_b64, "depth map", high_depth=True)
         return state.submit(gen, source="api")
 
     job = await anyio.to_thread.run_sync(accept)

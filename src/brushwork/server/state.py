@@ -160,7 +160,7 @@ class ServerState:
                 return job
             await asyncio.sleep(poll)
 
-    def decode_image(self, data: Any, what: str = "image"):
+    def decode_image(self, data: Any, what: str = "image", *, high_depth: bool = False):
         """A base64 (or data: URL) image from a caller, with the upload limits applied."""
         from ..output.images import open_image_bytes
 
@@ -174,7 +174,7 @@ class ServerState:
             raw = base64.b64decode(data, validate=False)
         except (binascii.Error, ValueError):
             raise InvalidRequest(f"{what} is not valid base64") from None
-        return open_image_bytes(raw, self.settings.max_image_pixels)
+        return open_image_bytes(raw, self.settings.max_image_pixels, high_depth=high_depth)
 
     def image_path(self, rel: str) -> Path:
         """A file inside the outputs folder, or a 404: no path from the database or a caller escapes it."""
