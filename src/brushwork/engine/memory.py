@@ -215,7 +215,7 @@ class Ladder:
                     if self._pipe is not None:
                         remove_offload(self._pipe)
                     hint = (f"try --memory {lower} or " if lower else "try ") + "a smaller size or batch"
-                    raise InvalidRequest(f"out of memory in memory mode {self.mode}; {hint}") from err
+                    raise InvalidRequest(f"out of memory in memory mode {self.mode}; {hint}") from None  # err is deleted above (its memory)
                 self.mode = self.state["floor"] = lower
 
     def note(self) -> str | None:
