@@ -76,22 +76,25 @@ class HashCache:
 
         return self.remembered(file, "sha256", digest)
 
+    def _entry(self, file: Path) -> tuple[str, list, dict | None]:
+        """(key, stamp, what is remembered for this file while its size and time are unchanged, or None)."""
+        st = file.stat()
+        key, stamp = str(file.resolve()), [st.st_size, st.st_mtime_ns]
+        entry = self._load().get(key)
+        return key, stamp, entry if entry and entry.get("stamp") == stamp else None
+
     def remembered(self, file: Path, what: str, compute):
         """``compute()`` for this file, remembered under ``what`` until the file's size or time changes."""
-        st = file.stat()
-        key = str(file.resolve())
-        stamp = [st.st_size, st.st_mtime_ns]
-        data = self._load()
-        entry = data.get(key)
-        if not entry or entry.get("stamp") != stamp:
-            entry = data[key] = {"stamp": stamp}
+        key, stamp, entry = self._entry(file)
+        if entry is None:
+            entry = self._load()[key] = {"stamp": stamp}
         if what in entry:
             return entry[what]
         value = entry[what] = compute()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
+            tmp.write_text(json.dumps(self._load()))
             os.replace(tmp, self.path)
         except OSError:
             pass  # a read-only home only costs re-hashing next time
@@ -99,9 +102,8 @@ class HashCache:
 
     def known(self, file: Path, what: str):
         """What ``remembered`` holds for this file under ``what``; None if nothing, or the file has changed."""
-        st = file.stat()
-        entry = self._load().get(str(file.resolve()))
-        return entry.get(what) if entry and entry.get("stamp") == [st.st_size, st.st_mtime_ns] else None
+        entry = self._entry(file)[2]
+        return entry.get(what) if entry else None
 
 
 def legacy_hash(file: Path) -> str:
