@@ -14,7 +14,8 @@ FIELDS = [f.name for f in dataclasses.fields(GenerationRequest)]
 # field -> the CLI option's parameter name where it differs from the field's
 CLI_NAMES = {"prompt": "prompt_arg", "scheduler": "schedule", "init_image": "init_img", "mask_image": "mask",
              "inpainting_fill": "fill", "inpaint_full_res": "only_masked", "inpaint_full_res_padding": "padding",
-             "inpainting_mask_invert": "invert_mask", "watermark": "no_watermark", "config": "config_yaml"}
+             "inpainting_mask_invert": "invert_mask", "watermark": "no_watermark", "config": "config_yaml",
+             "controlnet": "control"}
 # field -> A1111's request field (txt2img or img2img) or option (override_settings / POST /options)
 SDAPI_NAMES = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "sd_model_checkpoint", "vae": "sd_vae",
@@ -29,6 +30,8 @@ SDAPI_NAMES = {
     "hires_scale": "hr_scale", "hires_resize_x": "hr_resize_x", "hires_resize_y": "hr_resize_y",
     "hires_upscaler": "hr_upscaler", "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength",
     "hires_sampler": "hr_sampler_name", "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt", "hires_negative_prompt": "hr_negative_prompt",
+    "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
+    "controlnet": "alwayson_scripts",  # A1111's ControlNet extension: {"controlnet": {"args": [unit, ...]}}
 }
 # field -> (infotext key, a value as written)
 INFOTEXT = {
@@ -47,9 +50,10 @@ INFOTEXT = {
     "hires_strength": ("Hires upscale", "2, Denoising strength: 0.5"),  # the second pass's, beside a Hires key
     "negative_prompt": (None, None), "fast": ("Fast mode", "3"),
     "noise_level": ("Noise level", "40"), "tile_size": ("Tile size", "96"), "tile_overlap": ("Tile overlap", "16"),
+    "refiner": ("Refiner", "tiny-xl-refiner [0123456789]"), "refiner_switch_at": ("Refiner switch at", "0.5"),
 }
 WHY_NOT = {
-    "cli": {"mode": "the command's name (txt2img, img2img, inpaint)", "loras": "a later issue: <lora:...> tags",
+    "cli": {"mode": "the command's name (txt2img, img2img, inpaint)",
 },
     "native": {"device": "the server owner's (settings)",
                "memory": "the server owner's (settings)", "config": "a file path: models by name only",
@@ -57,6 +61,7 @@ WHY_NOT = {
     "sdapi": {"mode": "the route (txt2img / img2img)", "prediction": "read from the model", "device": "the owner's",
               "memory": "the owner's", "precision": "the owner's", "watermark": "the owner's setting",
               "config": "a file path", "fast": "not in A1111; the native API and the web UI have it",
+              "turbo": "not in A1111 (read from the model there); the native API and the CLI have it",
               "depth_map": "A1111's img2img on a depth model estimates it (the native API takes one)",
               "save_depth": "not in A1111",
               "noise_level": "A1111 has no SD x4 upscaler: the native API and the CLI run it",
@@ -66,8 +71,10 @@ WHY_NOT = {
                  "init_image": "an image", "prediction": "read from the model", "device": "not the picture's",
                  "memory": "not the picture's", "precision": "not the picture's", "watermark": "not the picture's",
                  "config": "not the picture's",
+                 "turbo": "what it fills is written (Steps, CFG scale, Schedule type, Size): they remake the picture",
                  "comma_padding_backtrack": "A1111 does not write it", "batch_size": "one picture each",
-                 "n_iter": "one picture each"},
+                 "n_iter": "one picture each",
+                 "controlnet": "each unit is written (ControlNet N, as the extension) but its picture is not"},
 }
 
 

@@ -103,7 +103,9 @@ def test_family_is_read_from_the_header_and_remembered(tiny, tmp_path):
           "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 1, 1)}
     save_file({**xl, "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2816)},
               settings.models_dir / "xl.safetensors")
-    save_file({**xl, "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1280, 2560)},
+    save_file({"conditioner.embedders.0.model.token_embedding.weight": t,  # the refiner: OpenCLIP bigG alone
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 1, 1),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1536, 2560)},
               settings.models_dir / "xl-refiner.safetensors")
     save_file({"cond_stage_model.model.token_embedding.weight": t,
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 5, 3, 3)},

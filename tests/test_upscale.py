@@ -202,6 +202,9 @@ def test_spans_cover_the_side_with_tiles_of_the_tile_size():
         s = spans(length, tile, overlap)
         assert s[0][0] == 0 and s[-1][1] == length and all(e - b == tile for b, e in s)
         assert all(a[1] - b[0] >= overlap for a, b in zip(s, s[1:], strict=False))  # at least the overlap
+    # fit (the upscaler models' tiles): as few tiles, each just large enough, so fewer pixels run twice
+    assert spans(1024, 512, 32, fit=True) == [(0, 363), (330, 693), (661, 1024)]
+    assert spans(100, 128, 32, fit=True) == [(0, 100)] and spans(96, 48, 32, fit=True) == spans(96, 48, 32)
     weights = sum_windows(grid(40, 72, 32, 8))
     assert weights.min() > 0  # every pixel covered, with weight
 
@@ -288,6 +291,70 @@ def test_memory_is_bounded_by_the_tile(x4, engine):
     assert result.images[0].size == (288, 160)
     assert len(unet_sizes) == 2 * 2 * 3 and max(max(s) for s in unet_sizes) == 32  # 2 steps x 2 x 3 tiles
     assert len(vae_sizes) == 6 and max(max(s) for s in vae_sizes) == 32
+
+
+def _limit(module, side: int, error=None):
+    """A device that fits calls of ``module`` on at most ``side`` x ``side`` latents: larger ones raise out of
+    memory (as tests/test_memory.py, through a real hook on the engine's own model). Returns (handle, sizes seen)."""
+    import torch
+
+    seen = []
+
+    def hook(_module, args):
+        seen.append(tuple(args[0].shape[-2:]))
+        if max(args[0].shape[-2:]) > side:
+            raise error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    return module.register_forward_pre_hook(hook), seen
+
+
+def test_out_of_memory_halves_the_unet_tile_down_to_what_fits(x4, engine):
+    """64x64 latents in tiles of 128 (whole): out of memory, again in 64 (whole), then in 32 (overlap 32 -> 16 -> 8):
+    the picture of tiles of 32 asked for, with the same seeds, and a note saying so. In a fixed memory mode too (the
+    ladder is not needed: the tile is what bounds the memory)."""
+    image = smooth(64)
+    expected = engine.generate(req(x4, init_image=image, steps=2, tile_size=32, tile_overlap=8))
+    handle, seen = _limit(engine._loaded.parts.unet.conv_in, 32)
+    try:
+        result = engine.generate(req(x4, init_image=image, steps=2, memory="high"))
+    finally:
+        handle.remove()
+    assert seen[:2] == [(64, 64), (64, 64)] and max(max(s) for s in seen[2:]) == 32
+    assert np.array_equal(px(result.images[0]), px(expected.images[0]))
+    assert result.notes == ["out of memory in tiles of 128 latent pixels (overlap 32); ran in tiles of 32 "
+                            "(overlap 8) with the same seeds, which changes the picture a little"]
+    assert engine.generate(req(x4, init_image=image, steps=1)).notes == []  # the next run starts from its own tile
+
+
+def test_out_of_memory_in_the_decode_halves_the_vae_tile(x4, engine):
+    engine.generate(req(x4, steps=1))
+    handle, seen = _limit(engine._loaded.parts.vae.decoder, 32, RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    try:
+        result = engine.generate(req(x4, init_image=smooth(48), steps=1, tile_size=64, tile_overlap=16))
+    finally:
+        handle.remove()
+    assert seen[0] == (48, 48) and len(seen) == 1 + 4 and max(max(s) for s in seen[1:]) == 32  # 2x2 tiles of 32
+    assert result.images[0].size == (192, 192)
+    assert "ran in tiles of 32 (overlap 8)" in result.notes[0]
+
+
+def test_out_of_memory_at_the_smallest_tile_goes_on_to_the_memory_ladder(x4, engine):
+    engine.generate(req(x4, steps=1))
+    handle, seen = _limit(engine._loaded.parts.unet, 0)  # nothing fits
+    try:
+        with pytest.raises(InvalidRequest, match="out of memory in memory mode medium; try a smaller size"):
+            engine.generate(req(x4, init_image=smooth(64), steps=1, tile_size=64, tile_overlap=16))
+        # tiles of 64, of 32 (the smallest), then the ladder's next mode (on a CPU the last) with tiles of 32
+        assert len(seen) == 3
+        seen.clear()
+        handle.remove()
+        handle, seen = _limit(engine._loaded.parts.unet, 0, ValueError("a bug"))
+        with pytest.raises(ValueError, match="a bug"):  # other errors are not retried
+            engine.generate(req(x4, init_image=smooth(64), steps=1))
+        assert len(seen) == 1
+    finally:
+        handle.remove()
 
 
 # ---- requests, errors, front ends --------------------------------------------------------------------------

@@ -557,3 +557,75 @@ def test_upscale_a_picture_with_a_library_upscaler(browser, server):
         assert not errors, errors
     finally:
         model.unlink()
+
+
+def test_depth_to_image_with_an_uploaded_16_bit_depth_map(browser, server, tmp_path):
+    """A depth model chosen: the panel turns to depth to image; an init image and a 16-bit depth map go to the
+    server as they were, the picture comes back with the depth map it used; without a map the model's estimate."""
+    import numpy as np
+    from PIL import Image
+
+    from tinymodels import save_depth_single
+
+    model = save_depth_single(server.paths["models"] / "tiny-depth.safetensors")
+    try:
+        page, errors = _page(browser, server)
+        page.select_option("#model", "tiny")
+        assert page.locator("#depth-box").is_hidden()
+        page.select_option("#model", "tiny-depth")  # the models list says its family: sd2-depth
+        page.wait_for_selector("#depth-box:not([hidden])")
+        assert "Depth to image" in page.inner_text("#img2img-legend")
+        page.fill("#prompt", "a stone statue")
+        page.fill("#seed", "7")
+        _set_range(page, "#steps", 3)
+        page.click("#generate")  # no init image yet: said at once, nothing queued
+        page.wait_for_selector("#error:not([hidden])")
+        assert "needs an init image" in page.inner_text("#error")
+
+        _upload(page, tmp_path, _quadrants(64))
+        assert page.locator("#mask-editor .mask-tools").is_hidden()  # no inpainting on a depth model
+        assert page.locator("#inpaint-box").is_hidden() and page.locator("#outpaint-box").is_hidden()
+        _set_range(page, "#strength", 0.6)
+        ramp = np.repeat(np.linspace(65535, 0, 64)[:, None], 64, axis=1).astype(np.uint16)  # near (white) at the top
+        Image.fromarray(ramp).save(tmp_path / "depth16.png")
+        page.set_input_files("#depth-file", str(tmp_path / "depth16.png"))
+        page.wait_for_function("document.querySelector('#depth-status').textContent.includes('64x64')")
+        assert page.locator("#depth-preview").is_visible()
+        body, job_id = _submit(page)
+
+        assert body["mode"] == "depth2img" and body["model"] == "tiny-depth" and body["strength"] == 0.6
+        assert "mask_image" not in body
+        sent = _data_url_image(body["depth_map"])
+        assert np.array_equal(np.asarray(sent).astype(int), ramp.astype(int))  # all 16 bits, not re-encoded
+        job = _finished(server, job_id)
+        assert job["request"]["mode"] == "depth2img" and job["request"]["depth_map"] == "<image>"
+        assert _result_image(server, job).size == (64, 64)
+        page.wait_for_selector("#depth-used:not([hidden])")
+        page.wait_for_function("document.querySelector('#depth-used-img').naturalWidth > 0")
+        src = page.get_attribute("#depth-used-img", "src")
+        assert src == job["result"]["extras"]["depth_map"]
+        used = np.asarray(_data_url_image(src).convert("L")).astype(int)
+        assert used.shape == (32, 32)  # the latent size: what the UNet saw
+        assert used[0].min() > 240 and used[-1].max() < 15 and (np.diff(used.mean(axis=1)) < 0).all()  # the ramp
+        _shot(page, tmp_path, "webui-depth.png")
+
+        # no depth map: the model's own estimate of the init image
+        page.click("#depth-clear")
+        assert page.locator("#depth-preview").is_hidden()
+        body, job_id = _submit(page)
+        assert body["mode"] == "depth2img" and "depth_map" not in body
+        estimated = _finished(server, job_id)["result"]["extras"]["depth_map"]
+        page.wait_for_function("src => document.querySelector('#depth-used-img').src === src", arg=estimated)
+        assert estimated != src
+
+        # another model: the panel is image to image and inpaint again
+        page.select_option("#model", "tiny")
+        assert page.locator("#depth-box").is_hidden() and page.locator("#mask-editor .mask-tools").is_visible()
+        assert page.locator("#inpaint-box").is_visible()
+        assert not errors, errors
+    finally:
+        import httpx
+
+        model.unlink()
+        # the default model of later tests: the library's first again, not the depth model the engine holds
+        httpx.post(server.url + "/sdapi/v1/unload-checkpoint", timeout=30).raise_for_status()

@@ -258,3 +258,83 @@ def save_depth_diffusers(path: Path, seed: int = 0) -> Path:
         scheduler=PNDMScheduler.from_config(SD_SCHEDULER_CONFIG), depth_estimator=dpt, feature_extractor=processor)
     pipe.save_pretrained(path)
     return path
+
+
+# ---- SDXL: base (CLIP-L + OpenCLIP bigG), refiner (bigG alone), inpainting (9 channels) -------------------------
+
+
+def build_xl_components(seed: int = 0, *, refiner: bool = False, in_channels: int = 4):
+    """(unet, vae, text_encoder or None for the refiner, text_encoder_2). Three UNet levels, two with attention at
+    different depths (1 and 2 transformer blocks, as SDXL's [1, 2, 10]); bigG's projection is not square, so a
+    transposed projection would not load."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    width, pooled, time_dim = 32, 16, 8
+    te_kwargs = dict(vocab_size=49408, hidden_size=width, intermediate_size=37, num_hidden_layers=3,
+                     num_attention_heads=1, max_position_embeddings=77)
+    text_encoder = None if refiner else CLIPTextModel(CLIPTextConfig(**te_kwargs, hidden_act="quick_gelu",
+                                                                     projection_dim=width))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_kwargs, hidden_act="gelu", projection_dim=pooled))
+    context = width if refiner else 2 * width
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), cross_attention_dim=context, attention_head_dim=[1, 1, 1],
+        use_linear_projection=True, norm_num_groups=32, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + (5 if refiner else 6) * time_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=0.13025, force_upcast=True,
+    )
+    with torch.no_grad():
+        for model in (unet, vae, text_encoder, text_encoder_2):
+            for p in (model.parameters() if model is not None else ()):
+                p.add_(torch.randn_like(p) * 0.02)
+    return unet, vae, text_encoder, text_encoder_2
+
+
+def save_xl_single(path: Path, seed: int = 0, *, refiner: bool = False, in_channels: int = 4,
+                   metadata: dict | None = None) -> Path:
+    from brushwork.models.convert import save_single_file
+
+    unet, vae, te, te2 = build_xl_components(seed, refiner=refiner, in_channels=in_channels)
+    return save_single_file(path, unet=unet, vae=vae, text_encoder=te, text_encoder_2=te2, metadata=metadata)
+
+
+def xl_pipeline(seed: int = 0, *, refiner: bool = False, in_channels: int = 4):
+    """Plain diffusers' SDXL pipeline over the same weights as ``save_xl_single`` (the same seed)."""
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    from brushwork.models.families import FAMILY_BY_NAME, shipped_config
+    from brushwork.models.tokenizers import tokenizer_for
+
+    unet, vae, te, te2 = build_xl_components(seed, refiner=refiner, in_channels=in_channels)
+    family = FAMILY_BY_NAME["sdxl-refiner" if refiner else "sdxl"]
+    scheduler = EulerDiscreteScheduler.from_config(shipped_config(family, "scheduler"))
+    parts = dict(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=None if refiner else tokenizer_for("clip"),
+                 tokenizer_2=tokenizer_for("openclip"), unet=unet, scheduler=scheduler)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True, add_watermarker=False)
+    elif in_channels == 9:
+        pipe = StableDiffusionXLInpaintPipeline(**parts, add_watermarker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_xl_diffusers(path: Path, seed: int = 0, *, refiner: bool = False) -> Path:
+    xl_pipeline(seed, refiner=refiner).save_pretrained(path)
+    return path

@@ -71,19 +71,28 @@ def generation_options(fn):
         click.option("--prompt", "prompt_opt", help="The prompt (same as the PROMPT argument)."),
         click.option("--negative-prompt", "--negative_prompt", "-N", default="", help="What to keep out."),
         click.option("--model", "--ckpt", "model", help="Checkpoint file, diffusers folder, library name or hub id."),
-        click.option("--vae", help="A VAE file or folder to use instead of the model's own."),
+        click.option("--vae", help="A VAE file or folder to use instead of the model's own; taesd / taesdxl: the "
+                                   "tiny decoder from the library's vae-approx/ (much faster, less detail)."),
+        click.option("--refiner", default=None, help="SDXL: a refiner model (file, folder or library name) for the "
+                                                     "last steps (A1111's Refiner)."),
+        click.option("--refiner-switch-at", "refiner_switch_at", type=float, default=0.8, show_default=True,
+                     help="With --refiner: the fraction of the steps the model runs before the refiner takes over."),
         click.option("--config", "config_yaml", type=click.Path(dir_okay=False),
                      help="The model's original .yaml config (tells SD 2.x v-prediction from eps)."),
         click.option("--prediction", type=click.Choice(["eps", "v"]), help="Prediction type (SD 2.x 768 = v)."),
-        click.option("--sampler", default=None, help='Sampler, e.g. "Euler a", "DPM++ 2M Karras", ddim, plms.'),
+        click.option("--sampler", default=None, help='Sampler, e.g. "Euler a", "DPM++ 2M Karras", ddim, plms, LCM '
+                                                     "[the model's recommendation (an LCM model: LCM), else Euler a]."),
         click.option("--scheduler", "--schedule", "schedule", default="Automatic",
                      help=f"Schedule type: {', '.join(SCHEDULE_TYPES)}."),
         click.option("--plms", is_flag=True, help="Use the PLMS sampler (research scripts' flag)."),
         click.option("--dpm", is_flag=True, help="Use DPM++ 2M (Stability v2 scripts' flag)."),
         click.option("--steps", "--ddim_steps", "--ddim-steps", "steps", type=int, default=None,
-                     help="Sampling steps [20]."),
+                     help="Sampling steps [the model's recommendation (SD-Turbo: 1, LCM: 4), else 20]."),
         click.option("--cfg-scale", "--cfg_scale", "--scale", "cfg_scale", type=float, default=None,
                      help="Classifier-free guidance scale [the model's recommendation, else 7]."),
+        click.option("--turbo/--no-turbo", "turbo", default=None,
+                     help="A Turbo model (SD-Turbo, SDXL-Turbo): 1 step, CFG 1, SGM Uniform, 512x512 where not given "
+                          "[read from the file: its metadata, or the official files' hashes]."),
         click.option("--cfg-end", "cfg_end", type=float, default=None,
                      help="Fraction of the steps that use CFG; the last ones follow the prompt alone "
                           "[the model's recommendation, else 1]."),
@@ -149,19 +158,22 @@ def _request(mode: str, o: dict, **extra):
         prompt = ""  # replaced by each line of the file
     if prompt is None:
         raise InvalidRequest('give a prompt: brushwork txt2img "a red circle on a white background"')
-    sampler = o["sampler"] or ("PLMS" if o["plms"] else "DPM++ 2M" if o["dpm"] else "Euler a")
+    sampler = o["sampler"] or ("PLMS" if o["plms"] else "DPM++ 2M" if o["dpm"] else None)  # None: the model's
     precision = {"full": "fp32", "autocast": "auto"}.get(o["precision"], o["precision"])
     if o["bf16"]:
         precision = "bf16"
     if o["threads"] is not None and o["threads"] < 1:
         raise InvalidRequest(f"--threads must be 1 or more, got {o['threads']}")
     settings = Settings.load(compile=o["compile_unet"] or None, threads=o["threads"])
+    if "control" in o:  # the commands with ControlNet units (txt2img, img2img, inpaint, outpaint)
+        extra.setdefault("controlnet", _control_units(o))
     req = GenerationRequest(
         prompt=prompt, negative_prompt=o["negative_prompt"], mode=Mode(mode), model=o["model"], vae=o["vae"],
-        sampler=sampler, scheduler=o["schedule"], steps=o["steps"] if o["steps"] is not None else 20, cfg_scale=o["cfg_scale"],
+        sampler=sampler, scheduler=o["schedule"], steps=o["steps"], cfg_scale=o["cfg_scale"],
         cfg_end=o["cfg_end"], seed=o["seed"], width=o["width"], height=o["height"], batch_size=o["batch_size"], n_iter=o["n_iter"],
         eta=o["eta"], clip_skip=o["clip_skip"], token_merging_ratio=o["token_merging_ratio"], prediction=o["prediction"], device=o["device"],
         emphasis=o["emphasis"], comma_padding_backtrack=o["comma_padding_backtrack"],
+        refiner=o["refiner"], refiner_switch_at=o["refiner_switch_at"], turbo=o["turbo"],
         precision=Precision(precision), memory=o["memory"],
         watermark=settings.watermark and not o["no_watermark"], **extra,
     )
@@ -263,6 +275,85 @@ def _hires_options(fn):
     return fn
 
 
+def _control_options(fn):
+    from .engine.preprocessors import PREPROCESSORS
+
+    modules = ", ".join(p.name for p in PREPROCESSORS if p.model_free)
+    opts = [
+        click.option("--control", "control", multiple=True, type=click.Path(dir_okay=False),
+                     help="ControlNet: a picture a unit follows. Repeat it (with --control-model) for several "
+                          "units; each --control-* option is given once for every unit or once per unit, in order. "
+                          "img2img / inpaint: a unit without one follows the init image."),
+        click.option("--control-model", "control_model", multiple=True,
+                     help="ControlNet: a model of the library's controlnet/ folder (name or 'name [hash]'), or a "
+                          "file / diffusers folder."),
+        click.option("--control-preprocessor", "--control-module", "control_preprocessor", multiple=True,
+                     help=f"ControlNet: what is made of the picture first: {modules} [none]."),
+        click.option("--control-weight", "control_weight", multiple=True, type=float, help="ControlNet weight, 0-2 [1]."),
+        click.option("--control-start", "control_start", multiple=True, type=float,
+                     help="ControlNet: the fraction of the steps after which it starts [0]."),
+        click.option("--control-end", "control_end", multiple=True, type=float,
+                     help="ControlNet: the fraction of the steps after which it stops [1]."),
+        click.option("--control-mode", "control_mode", multiple=True,
+                     help="ControlNet control mode: Balanced, prompt (My prompt is more important), controlnet "
+                          "(ControlNet is more important) [Balanced]."),
+        click.option("--control-resize", "control_resize", multiple=True,
+                     help="ControlNet: how the map fits the size: crop (Crop and Resize), resize (Just Resize), "
+                          "fill (Resize and Fill) [crop]."),
+        click.option("--control-res", "control_res", multiple=True, type=int,
+                     help="ControlNet: the preprocessor's resolution [512]."),
+        click.option("--control-threshold-a", "control_threshold_a", multiple=True, type=float,
+                     help="ControlNet: the preprocessor's first setting (canny: low threshold 100)."),
+        click.option("--control-threshold-b", "control_threshold_b", multiple=True, type=float,
+                     help="ControlNet: the preprocessor's second setting (canny: high threshold 200)."),
+        click.option("--control-pixel-perfect", "control_pixel_perfect", is_flag=True,
+                     help="ControlNet: run the preprocessors at the resolution that fits the output exactly."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+_CONTROL_OPTIONS = {"control_model": "model", "control_preprocessor": "module", "control_weight": "weight",
+                    "control_start": "guidance_start", "control_end": "guidance_end", "control_mode": "control_mode",
+                    "control_resize": "resize_mode", "control_res": "processor_res",
+                    "control_threshold_a": "threshold_a", "control_threshold_b": "threshold_b"}
+
+
+def _control_units(o: dict) -> list:
+    """The ControlNet units of the --control* options, paired by position (an option given once is every unit's)."""
+    from .output.images import open_image_file
+    from .request import ControlUnit, InvalidRequest
+
+    images = list(o.pop("control", ()) or ())
+    values = {field: list(o.pop(option, ()) or ()) for option, field in _CONTROL_OPTIONS.items()}
+    pixel_perfect = bool(o.pop("control_pixel_perfect", False))
+    n = max(len(images), len(values["model"]))
+    if not n:
+        if any(values.values()):
+            raise InvalidRequest("the --control-* options need a unit: give --control IMAGE --control-model NAME")
+        return []
+    if len(values["model"]) not in (1, n):
+        raise InvalidRequest(f"{n} ControlNet units and {len(values['model'])} --control-model; give one model for "
+                             "every unit, or one per --control")
+    if images and len(images) != n:
+        raise InvalidRequest(f"{n} --control-model and {len(images)} --control; give a picture per unit (img2img "
+                             "and inpaint: no --control at all follows the init image)")
+    units = []
+    for i in range(n):
+        kwargs = {}
+        for field, given in values.items():
+            if len(given) not in (0, 1, n):
+                option = next(k for k, v in _CONTROL_OPTIONS.items() if v == field).replace("_", "-")
+                raise InvalidRequest(f"--{option} is given {len(given)} times for {n} ControlNet units; give it once "
+                                     "(for every unit) or once per unit")
+            if given:
+                kwargs[field] = given[i] if len(given) == n else given[0]
+        image = open_image_file(images[i]) if images else None
+        units.append(ControlUnit(image=image, pixel_perfect=pixel_perfect, **kwargs))
+    return units
+
+
 _HIRES_FIELDS = ("hires_scale", "hires_resize_x", "hires_resize_y", "hires_upscaler", "hires_steps", "hires_strength",
                  "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt")
 
@@ -270,6 +361,7 @@ _HIRES_FIELDS = ("hires_scale", "hires_resize_x", "hires_resize_y", "hires_upsca
 @main.command()
 @generation_options
 @_hires_options
+@_control_options
 @friendly_errors
 def txt2img(**o):
     """Make images from a text prompt (with --hires-scale: A1111's hires fix)."""
@@ -284,6 +376,7 @@ def txt2img(**o):
               help="The image to start from.")
 @click.option("--strength", "--denoising-strength", type=float, default=0.75, show_default=True,
               help="How much to change it: 0 = keep, 1 = ignore it.")
+@_control_options
 @friendly_errors
 def img2img(init_img, strength, **o):
     """Change an image guided by a prompt (the output size defaults to the input's, rounded to 8)."""
@@ -318,6 +411,7 @@ def _inpaint_options(fn):
 @click.option("--only-masked", "only_masked", is_flag=True,
               help="Repaint only the mask's box (plus --padding) at the full size, then paste it back.")
 @click.option("--padding", type=int, default=32, show_default=True, help="Pixels around the mask with --only-masked.")
+@_control_options
 @friendly_errors
 def inpaint(init_img, strength, fill, mask, mask_blur, invert_mask, only_masked, padding, **o):
     """Repaint the white part of a mask (the output size defaults to the input's, rounded to 8)."""
@@ -342,6 +436,7 @@ def inpaint(init_img, strength, fill, mask, mask_blur, invert_mask, only_masked,
 @click.option("--right", type=int, default=0, help="Pixels to add on the right.")
 @click.option("--top", type=int, default=0, help="Pixels to add at the top.")
 @click.option("--bottom", type=int, default=0, help="Pixels to add at the bottom.")
+@_control_options
 @friendly_errors
 def outpaint(init_img, strength, fill, left, right, top, bottom, **o):
     """Grow the picture by borders and paint them (the canvas is rounded up to a multiple of 8)."""

@@ -45,6 +45,8 @@ class Precision(str, enum.Enum):
 MAX_SIDE = 4096  # pixels; larger sides are refused before any memory is touched
 MAX_BATCH = 64
 MAX_STEPS = 1000
+DEFAULT_STEPS = 20  # where neither the request nor the model (nor its sampler) says
+DEFAULT_SAMPLER = "Euler a"
 MAX_IMAGES = 1000  # batch size x batches, per request
 MAX_BATCH_PIXELS = 64 * 1024 * 1024  # width x height x batch size: 64 at 1024x1024, 4 at 4096x4096
 # Prompts shared online run to a few thousand tokens; 64 KiB is over 10k tokens of such text, and bounds what
@@ -79,11 +81,110 @@ HIRES_UPSCALERS = (*HIRES_LATENT_MODES, *HIRES_IMAGE_UPSCALERS)
 
 
 IMAGE_FIELDS = ("init_image", "mask_image", "depth_map")  # the request's pictures (base64 PNG in its JSON form)
+# ControlNet (engine/controlnet.py): A1111's ControlNet extension's control modes and resize modes, in its order (its
+# API also takes them as 0, 1, 2), and how many units one request may have (the extension's setting goes to 10)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+CONTROL_MODE_ALIASES = {"prompt": CONTROL_MODES[1], "controlnet": CONTROL_MODES[2]}  # brushwork's short spellings
+MAX_CONTROL_UNITS = 10
+MAX_CONTROL_WEIGHT = 2.0  # the extension's weight slider (0-2)
 
 
 def limits(low: float, high: float, label: str, *, whole: bool = False, hint: str = "") -> dict[str, Any]:
     """Field metadata: the range ``validate()`` holds a number to (``whole``: an integer), and how errors name it."""
     return {"range": (low, high), "label": label, "whole": whole, "hint": hint}
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet unit, as A1111's ControlNet extension's: a ControlNet model of the library's controlnet/ folder
+    (by name or "name [hash]"), the picture it follows (None: img2img's init image), the preprocessor (``module``:
+    engine/preprocessors.py) and how strongly and when it acts. ``-1`` for processor_res / threshold_a / threshold_b
+    is the preprocessor's default (canny: 512, 100, 200)."""
+
+    model: str = ""
+    image: Image | None = None
+    module: str = "none"
+    weight: float = field(default=1.0, metadata=limits(0, MAX_CONTROL_WEIGHT, "ControlNet weight"))
+    guidance_start: float = field(default=0.0, metadata=limits(0, 1, "ControlNet guidance start"))
+    guidance_end: float = field(default=1.0, metadata=limits(0, 1, "ControlNet guidance end"))
+    control_mode: str = "Balanced"  # CONTROL_MODES
+    resize_mode: str = "Crop and Resize"  # engine.preprocessors.RESIZE_MODES
+    processor_res: int = -1
+    threshold_a: float = -1.0
+    threshold_b: float = -1.0
+    pixel_perfect: bool = False  # processor_res from the picture's and the generation's sizes
+    mask: Image | None = None  # the extension's unit mask: read by inpainting preprocessors, which are not built in
+
+    def validate(self, index: int = 0) -> ControlUnit:
+        """Check the unit and put its names in the extension's spelling; InvalidRequest names the unit."""
+        from .engine import preprocessors
+
+        unit = f"ControlNet unit {index}"
+        if not isinstance(self.model, str) or not self.model.strip() or self.model.strip() == "None":
+            raise InvalidRequest(f"{unit} names no ControlNet model; give one of the library's controlnet/ folder "
+                                 "(GET /controlnet/model_list, brushwork models list)")
+        _check_text(f"{unit} model", self.model, 4096)
+        self.model = self.model.strip()
+        for f in dataclasses.fields(self):
+            if "range" in f.metadata:
+                _check_number(getattr(self, f.name), f.metadata)
+        if self.guidance_start > self.guidance_end:
+            raise InvalidRequest(f"{unit}: guidance start {self.guidance_start:g} is after guidance end "
+                                 f"{self.guidance_end:g}; the start must be at most the end")
+        self.control_mode = _choice(self.control_mode, CONTROL_MODES, CONTROL_MODE_ALIASES, f"{unit} control mode")
+        self.resize_mode = _choice(self.resize_mode, preprocessors.RESIZE_MODES, preprocessors.RESIZE_ALIASES,
+                                   f"{unit} resize mode", extra_ints={3: "Just Resize"})
+        found = preprocessors.find(self.module)
+        self.module = found.name
+        for name in ("processor_res", "threshold_a", "threshold_b"):
+            preprocessors.check_value(found, name, getattr(self, name), unit)
+        if isinstance(self.processor_res, float):
+            self.processor_res = int(self.processor_res)
+        if not isinstance(self.pixel_perfect, bool):
+            raise InvalidRequest(f"{unit}: pixel_perfect must be true or false, got {self.pixel_perfect!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(dataclasses.replace(self, image=None, mask=None))
+        out["image"] = image_to_b64(self.image) if self.image is not None else None
+        out["mask"] = image_to_b64(self.mask) if self.mask is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ControlUnit:
+        if isinstance(data, ControlUnit):
+            return data
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"a ControlNet unit must be an object of its fields, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidRequest(f"unknown ControlNet unit field {unknown[0]!r}; the fields are: {', '.join(names)}")
+        kwargs = dict(data)
+        for key in ("image", "mask"):
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = image_from_b64(kwargs[key])
+        return cls(**kwargs)
+
+
+def _choice(value: Any, choices: tuple[str, ...], aliases: dict[str, str], label: str,
+            extra_ints: dict[int, str] | None = None) -> str:
+    """One of ``choices`` from its name (any case, or an alias) or its index, as the ControlNet extension's API."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(choices):
+            return choices[value]
+        if extra_ints and value in extra_ints:
+            return extra_ints[value]
+    elif isinstance(value, str):
+        wanted = value.strip().lower()
+        for name in choices:
+            if name.lower() == wanted:
+                return name
+        for alias, name in aliases.items():
+            if alias.lower() == wanted:
+                return name
+    numbered = ", ".join(f"{i} {name}" for i, name in enumerate(choices))
+    raise InvalidRequest(f"unknown {label} {str(value)[:60]!r}; choose one of: {numbered}")
 
 
 @dataclass
@@ -99,9 +200,11 @@ class GenerationRequest:
     mode: Mode = Mode.TXT2IMG
     model: str | None = None
     vae: str | None = None
-    sampler: str = "Euler a"
-    scheduler: str = "Automatic"
-    steps: int = field(default=20, metadata=limits(1, MAX_STEPS, "steps", whole=True))
+    # None: the model's recommendation (an LCM model: LCM), else DEFAULT_SAMPLER
+    sampler: str | None = None
+    scheduler: str = "Automatic"  # A1111's Automatic: the sampler's own, or the model's (a Turbo model: SGM Uniform)
+    # None: the model's recommendation (SD-Turbo: 1, LCM: 4), else the sampler's (LCM: 4), else DEFAULT_STEPS
+    steps: int | None = field(default=None, metadata=limits(1, MAX_STEPS, "steps", whole=True))
     cfg_scale: float | None = field(default=None, metadata=limits(0, 100, "CFG scale"))  # None: the model's, else 7
     # The fraction of the steps that use CFG; the rest (the last, least noisy ones) follow the prompt alone,
     # as CFG 1 (SD.Next's "CFG end"). None: the model's recommendation, else 1 (every step).
@@ -171,6 +274,11 @@ class GenerationRequest:
     hires_scheduler: str | None = None  # the second pass's schedule type; None = the first pass's (hr_scheduler)
     hires_prompt: str = ""  # empty = the first pass's prompt (A1111's hr_prompt)
     hires_negative_prompt: str = ""  # empty = the first pass's negative prompt
+    # SDXL's refiner (A1111's refiner_checkpoint / refiner_switch_at): the model runs the first refiner_switch_at
+    # of the steps, the refiner the rest on the same schedule; None = no refiner
+    refiner: str | None = None
+    refiner_switch_at: float = field(default=0.8, metadata=limits(0, 1, "refiner switch at",
+                                                                  hint="; 0.8 hands the last fifth to the refiner"))
     # model interpretation and placement
     prediction: str | None = None  # "eps" | "v" | None (detect)
     device: str = "auto"
@@ -182,7 +290,13 @@ class GenerationRequest:
     # 0 = off, true = 3 (the CLI's --fast)
     fast: int = field(default=0, metadata=limits(0, MAX_FAST_INTERVAL, "fast mode interval", whole=True,
                                                  hint="; 0 is off, 3 is --fast"))
+    # a few-step Turbo model (SD-Turbo, SDXL-Turbo; models/fewstep.py): its defaults (1 step, CFG 1, SGM Uniform,
+    # 512) fill what the request leaves open. None: as the model file says (its metadata, a known file's hash)
+    turbo: bool | None = None
     config: str | None = None  # the model's original .yaml (--config; tells SD 2.x v from eps); never over HTTP
+    # ControlNet units (ControlUnit; txt2img, img2img, inpaint): each one's model guides the UNet with its map of its
+    # picture; several add up (engine/controlnet.py, docs/controlnet.md)
+    controlnet: list[ControlUnit] = field(default_factory=list)
 
     @property
     def total_images(self) -> int:
@@ -262,11 +376,16 @@ class GenerationRequest:
                                  f"got {self.cfg_end!r}")
         for name in ("prompt", "negative_prompt"):
             _check_text(name.replace("_", " "), getattr(self, name), MAX_PROMPT_CHARS)
-        for name in ("model", "vae", "sampler", "scheduler", "prediction", "device", "memory"):
+        if self.refiner is not None and not self.refiner_switch_at > 0:
+            raise InvalidRequest("refiner switch at must be above 0 (the fraction of the steps before the refiner "
+                                 "takes over; 1 = never)")
+        for name in ("model", "vae", "refiner", "sampler", "scheduler", "prediction", "device", "memory"):
             if getattr(self, name) is not None:
                 _check_text(name, getattr(self, name), 4096)
         if self.prediction not in (None, "eps", "v"):
             raise InvalidRequest(f"unknown prediction type {self.prediction!r}; choose 'eps' or 'v'")
+        if not (self.turbo is None or isinstance(self.turbo, bool)):
+            raise InvalidRequest(f"turbo must be true, false or null (the model's own), got {self.turbo!r}")
         canonical = {c.lower(): c for c in EMPHASIS_CHOICES}
         if not isinstance(self.emphasis, str) or self.emphasis.strip().lower() not in canonical:
             shown = self.emphasis[:40] if isinstance(self.emphasis, str) else self.emphasis
@@ -290,9 +409,28 @@ class GenerationRequest:
         # the sampler name is checked against the sampler table (imports nothing heavy)
         from .engine.samplers import parse_sampler
 
-        parse_sampler(self.sampler, self.scheduler)
+        parse_sampler(self.sampler or DEFAULT_SAMPLER, self.scheduler)
         self._validate_hires(parse_sampler)
+        self._validate_controlnet()
         return self
+
+    def _validate_controlnet(self) -> None:
+        """The ControlNet units: each checked (``ControlUnit.validate``), only for the modes that take them, and
+        a picture for each (img2img and inpaint: the init image where a unit has none, as the extension)."""
+        if self.controlnet is None:
+            self.controlnet = []
+        if not isinstance(self.controlnet, list | tuple):
+            raise InvalidRequest(f"controlnet must be a list of units, got {type(self.controlnet).__name__}")
+        if len(self.controlnet) > MAX_CONTROL_UNITS:
+            raise InvalidRequest(f"{len(self.controlnet)} ControlNet units is over the limit of {MAX_CONTROL_UNITS}")
+        self.controlnet = [ControlUnit.from_dict(u).validate(i) for i, u in enumerate(self.controlnet)]
+        if self.controlnet and self.mode not in (Mode.TXT2IMG, Mode.IMG2IMG, Mode.INPAINT):
+            raise InvalidRequest(f"ControlNet works with txt2img, img2img and inpaint; {self.mode.value} runs without "
+                                 "it: leave the ControlNet units out")
+        for i, unit in enumerate(self.controlnet):
+            if unit.image is None and self.init_image is None:
+                raise InvalidRequest(f"ControlNet unit {i} has no picture (--control IMAGE, or the unit's image); "
+                                     "only img2img and inpaint use the init image for a unit without one")
 
     def _validate_hires(self, parse_sampler) -> None:
         """The hires fix's own fields (their numbers are checked with the others): upscaler, sampler, prompts,
@@ -340,7 +478,7 @@ class GenerationRequest:
     @property
     def hires_sampler_and_schedule(self) -> tuple[str, str]:
         """The second pass's sampler and schedule type: its own, else the first pass's."""
-        return self.hires_sampler or self.sampler, self.hires_scheduler or self.scheduler
+        return self.hires_sampler or self.sampler or DEFAULT_SAMPLER, self.hires_scheduler or self.scheduler
 
     def check_hires_size(self, width: int, height: int) -> None:
         (uw, uh), (ow, oh) = self.hires_sizes(width, height)
@@ -362,6 +500,8 @@ class GenerationRequest:
                 value = value.value
             elif f.name in IMAGE_FIELDS and value is not None:
                 value = image_to_b64(value)
+            elif f.name == "controlnet":
+                value = [ControlUnit.from_dict(u).to_dict() for u in value or []]
             out[f.name] = value
         return out
 
@@ -372,6 +512,8 @@ class GenerationRequest:
         for key in IMAGE_FIELDS:
             if isinstance(kwargs.get(key), str):
                 kwargs[key] = image_from_b64(kwargs[key], high_depth=key == "depth_map")
+        if isinstance(kwargs.get("controlnet"), list):
+            kwargs["controlnet"] = [ControlUnit.from_dict(u) for u in kwargs["controlnet"]]
         if "mode" in kwargs:
             kwargs["mode"] = Mode(kwargs["mode"])
         if "precision" in kwargs:

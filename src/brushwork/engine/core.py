@@ -42,7 +42,16 @@ class Engine:
         self.settings = settings or Settings.load()
         self.store = ModelStore(self.settings)
         self._loaded: LoadedModel | None = None
+        self._refiner: LoadedModel | None = None  # SDXL's refiner, when a request asks for one
         self._lock = threading.RLock()
+        from ..models.embeddings import EmbeddingLibrary
+        from ..models.loras import LoraLibrary
+
+        self.loras = LoraLibrary(self.store)  # the library's lora/ folder (A1111's models/Lora), read once per file
+        self.embeddings = EmbeddingLibrary(self.store)  # its embeddings/ folder (textual inversion)
+        from ..models.controlnets import ControlNetLibrary
+
+        self.controlnets = ControlNetLibrary(self.store)  # its controlnet/ folder (A1111's models/ControlNet)
 
     # ---- models -------------------------------------------------------------------------------
 
@@ -52,13 +61,28 @@ class Engine:
     def refresh_models(self) -> list[ModelEntry]:
         return self.list_models()
 
+    def embedding_database(self):
+        """The library's textual-inversion embeddings as the loaded model takes them (``loaded``: they fit its text
+        encoders; ``skipped``: they do not), or before any model is loaded, as the default model's family would."""
+        from ..models.embeddings import family_encoders
+
+        loaded = self._loaded
+        if loaded is not None:
+            return self.embeddings.for_model(loaded.parts)
+        try:
+            family = self.store.with_family(self.resolve(None)[0]).family
+        except ModelError:
+            family = None
+        return self.embeddings.for_encoders(family_encoders(family))
+
     @property
     def current_model(self) -> ModelEntry | None:
         return self._loaded.entry if self._loaded else None
 
     def unload(self) -> None:
         with self._lock:
-            self._loaded = None
+            self._loaded = self._refiner = None
+            self.controlnets.unload()
             _free_device_memory()
 
     def resolve(self, name: str | None) -> tuple[ModelEntry, str | None]:
@@ -73,11 +97,12 @@ class Engine:
         device_mod.choose(device, precision)  # a request that cannot run here fails before any loading
         entry, hint = self.resolve(request.model)
         notes = [hint] if hint else []
-        key = (str(entry.path), request.vae, request.prediction, device, precision)
+        key = (str(entry.path), request.vae, request.prediction, device, precision, request.turbo is True)
         with self._lock:
             if self._loaded is not None and self._loaded.key == key:
                 return self._loaded, notes
             self._loaded = None
+            self.controlnets.unload()  # they were made for the model that goes
             _free_device_memory()
             import torch
 
@@ -91,8 +116,32 @@ class Engine:
                                        compile=self.settings.compile)
             # on a GPU the memory plan moves the weights there (or offloads them), so any model loads
             device_mod.place(parts, policy, to_device=policy.is_cpu)
+            if parts.tiny_vae is not None:  # ~1M parameters: on the device in every memory mode
+                parts.tiny_vae.to(policy.device, policy.vae_dtype)
             self._loaded = LoadedModel(entry, parts, policy, request.vae, key)
             return self._loaded, notes + list(parts.notes)
+
+    def load_refiner(self, request: GenerationRequest) -> LoadedModel:
+        """The refiner a request names (kept loaded beside the model, as A1111 keeps both), placed as the model."""
+        from . import device as device_mod
+
+        entry, _ = self.store.resolve(request.refiner, default=None)
+        base = self._loaded
+        key = (str(entry.path), base.policy.device, str(base.policy.dtype))
+        with self._lock:
+            if self._refiner is not None and self._refiner.key == key:
+                return self._refiner
+            self._refiner = None
+            _free_device_memory()
+            import dataclasses
+
+            parts = self._load_parts(entry, dataclasses.replace(request, vae=None, prediction=None, config=None))
+            if not parts.family.xl:
+                raise ModelError(f"{parts.name} is not an SDXL model ({parts.family.label}); a refiner must be SDXL "
+                                 "(e.g. sd_xl_refiner_1.0) or an SDXL checkpoint")
+            device_mod.place(parts, base.policy, to_device=base.policy.is_cpu)
+            self._refiner = LoadedModel(entry, parts, base.policy, None, key)
+            return self._refiner
 
     def _load_parts(self, entry: ModelEntry, request: GenerationRequest):
         from ..models import load as load_mod
@@ -111,10 +160,15 @@ class Engine:
                 prediction=request.prediction,
                 config_yaml=Path(config) if config else None,
                 short_hash=lambda: self.store.with_hash(entry).short_hash,
+                turbo=request.turbo is True,  # --turbo: an SD 2.x file is then SD-Turbo's eps
             )
         if entry.bundled:
             parts.name = entry.name
-        if request.vae:
+        from ..models import taesd
+
+        if (tiny := taesd.requested(request.vae, self.store)) is not None:
+            parts.tiny_vae = taesd.for_model(tiny, parts)  # the final decode only; its scaling factor stays 1.0
+        elif request.vae:
             vae_path = Path(request.vae).expanduser()
             if not vae_path.exists():
                 raise ModelError(f"VAE not found: {vae_path}")
@@ -138,7 +192,7 @@ class Engine:
     ) -> GenerationResult:
         """Make the pictures a request asks for. Follow and steer the run with ``progress`` (a callback),
         ``cancel`` / ``interrupt`` / ``skip`` (threading events) and ``want_previews``, or one ``control``."""
-        from . import memory, run
+        from . import controlnet, memory, networks, run
 
         if control is None:
             control = RunControl(progress=progress, cancel=cancel, interrupt=interrupt, skip=skip,
@@ -154,19 +208,42 @@ class Engine:
             loaded, notes = self.load(request)
             load_s = time.perf_counter() - started
             entry = self.store.with_hash(loaded.entry) if loaded.entry.path.is_file() else loaded.entry
-            request = run.with_model_defaults(request, loaded.parts)
-            result = run.generate(
-                loaded.parts,
-                loaded.policy,
-                request,
-                model_name=loaded.parts.name,
-                model_hash=entry.short_hash,
-                memory_mode=request.memory if request.memory != "auto" else self.settings.memory,
-                memory_state=loaded.memory_state,
-                control=control,
-                version=__version__,
-                settings=self.settings,
-            )
+            request, default_notes = run.model_defaults(request, loaded.parts)
+            notes = notes + default_notes
+            refiner = None
+            if request.refiner is not None and request.refiner_switch_at < 1:
+                if not loaded.parts.family.xl:
+                    raise ModelError(f"a refiner takes over from an SDXL model; {loaded.parts.name} is "
+                                     f"{loaded.parts.family.label}: leave the refiner out")
+                refined = self.load_refiner(request)
+                refiner_entry = self.store.with_hash(refined.entry) if refined.entry.path.is_file() else refined.entry
+                short = refiner_entry.short_hash  # A1111's "Refiner: name [hash]" (the name without its suffix)
+                refiner = (refined.parts, f"{refined.parts.name} [{short}]" if short else refined.parts.name)
+            # the prompt's LoRAs go on the loaded model for this run only, and its embeddings are looked up
+            nets = networks.Networks(loaded.parts, request, self.loras, self.embeddings)
+            # the ControlNet units' models, loaded for this model (kept for the next request that names them)
+            controls = controlnet.Controls(loaded.parts, loaded.policy, request, self.controlnets)
+            if controls:
+                controls.prepare()
+            try:
+                nets.prepare()
+                result = run.generate(
+                    loaded.parts,
+                    loaded.policy,
+                    request,
+                    model_name=loaded.parts.name,
+                    model_hash=entry.short_hash,
+                    memory_mode=request.memory if request.memory != "auto" else self.settings.memory,
+                    memory_state=loaded.memory_state,
+                    control=control,
+                    version=__version__,
+                    settings=self.settings,
+                    refiner=refiner,
+                    networks=nets,
+                    controlnet=controls if controls else None,
+                )
+            finally:
+                nets.release()  # the model exactly as loaded for the next request
         result.notes[:0] = notes
         result.timings["load_s"] = round(load_s, 3)
         result.timings["total_s"] = round(time.perf_counter() - started, 3)

@@ -191,8 +191,11 @@ def place(parts, policy: DevicePolicy, *, to_device: bool = True) -> None:
     (the memory plan moves them later, so a model larger than the GPU can still load)."""
     import torch
 
-    for module, dtype in ((parts.unet, policy.dtype), (parts.text_encoder, policy.text_dtype),
-                          (parts.vae, policy.vae_dtype)):
+    vae_dtype = policy.vae_dtype
+    if vae_dtype == torch.float16 and getattr(parts.vae.config, "force_upcast", False):
+        vae_dtype = torch.float32  # SDXL's VAE overflows in fp16 (black / NaN pictures): fp32, as diffusers runs it
+    for module, dtype in ((parts.unet, policy.dtype), *((te, policy.text_dtype) for te in parts.text_encoders),
+                          (parts.vae, vae_dtype)):
         if module.dtype != dtype:
             module.to(dtype=dtype)
         if to_device:

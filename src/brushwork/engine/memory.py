@@ -134,8 +134,9 @@ def apply(pipe, memory_plan: MemoryPlan, policy) -> None:
     elif memory_plan.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=policy.device)
     else:
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            if any(p.device.type != policy.device.split(":")[0] for p in module.parameters()):
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                       getattr(pipe, "controlnet", None)):
+            if module is not None and any(p.device.type != policy.device.split(":")[0] for p in module.parameters()):
                 module.to(policy.device)
 
 

@@ -9,11 +9,16 @@ nothing after token 75 is dropped. Emphasis (A1111's option of that name): ``Ori
 token embeddings by their weights, then restores the chunk's mean; ``No norm`` only scales;
 ``Ignore`` reads the brackets but applies no weights; ``None`` reads brackets and ``BREAK`` as plain
 text. A plain prompt under 76 tokens gives exactly diffusers' embedding.
+
+A1111's extra-network tags (``<lora:name:0.8>``) are found by ``extra_network_spans`` (the caller applies and
+removes them: ``engine/networks.py``). Textual-inversion embeddings (``models/embeddings.py``) are matched in
+the token ids as A1111 matches them, and their vectors take the places of their tokens (``EmbeddingToken``).
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 from ..request import EMPHASIS_CHOICES, InvalidRequest
 
@@ -179,6 +184,67 @@ def _fast_weights(signs: list[float], firsts: list[int], stops: list[int], facto
     return w.tolist()
 
 
+def _is_word(ch: str) -> bool:  # the regular expression ``\w`` for str
+    return ch.isalnum() or ch == "_"
+
+
+def extra_network_spans(text: str):
+    """A1111's extra-network tags (``modules/extra_networks.py``: ``<(\w+):([^>]+)>``) in ``text``: (start, end,
+    kind, arguments split at ``:``) for each, left to right. In linear time, where that pattern is quadratic on
+    many ``<word:`` without a ``>``."""
+    n, pos, close = len(text), 0, -1
+    start = text.find("<")
+    while start != -1:
+        colon = start + 1
+        while colon < n and _is_word(text[colon]):
+            colon += 1
+        if colon > start + 1 and colon < n and text[colon] == ":":
+            if close <= colon:
+                close = text.find(">", colon + 1)  # the first ">" after the colon, kept while it is ahead
+                if close == -1:
+                    return
+            if close > colon + 1:
+                yield start, close + 1, text[start + 1:colon], text[colon + 1:close].split(":")
+                pos = close + 1
+                start = text.find("<", pos)
+                continue
+        start = text.find("<", start + 1)
+
+
+def strip_extra_networks(text: str) -> str:
+    """``text`` without its extra-network tags (A1111 removes every ``<kind:...>`` tag before reading the prompt)."""
+    if "<" not in text:
+        return text
+    out, pos = [], 0
+    for start, end, _, _ in extra_network_spans(text):
+        out.append(text[pos:start])
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+class EmbeddingToken(int):
+    """One place in a chunk that a textual-inversion embedding's vector fills (vector ``index`` of ``embedding``).
+    Its token id is 0, A1111's placeholder; the encoder's token embedding there is replaced by the vector."""
+
+    embedding: object
+    index: int
+
+    def __new__(cls, embedding, index: int):
+        token = int.__new__(cls, 0)
+        token.embedding, token.index = embedding, index
+        return token
+
+
+def _embedding_at(lookup: dict, ids: list[int], position: int):
+    """(embedding, how many token ids its name is) if an embedding's name starts at ``position``, else None;
+    the longest name first (A1111's ``find_embedding_at_position``)."""
+    for name_ids, embedding in lookup.get(ids[position], ()):
+        if tuple(ids[position:position + len(name_ids)]) == name_ids:
+            return embedding, len(name_ids)
+    return None
+
+
 def comma_token_id(tokenizer) -> int | None:
     """The id of ``,</w>`` in this tokenizer's vocabulary (CLIP and OpenCLIP: 267), or None."""
     try:
@@ -205,13 +271,17 @@ def _token_ids(tokenizer, text: str):
 
 
 def tokenize_weighted(tokenizer, text: str, *, emphasis: str = DEFAULT_EMPHASIS,
-                      comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK) -> list[list[tuple[int, float]]]:
+                      comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK,
+                      embeddings=None) -> list[list[tuple[int, float]]]:
     """A1111's chunks: lists of at most 75 (token id, weight) pairs, one list per 75-token chunk.
 
     A chunk that ended at a comma (``comma_padding_backtrack``) or at ``BREAK`` is shorter; it is padded
     when encoded. Raises InvalidRequest as soon as there would be more than MAX_CHUNKS chunks, without
-    tokenizing the rest.
+    tokenizing the rest. ``embeddings`` (``models.embeddings.EmbeddingDatabase``): where the token ids of an
+    embedding's name are, its vectors (``EmbeddingToken``) count as that many tokens, all in one chunk (as A1111;
+    the comma backtrack moves them with the words around them, where A1111 leaves them behind).
     """
+    lookup = embeddings.lookup(tokenizer) if embeddings is not None else None
     parsed = [(text, 1.0)] if emphasis == "None" else parse_weights(text)
     comma = comma_token_id(tokenizer)
     chunks: list[list[tuple[int, float]]] = []
@@ -234,7 +304,11 @@ def tokenize_weighted(tokenizer, text: str, *, emphasis: str = DEFAULT_EMPHASIS,
             next_chunk()
             continue
         for ids in _token_ids(tokenizer, part):
-            for token in ids:
+            skip = 0  # token ids of an embedding's name, already taken
+            for position, token in enumerate(ids):
+                if skip:
+                    skip -= 1
+                    continue
                 if token == comma:
                     last_comma = len(chunk)
                 elif (comma_padding_backtrack and len(chunk) == CHUNK and last_comma != -1
@@ -247,7 +321,18 @@ def tokenize_weighted(tokenizer, text: str, *, emphasis: str = DEFAULT_EMPHASIS,
                     next_chunk()
                 if len(chunks) == MAX_CHUNKS:  # this token would open one chunk too many
                     raise too_long()
-                chunk.append((token, weight))
+                found = _embedding_at(lookup, ids, position) if lookup else None
+                if found is None:
+                    chunk.append((token, weight))
+                    continue
+                embedding, skip = found
+                skip -= 1
+                if len(chunk) + embedding.count > CHUNK:
+                    next_chunk()
+                    if len(chunks) == MAX_CHUNKS:
+                        raise too_long()
+                chunk += [(EmbeddingToken(embedding, i), weight) for i in range(embedding.count)]
+                embeddings.used[embedding.name] = embedding
     if chunk or not chunks:
         next_chunk()
     return chunks
@@ -267,11 +352,18 @@ def chunk_inputs(tokenizer, chunks) -> tuple[list[list[int]], list[list[float]]]
 
 
 def encode(text_encoder, tokenizer, prompt: str, negative: str, *, clip_skip: int = 1, device=None,
-           emphasis: str = DEFAULT_EMPHASIS, comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK):
-    """(prompt_embeds, negative_prompt_embeds), each (1, 77*k, width) with the same k."""
+           emphasis: str = DEFAULT_EMPHASIS, comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK,
+           embeddings=None):
+    """(prompt_embeds, negative_prompt_embeds), each (1, 77*k, width) with the same k. ``embeddings``: the
+    textual-inversion embeddings the prompts may name (``models.embeddings.EmbeddingDatabase``). ``negative``
+    None: a run without CFG never reads it, so it is not encoded (zeros of the prompt's shape)."""
     if emphasis not in EMPHASIS_CHOICES:
         raise InvalidRequest(f"unknown emphasis {emphasis!r}; choose one of: {', '.join(EMPHASIS_CHOICES)}")
-    options = dict(emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack)
+    options = dict(emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack, embeddings=embeddings)
+    if negative is None:
+        z = _encode_chunks(text_encoder, tokenizer, tokenize_weighted(tokenizer, prompt, **options), clip_skip,
+                           device, emphasis)
+        return z, z.new_zeros(z.shape)
     pos, neg = tokenize_weighted(tokenizer, prompt, **options), tokenize_weighted(tokenizer, negative, **options)
     k = max(len(pos), len(neg))
     pos += [[] for _ in range(k - len(pos))]  # the shorter one is padded with empty chunks (the empty prompt)
@@ -280,16 +372,87 @@ def encode(text_encoder, tokenizer, prompt: str, negative: str, *, clip_skip: in
             _encode_chunks(text_encoder, tokenizer, neg, clip_skip, device, emphasis))
 
 
-def _encode_chunks(text_encoder, tokenizer, chunks, clip_skip: int, device, emphasis: str):
-    """Each chunk through the text encoder on its own, its weights applied to it alone (as A1111)."""
+def encode_xl(encoders, prompt: str, negative: str, *, clip_skip: int = 1, device=None,
+              emphasis: str = DEFAULT_EMPHASIS, comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK,
+              embeddings=None):
+    """SDXL's conditioning: ``encoders`` is [(text_encoder, tokenizer), ...] (base: CLIP-L and OpenCLIP-bigG;
+    the refiner: bigG alone), the last one with a projection. Each encoder reads the same chunks on its own,
+    its penultimate layer (one further back per clip skip) weighted per chunk as A1111 does; the features are
+    joined side by side. The pooled embedding is the last encoder's, of the first chunk, unweighted (as A1111).
+    An empty negative prompt is zeros, embedding and pooled, as A1111's and diffusers' SDXL; so is ``negative``
+    None (a run without CFG, which never reads it: not encoded).
+    Returns (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled)."""
+    import torch
+
+    if emphasis not in EMPHASIS_CHOICES:
+        raise InvalidRequest(f"unknown emphasis {emphasis!r}; choose one of: {', '.join(EMPHASIS_CHOICES)}")
+    options = dict(emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack, embeddings=embeddings)
+    tokenizer = encoders[-1][1]  # the vocabularies are the same; only the padding differs
+    pos = tokenize_weighted(tokenizer, prompt, **options)
+    neg = [] if negative is None else tokenize_weighted(tokenizer, negative, **options)
+    k = max(len(pos), len(neg))
+    pos += [[] for _ in range(k - len(pos))]
+    neg += [[] for _ in range(k - len(neg))]
+    out = []
+    for chunks in (pos, neg) if negative is not None else (pos,):
+        encoded = [_encode_chunks(te, tok, chunks, clip_skip, device, emphasis, penultimate=True)
+                   for te, tok in encoders]
+        out.append((torch.cat([z for z, _ in encoded], dim=-1), encoded[-1][1]))
+    (z, pooled), (neg_z, neg_pooled) = out if negative is not None else (out[0], out[0])
+    if not negative:
+        neg_z, neg_pooled = torch.zeros_like(neg_z), torch.zeros_like(neg_pooled)
+    return z, neg_z, pooled, neg_pooled
+
+
+@contextmanager
+def _embedding_vectors(text_encoder, all_ids):
+    """While encoding chunks (``place(ids)`` before each), the text encoder's token embeddings at a chunk's
+    ``EmbeddingToken`` places are that embedding's vectors for this encoder (SDXL: clip_l or clip_g; A1111's
+    ``EmbeddingsWithFixes``). Without embeddings in the chunks nothing is hooked."""
+    if not any(isinstance(token, EmbeddingToken) for ids in all_ids for token in ids):
+        yield lambda ids: None
+        return
+    from ..models.embeddings import encoder_kind
+
+    layer, kind, current = text_encoder.get_input_embeddings(), encoder_kind(text_encoder), []
+
+    def place(ids) -> None:
+        current[:] = [(i, token) for i, token in enumerate(ids) if isinstance(token, EmbeddingToken)]
+
+    def hook(module, args, output):
+        if not current:
+            return output
+        output = output.clone()
+        for i, token in current:
+            output[:, i] = token.embedding.vectors_for(kind)[token.index].to(output.device, output.dtype)
+        return output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield place
+    finally:
+        handle.remove()
+
+
+def _encode_chunks(text_encoder, tokenizer, chunks, clip_skip: int, device, emphasis: str, *,
+                   penultimate: bool = False):
+    """Each chunk through the text encoder on its own, its weights applied to it alone (as A1111).
+    ``penultimate`` (SDXL): the hidden states before the last layer (clip skip goes further back), without the
+    final layer norm; returns (embeddings, the first chunk's pooled projection or None)."""
     import torch
 
     all_ids, all_weights = chunk_inputs(tokenizer, chunks)
-    zs = []
-    with torch.inference_mode():
+    zs, pooled = [], None
+    with torch.inference_mode(), _embedding_vectors(text_encoder, all_ids) as place:
         for ids, weights in zip(all_ids, all_weights, strict=True):
             input_ids = torch.tensor([ids], device=device)
-            if clip_skip <= 1:
+            place(ids)  # the vectors of this chunk's embeddings take their tokens' places
+            if penultimate:
+                output = text_encoder(input_ids, output_hidden_states=True)
+                z = output.hidden_states[-1 - max(1, clip_skip)]
+                if pooled is None:
+                    pooled = getattr(output, "text_embeds", None)
+            elif clip_skip <= 1:
                 z = text_encoder(input_ids)[0]
             else:
                 hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
@@ -302,4 +465,4 @@ def _encode_chunks(text_encoder, tokenizer, chunks, clip_skip: int, device, emph
                     weighted = weighted * (z.mean() / weighted.mean())
                 z = weighted.to(z.dtype)
             zs.append(z)
-    return torch.cat(zs, dim=1)
+    return (torch.cat(zs, dim=1), pooled) if penultimate else torch.cat(zs, dim=1)

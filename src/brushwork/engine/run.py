@@ -21,14 +21,80 @@ DEFAULT_CFG_SCALE = 7.0
 
 def with_model_defaults(request: GenerationRequest, parts) -> GenerationRequest:
     """Fill what the request leaves open (``None``) from the model's recommendations, then the usual defaults."""
-    import dataclasses
+    return model_defaults(request, parts)[0]
 
-    filled = {}
-    if request.cfg_scale is None:
-        filled["cfg_scale"] = parts.defaults.get("cfg_scale", DEFAULT_CFG_SCALE)
-    if request.cfg_end is None:
-        filled["cfg_end"] = parts.defaults.get("cfg_end", 1.0)
-    return dataclasses.replace(request, **filled) if filled else request
+
+def model_defaults(request: GenerationRequest, parts) -> tuple[GenerationRequest, list[str]]:
+    """(the request with what it leaves open filled, notes for the user). What a request leaves open (``None``; the
+    schedule type: Automatic) comes from the model's recommendations (its file's ``brushwork.defaults`` over its
+    few-step kind's: SD-Turbo 1 step, CFG 1, SGM Uniform, 512; LCM 4 steps, guidance 8.5, the LCM sampler:
+    ``models/fewstep.py``), then its sampler's (LCM's), then the usual ones. A few-step model's img2img keeps
+    ``int(steps x strength) >= 1``: diffusers' img2img runs that many of the steps, and none is no picture."""
+    import dataclasses
+    import math
+
+    from ..models import fewstep
+    from ..request import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_STEPS
+    from .samplers import named_schedule, parse_sampler
+
+    kind, why = fewstep.kind_for(parts, request.turbo)
+    profile = fewstep.PROFILES.get(kind, {})
+    recommended = {**profile, **parts.defaults}
+    filled: dict = {}
+    if request.sampler is None:
+        filled["sampler"] = recommended.get("sampler", DEFAULT_SAMPLER)
+    sampler_name = filled.get("sampler", request.sampler)
+    sampler, _ = parse_sampler(sampler_name, request.scheduler)
+    schedule = recommended.get("scheduler", "Automatic")
+    if (request.scheduler == "Automatic" and schedule != "Automatic" and named_schedule(sampler_name) is None
+            and schedule in sampler.schedules):  # Automatic: the model's own schedule (a Turbo model's: SGM Uniform)
+        filled["scheduler"] = schedule
+    for name, default in (("steps", DEFAULT_STEPS), ("cfg_scale", DEFAULT_CFG_SCALE), ("cfg_end", 1.0)):
+        if getattr(request, name) is None:
+            filled[name] = recommended.get(name, sampler.recommends.get(name, default))
+    if kind is not None and kind != getattr(parts, "fewstep", None) and request.mode is Mode.TXT2IMG:
+        # --turbo on a file that did not say so: its kind's native size too (a file that says so has it already)
+        filled.update({side: profile[side] for side in ("width", "height")
+                       if side in profile and side not in parts.defaults and getattr(request, side) is None})
+    notes = []
+    if kind is not None and (used := [key for key in profile if key in filled and key not in parts.defaults]):
+        notes.append(f"{parts.name} is {fewstep.LABELS[kind]} ({why}): {_described(filled, used, kind)} where the "
+                     "request did not say" + ("; --no-turbo turns this off" if kind == "turbo" else ""))
+    steps, strength = filled.get("steps", request.steps), float(request.strength)
+    if (kind is not None and request.mode in (Mode.IMG2IMG, Mode.INPAINT, Mode.DEPTH2IMG) and 0 < strength < 1
+            and int(steps * strength) < 1 and math.ceil(1 / strength) <= MAX_STEPS):
+        needed = max(steps, math.ceil(1 / strength))
+        while int(needed * strength) < 1:  # 1 / strength rounded up may still fall short by the last bit
+            needed += 1
+        filled["steps"] = needed
+        notes.append(f"steps raised from {steps} to {needed}: img2img at strength {strength:g} runs int(steps x "
+                     f"strength) of the steps, and {steps} would run none")
+    origin = int(parts.scheduler_config.get("original_inference_steps", 50))
+    if sampler.name == "LCM" and filled.get("steps", request.steps) > origin:
+        raise InvalidRequest(f"the LCM sampler takes at most {origin} steps (its timesteps are a part of LCM's "
+                             f"{origin}-step schedule), got {filled.get('steps', request.steps)}; use fewer")
+    return (dataclasses.replace(request, **filled) if filled else request), notes
+
+
+def _described(filled: dict, keys: list[str], kind: str) -> str:
+    """``1 step, CFG 1 (...), Euler a, SGM Uniform, 512x512`` for the filled ``keys``."""
+    out = []
+    for key in keys:
+        value = filled[key]
+        if key == "steps":
+            out.append(f"{value} step{'' if value == 1 else 's'}")
+        elif key == "cfg_scale" and kind == "lcm":
+            out.append(f"guidance {value:g} (its UNet's w-embedding, not CFG: one UNet pass a step)")
+        elif key == "cfg_scale":
+            out.append(f"CFG {value:g}" + (" (no CFG: one UNet pass a step)" if value <= 1 else ""))
+        elif key in ("width", "height") and {"width", "height"} <= set(keys):
+            if key == "width":
+                out.append(f"{value}x{filled['height']}")
+        elif key in ("width", "height"):
+            out.append(f"{key} {value}")
+        else:
+            out.append(str(value))
+    return ", ".join(out)
 
 
 def guided_steps(cfg_end: float, total: int) -> int:
@@ -44,9 +110,15 @@ def end_guidance_after(cfg_end: float, pipe, step: int, tensors: dict) -> dict:
     if step + 1 == guided_steps(cfg_end, total) and pipe.do_classifier_free_guidance:
         pipe._guidance_scale = 1.0
         tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
-        for name in ("mask", "masked_image_latents", "depth_mask"):  # inpainting's and depth2img's, doubled for CFG
+        # inpainting's, depth2img's and SDXL's (pooled text, size numbers), doubled for CFG
+        for name in ("mask", "masked_image_latents", "depth_mask", "add_text_embeds", "add_time_ids"):
             if name in tensors:
                 tensors[name] = tensors[name].chunk(2)[1]
+        for name in ("image", "control_image"):  # a ControlNet pipeline's maps, doubled for CFG unless in guess mode
+            if name in tensors:
+                from .controlnet import cond_half
+
+                tensors[name] = cond_half(tensors[name], tensors["latents"].shape[0])
     return tensors
 
 
@@ -71,6 +143,9 @@ def generate(
     control: RunControl | None = None,
     version: str = "0",
     settings=None,
+    refiner: tuple | None = None,
+    networks=None,
+    controlnet=None,
 ) -> GenerationResult:
     """One request on a loaded model, through the task its mode names (``engine.tasks``). ``control``: progress,
     cancel (raise ``Cancelled``), interrupt (return what there is: finished pictures, and the current batch
@@ -92,7 +167,15 @@ def generate(
         pixels = max(pixels, hires_w * hires_h)
     ladder = memory.Ladder(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
                            state=memory_state)
-    ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use, settings=settings)
+    ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use, settings=settings,
+                     networks=networks)  # the prompt's LoRAs and embeddings (engine.networks): applied as it is read
+    ctx.controlnet = controlnet  # the ControlNet units (engine.controlnet.Controls), prepared; None: none
+    if refiner is not None:
+        if not task.refines:
+            raise InvalidRequest(f"the refiner takes over txt2img and img2img; {task.mode.value}"
+                                 f"{' with the hires fix' if request.hires_enabled else ''} runs without it: "
+                                 "leave the refiner out")
+        ctx.refiner = refiner[0]
     task.prepare(ctx)
     from .deepcache import interval_for
 
@@ -120,7 +203,8 @@ def generate(
             except Stop as stop:
                 latents, stopped_at = stop.latents, (stop.step, stop.total)
             t1 = time.perf_counter()
-            decoded, fell_back = task.decode(ctx, latents) if task.decode else decode(parts.vae, latents)
+            decoded, fell_back = (task.decode(ctx, latents) if task.decode
+                                  else decode(final_vae(parts, ctx.refiner), latents))
             timings["sample_s"] += t1 - t0
             timings["decode_s"] += time.perf_counter() - t1
             return decoded, fell_back, stopped_at
@@ -139,6 +223,11 @@ def generate(
         seeds += batch_seeds
         if interrupted:
             break
+    notes += task.notes(ctx)
+    if networks is not None:
+        notes += networks.notes
+    if controlnet:
+        notes += controlnet.notes
     if (note := ladder.note()) is not None:
         notes.append(note)
 
@@ -146,6 +235,12 @@ def generate(
     if request.watermark:
         images = task.watermark(ctx, images)
     own = task.infotext(request)
+    if refiner is not None:  # A1111's keys
+        own = {**own, "Refiner": refiner[1], "Refiner switch at": request.refiner_switch_at}
+    if networks is not None:  # Lora hashes, TI hashes
+        own = {**own, **networks.infotext()}
+    if controlnet:  # ControlNet 0, ControlNet 1, ... as A1111's ControlNet extension
+        own = {**own, **controlnet.infotext()}
     infotexts = [
         infotext_for(request, seed=s, width=width, height=height, model_name=model_name, model_hash=model_hash,
                      version=version, task_keys=own)
@@ -185,12 +280,30 @@ def to_pil(pixels) -> list:
 _CHEAP_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 
 
-def latent_preview(vae, latents):
-    """A small preview of the first image of the batch: a real decode for small VAEs, else a linear map."""
+def final_vae(parts, refiner=None):
+    """What decodes the finished latents: ``--vae taesd``'s tiny decoder (its scaling factor is 1.0, so ``decode``
+    passes the latents as they are), else the VAE of the model that finished them (SDXL's refiner's, as A1111)."""
+    tiny = getattr(parts, "tiny_vae", None)
+    return (refiner or parts).vae if tiny is None else tiny
+
+
+# TAESD previews decode latents averaged down to at most this many latent pixels a side (256-pixel pictures for
+# SD): a full 512x512 TAESD decode costs ~5 s on 2 CPU cores, a third of a UNet step, at every step
+PREVIEW_LATENT_SIDE = 32
+
+
+def latent_preview(vae, latents, tiny=None):
+    """A small preview of the first image of the batch: with ``tiny`` (TAESD, ``models/taesd.py``) its decode,
+    else a real decode for small VAEs, else a linear map."""
     import torch
 
     small = sum(p.numel() for p in vae.parameters()) < 5_000_000
     with torch.inference_mode():
+        if tiny is not None:  # scaling factor 1.0: the latents as they are
+            z = latents[:1].to(tiny.device, tiny.dtype)
+            if (factor := -(-max(z.shape[-2:]) // PREVIEW_LATENT_SIDE)) > 1:
+                z = torch.nn.functional.avg_pool2d(z.float(), factor, ceil_mode=True).to(z.dtype)
+            return to_pil(tiny.decode(z).sample)[0]
         if small:
             return to_pil(vae.decode(latents[:1].to(vae.dtype) / vae.config.scaling_factor).sample)[0]
         factors = torch.tensor(_CHEAP_RGB, dtype=latents.dtype, device=latents.device)

@@ -24,14 +24,18 @@ import math
 from contextlib import contextmanager
 
 
-def spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+def spans(length: int, tile: int, overlap: int, *, fit: bool = False) -> list[tuple[int, int]]:
     """(start, end) of the tiles covering ``0..length``: one when it fits, else the fewest tiles of ``tile`` that
-    overlap by at least ``overlap``, spread evenly (the first at 0, the last at the end)."""
+    overlap by at least ``overlap``, spread evenly (the first at 0, the last at the end). ``fit``: the tiles made
+    just large enough (at most ``tile``) that the overlaps stay about ``overlap``, so fewer pixels run twice (the
+    upscaler models of ``engine.upscalers``); without it every tile is exactly ``tile`` (the x4 UNet's tiles: a
+    multiple of 8 the request chose)."""
     if length <= tile:
         return [(0, length)]
     n = math.ceil((length - overlap) / (tile - overlap))
-    starts = [round(i * (length - tile) / (n - 1)) for i in range(n)]
-    return [(s, s + tile) for s in starts]
+    size = min(tile, math.ceil((length + (n - 1) * overlap) / n)) if fit else tile
+    starts = [round(i * (length - size) / (n - 1)) for i in range(n)]
+    return [(s, s + size) for s in starts]
 
 
 def ramp(start: int, end: int, length: int, overlap: int):

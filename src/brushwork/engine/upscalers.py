@@ -253,14 +253,12 @@ def tiled(fn, pixels, scale: int, *, tile: int = TILE, overlap: int = OVERLAP):
 
 
 def _split(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
-    """(tile size, where the tiles begin) along one side: the fewest tiles of at most ``tile`` that share
-    ``overlap`` with their neighbours, made just large enough (so the overlaps stay about ``overlap``), evenly
-    spread from one end to the other."""
-    if length <= tile:
-        return length, [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    size = min(tile, math.ceil((length + (n - 1) * overlap) / n))
-    return size, [round(i * (length - size) / (n - 1)) for i in range(n)]
+    """(tile size, where the tiles begin) along one side: ``tiles.spans`` with ``fit``, the fewest tiles of at most
+    ``tile`` that share about ``overlap`` with their neighbours, evenly spread from one end to the other."""
+    from .tiles import spans
+
+    found = spans(length, tile, overlap, fit=True)
+    return found[0][1] - found[0][0], [start for start, _ in found]
 
 
 def _ramp(starts: list[int], i: int, size: int, scale: int):

@@ -14,6 +14,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+# SDXL (sgm's GeneralConditioner): base = CLIP-L then OpenCLIP bigG; the refiner has bigG alone, first
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+XL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+XL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
 _RESNET_UNET = {  # diffusers resnet -> original ResBlock
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -50,6 +54,9 @@ def unet_to_original(sd: dict, config) -> dict:
         ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
         ("mid_block.attentions.0", "middle_block.1"),
         ("class_embedding", "label_emb"),  # an nn.Embedding of classes (the x4 upscaler's noise levels)
+        # an LCM UNet's guidance embedding: the original layout has none, LCM single files keep diffusers' name
+        ("time_embedding.cond_proj", "time_embedding.cond_proj"),
+        ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"),  # SDXL's sizes
     ]
     resnets += [("mid_block.resnets.0", "middle_block.0"), ("mid_block.resnets.1", "middle_block.2")]
     for i in range(n_levels):
@@ -157,8 +164,45 @@ def openclip_to_original(sd: dict, config) -> dict:
     return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
 
 
-def to_original_state_dict(*, unet, vae, text_encoder, text_encoder_kind: str | None = None) -> dict:
-    """All three components -> one state dict in the original single-file layout."""
+def openclip_full_to_original(sd: dict, prefix: str) -> dict:
+    """transformers CLIPTextModelWithProjection (SDXL's OpenCLIP bigG, every layer) -> OpenCLIP keys under
+    ``prefix``; OpenCLIP keeps the projection as a matrix applied from the right (the Linear's transpose)."""
+    import torch
+
+    sd = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v for k, v in sd.items()}
+    out = {
+        "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+        "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+        "text_projection": sd["text_projection.weight"].T.contiguous(),
+        "logit_scale": torch.tensor(4.6052, dtype=sd["text_model.final_layer_norm.weight"].dtype),
+    }
+    layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                             ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")):
+            for kind in ("weight", "bias"):
+                out[f"{dst}{theirs}.{kind}"] = sd[f"{src}{ours}.{kind}"]
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd[f"{src}self_attn.{q}_proj.{kind}"] for q in "qkv"])
+    return {prefix + k: v for k, v in out.items()}
+
+
+def to_original_state_dict(*, unet, vae, text_encoder, text_encoder_kind: str | None = None,
+                           text_encoder_2=None) -> dict:
+    """All components -> one state dict in the original single-file layout. SDXL: ``text_encoder_2`` (bigG);
+    ``text_encoder`` (CLIP-L) is None for the refiner."""
+    if text_encoder_2 is not None:
+        sd = unet_to_original(unet.state_dict(), unet.config)
+        sd.update(vae_to_original(vae.state_dict(), vae.config))
+        if text_encoder is None:
+            sd.update(openclip_full_to_original(text_encoder_2.state_dict(), XL_REFINER_OPENCLIP_PREFIX))
+        else:
+            sd.update({XL_CLIP_PREFIX + k: v for k, v in with_text_model_prefix(text_encoder.state_dict()).items()})
+            sd.update(openclip_full_to_original(text_encoder_2.state_dict(), XL_OPENCLIP_PREFIX))
+        return sd
     if text_encoder_kind is None:
         text_encoder_kind = "openclip" if text_encoder.config.hidden_act == "gelu" else "clip"
     sd = unet_to_original(unet.state_dict(), unet.config)
@@ -180,12 +224,14 @@ def save_single_file(
     dtype=None,
     metadata: dict[str, str] | None = None,
     text_encoder_kind: str | None = None,
+    text_encoder_2=None,
 ) -> Path:
     """Save as ``.safetensors`` (with ``metadata``) or ``.ckpt`` (``{"state_dict": ...}``), by the suffix."""
     import torch
 
     path = Path(path)
-    sd = to_original_state_dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_kind=text_encoder_kind)
+    sd = to_original_state_dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_kind=text_encoder_kind,
+                                text_encoder_2=text_encoder_2)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -197,3 +243,34 @@ def save_single_file(
         torch.save({"state_dict": sd}, tmp)
     tmp.replace(path)
     return path
+
+
+CONTROL_PREFIX = "control_model."  # ControlNet single files (lllyasviel's control_v11p_sd15_canny.pth, ...)
+
+
+def controlnet_to_original(sd: dict, config, prefix: str = CONTROL_PREFIX) -> dict:
+    """diffusers ControlNetModel state dict -> the original ``control_model.*`` layout: the UNet encoder's names (as
+    ``unet_to_original``), ``input_hint_block.{0, 2, ...}`` (the conditioning embedding's convolutions, SiLUs between),
+    ``zero_convs.N.0`` and ``middle_block_out.0``."""
+    levels = len(config["block_out_channels"])
+    own: dict = {}
+    rest: dict = {}
+    blocks = len({k.split(".")[2] for k in sd if k.startswith("controlnet_cond_embedding.blocks.")})
+    for key, value in sd.items():
+        head, _, kind = key.rpartition(".")
+        if head == "controlnet_cond_embedding.conv_in":
+            own[f"input_hint_block.0.{kind}"] = value
+        elif head.startswith("controlnet_cond_embedding.blocks."):
+            own[f"input_hint_block.{2 * (int(head.split('.')[2]) + 1)}.{kind}"] = value
+        elif head == "controlnet_cond_embedding.conv_out":
+            own[f"input_hint_block.{2 * (blocks + 1)}.{kind}"] = value
+        elif head.startswith("controlnet_down_blocks."):
+            own[f"zero_convs.{head.split('.')[1]}.0.{kind}"] = value
+        elif head == "controlnet_mid_block":
+            own[f"middle_block_out.0.{kind}"] = value
+        else:
+            rest[key] = value
+    as_unet = {**dict(config), "up_block_types": ["UpBlock2D"] * levels}  # an encoder alone: no up blocks to name
+    out = {k.removeprefix(UNET_PREFIX): v for k, v in unet_to_original(rest, as_unet).items()}
+    out.update(own)
+    return {prefix + k: v for k, v in out.items()}

@@ -12,7 +12,15 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import ModelError
-from .convert import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .convert import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    XL_CLIP_PREFIX,
+    XL_OPENCLIP_PREFIX,
+    XL_REFINER_OPENCLIP_PREFIX,
+)
 from .families import SD_VAE_SCALING_FACTOR, Family, find_family, shipped_config
 
 Shapes = dict[str, tuple[int, ...]]
@@ -26,6 +34,7 @@ class Detected:
     text_encoder: dict  # transformers CLIPTextConfig kwargs
     text_encoder_kind: str
     notes: list[str] = field(default_factory=list)
+    text_encoder_2: dict | None = None  # SDXL: OpenCLIP bigG (CLIPTextConfig kwargs, with its projection)
     depth_estimator: dict | None = None  # SD 2 depth's MiDaS DPT-Hybrid (DPTConfig kwargs), when the file has one
 
 
@@ -44,9 +53,8 @@ def family_name(shapes: Shapes, *, text_encoder: str | None = None, in_channels:
     if shapes:
         if f"{UNET_PREFIX}label_emb.0.0.weight" in shapes or any(k.startswith("conditioner.embedders.")
                                                                   for k in keys):
-            width = shapes.get(f"{UNET_PREFIX}label_emb.0.0.weight", (0, 0))[-1]
             channels = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight", (0, 4))[1]
-            if width == 2560:
+            if f"{XL_REFINER_OPENCLIP_PREFIX}token_embedding.weight" in shapes:  # bigG first and alone
                 return "sdxl-refiner"
             return "sdxl-inpaint" if channels == 9 else "sdxl"
         if f"{UNET_PREFIX}input_blocks.0.0.weight" not in shapes:
@@ -76,11 +84,12 @@ def family_name(shapes: Shapes, *, text_encoder: str | None = None, in_channels:
 def detect(shapes: Shapes, name: str = "checkpoint") -> Detected:
     keys = shapes.keys()
     has_unet = f"{UNET_PREFIX}input_blocks.0.0.weight" in shapes
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in shapes:
-        raise ModelError(f"{name} is an SDXL checkpoint; SDXL support is coming, this version loads SD 1.x and 2.x")
     if any(k.startswith(("model.diffusion_model.joint_blocks", "double_blocks.", "transformer_blocks."))
            for k in keys):
-        raise ModelError(f"{name} is a transformer (SD3/Flux-style) model; this version loads SD 1.x and 2.x")
+        raise ModelError(f"{name} is a transformer (SD3/Flux-style) model; this version loads SD 1.x, 2.x and XL")
+    if has_unet and (any(k.startswith("conditioner.embedders.") for k in keys)
+                     or f"{UNET_PREFIX}label_emb.0.0.weight" in shapes):
+        return _detect_xl(shapes, name)
     if not has_unet:
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"
         if any(k.startswith(("encoder.", "decoder.")) for k in keys):
@@ -117,6 +126,46 @@ def detect(shapes: Shapes, name: str = "checkpoint") -> Detected:
     return detected
 
 
+def _detect_xl(shapes: Shapes, name: str) -> Detected:
+    """SDXL base (CLIP-L at ``conditioner.embedders.0.transformer.``, OpenCLIP bigG at ``embedders.1.model.``), its
+    inpainting model (9 input channels) and the refiner (bigG alone, at ``embedders.0.model.``)."""
+    keys = shapes.keys()
+    in_channels = shapes[f"{UNET_PREFIX}input_blocks.0.0.weight"][1]
+    clip_l = f"{XL_CLIP_PREFIX}text_model.embeddings.token_embedding.weight" in shapes
+    refiner = not clip_l and f"{XL_REFINER_OPENCLIP_PREFIX}token_embedding.weight" in shapes
+    big_g = XL_REFINER_OPENCLIP_PREFIX if refiner else XL_OPENCLIP_PREFIX
+    if f"{big_g}token_embedding.weight" not in shapes or not (clip_l or refiner):
+        found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("conditioner.")})[:4]
+        raise ModelError(f"{name} is an SDXL UNet without the text encoders SDXL needs (CLIP-L and OpenCLIP bigG); "
+                         f"found: {', '.join(found) or 'none'}")
+    family = find_family("sdxl-refiner" if refiner else "sdxl", in_channels)
+    if family is None:
+        raise ModelError(f"{name}: an SDXL model with a {in_channels}-channel UNet input is not supported "
+                         "(known: 4 = text-to-image, 9 = inpainting)")
+    text_encoder_2 = _openclip_config(shapes, big_g, penultimate_only=False)
+    text_encoder = {} if refiner else _clip_config(shapes, XL_CLIP_PREFIX)
+    context = text_encoder_2["hidden_size"] + text_encoder.get("hidden_size", 0)
+    unet = _unet_config(shapes, family, context)
+    # label_emb: the pooled bigG text, then 6 (base: size, crop, target size) or 5 (refiner: size, crop,
+    # aesthetic score) numbers, each embedded in addition_time_embed_dim sinusoids
+    adm = shapes[f"{UNET_PREFIX}label_emb.0.0.weight"][1]
+    numbers = 5 if refiner else 6
+    per_number, rest = divmod(adm - text_encoder_2["projection_dim"], numbers)
+    if rest or per_number <= 0:
+        raise ModelError(f"{name}: the UNet's size embedding ({adm} inputs) does not fit the text encoder's pooled "
+                         f"width {text_encoder_2['projection_dim']} and {numbers} size numbers")
+    unet.update(addition_embed_type="text_time", addition_time_embed_dim=per_number,
+                projection_class_embeddings_input_dim=adm,
+                sample_size=shipped_config(family, "unet")["sample_size"])
+    vae = _vae_config(shapes, name)
+    shipped_vae = shipped_config(family, "vae")
+    vae.update(scaling_factor=shipped_vae["scaling_factor"], sample_size=shipped_vae["sample_size"],
+               force_upcast=shipped_vae["force_upcast"])
+    detected = Detected(family, unet, vae, text_encoder, family.text_encoder)
+    detected.text_encoder_2 = text_encoder_2
+    return detected
+
+
 def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
     p = UNET_PREFIX
     model_channels, in_channels = shapes[f"{p}input_blocks.0.0.weight"][:2]
@@ -138,7 +187,11 @@ def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
         raise ModelError(f"the UNet expects text features of width {context_dim}, the text encoder gives {text_width}")
     first_attn = next(f"{p}input_blocks.{1 + lv * (per + 1)}.1" for lv in range(n_levels)
                       if down_types[lv].startswith("CrossAttn"))
-    depth = len(_indices(shapes, rf"{re.escape(first_attn)}\.transformer_blocks\.(\d+)\."))
+    depths = [len(_indices(shapes, rf"{re.escape(p)}input_blocks\.{1 + lv * (per + 1)}\.1\."
+                                   rf"transformer_blocks\.(\d+)\.")) for lv in range(n_levels)]
+    attn_depths = {d for d, t in zip(depths, down_types, strict=True) if t.startswith("CrossAttn")}
+    # SDXL has more transformer blocks in deeper levels ([1, 2, 10]); SD 1.x/2.x the same everywhere
+    depth: int | list[int] = attn_depths.pop() if len(attn_depths) == 1 else [max(d, 1) for d in depths]
     linear = len(shapes[f"{first_attn}.proj_in.weight"]) == 2
     if family.heads == "fixed8":
         heads: int | list[int] = 8
@@ -163,6 +216,8 @@ def _unet_config(shapes: Shapes, family: Family, text_width: int) -> dict:
     time_width = shapes[f"{p}time_embed.0.weight"][0]
     if time_width != 4 * model_channels:  # SD's is 4x the first level's width; small models may differ
         config["time_embedding_dim"] = time_width
+    if (cond := shapes.get(f"{p}time_embedding.cond_proj.weight")) is not None:  # an LCM UNet's guidance embedding
+        config["time_cond_proj_dim"] = cond[1]
     cross_only = _cross_only(shapes, family, channels, per, context_dim)
     if any(cross_only):
         config["only_cross_attention"] = cross_only
@@ -222,10 +277,10 @@ def _vae_config(shapes: Shapes, name: str) -> dict:
     }
 
 
-def _clip_config(shapes: Shapes) -> dict:
-    p = CLIP_PREFIX + "text_model."
+def _clip_config(shapes: Shapes, prefix: str = CLIP_PREFIX) -> dict:
+    p = prefix + "text_model."
     if f"{p}embeddings.token_embedding.weight" not in shapes:
-        p = CLIP_PREFIX  # checkpoints saved with old transformers have no "text_model." level
+        p = prefix  # checkpoints saved with old transformers have no "text_model." level
     vocab, width = shapes[f"{p}embeddings.token_embedding.weight"]
     layers = len(_indices(shapes, rf"{re.escape(p)}encoder\.layers\.(\d+)\."))
     return {
@@ -240,17 +295,19 @@ def _clip_config(shapes: Shapes) -> dict:
     }
 
 
-def _openclip_config(shapes: Shapes) -> dict:
-    p = OPENCLIP_PREFIX
+def _openclip_config(shapes: Shapes, prefix: str = OPENCLIP_PREFIX, *, penultimate_only: bool = True) -> dict:
+    """``penultimate_only`` (SD 2.x): the last block is left out, SD 2.x never reads it; SDXL keeps every block
+    (its pooled embedding comes from the last)."""
+    p = prefix
     vocab, width = shapes[f"{p}token_embedding.weight"]
     blocks = len(_indices(shapes, rf"{re.escape(p)}transformer\.resblocks\.(\d+)\."))
     if blocks < 2:
-        raise ModelError("the OpenCLIP text encoder has fewer than 2 layers; SD 2.x uses the penultimate one")
+        raise ModelError("the OpenCLIP text encoder has fewer than 2 layers; SD 2.x and XL use the penultimate one")
     return {
         "vocab_size": vocab,
         "hidden_size": width,
         "intermediate_size": shapes[f"{p}transformer.resblocks.0.mlp.c_fc.weight"][0],
-        "num_hidden_layers": blocks - 1,  # SD 2.x conditions on the penultimate layer
+        "num_hidden_layers": blocks - 1 if penultimate_only else blocks,
         "num_attention_heads": max(1, width // 64),
         "max_position_embeddings": shapes[f"{p}positional_embedding"][0],
         "hidden_act": "gelu",

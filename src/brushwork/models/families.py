@@ -27,13 +27,16 @@ SD_SCHEDULER_CONFIG: dict = {
 }
 
 SD_VAE_SCALING_FACTOR = 0.18215
+SDXL_VAE_SCALING_FACTOR = 0.13025  # SDXL's VAE (same architecture as SD's, retrained): its own latent scale
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     label: str
-    text_encoder: str  # "clip" (OpenAI CLIP, SD 1.x) | "openclip" (OpenCLIP, SD 2.x)
+    # "clip" (OpenAI CLIP, SD 1.x) | "openclip" (OpenCLIP, SD 2.x) | "sdxl" (CLIP-L + OpenCLIP bigG, SDXL base)
+    # | "sdxl-refiner" (bigG alone)
+    text_encoder: str
     unet_in_channels: int  # 4 = plain, 9 = inpainting
     heads: str  # "fixed8": 8 heads everywhere (SD 1.x) | "per64": one head per 64 channels (SD 2.x)
     default_size: int
@@ -44,6 +47,11 @@ class Family:
 
     def matches(self, text_encoder: str, in_channels: int) -> bool:
         return self.text_encoder == text_encoder and self.unet_in_channels == in_channels
+
+    @property
+    def xl(self) -> bool:
+        """SDXL's conditioning: two text encoders (or the refiner's one), pooled text and size embeddings."""
+        return self.text_encoder.startswith("sdxl")
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -57,6 +65,12 @@ FAMILIES: tuple[Family, ...] = (
     # 4 latent + 3 low-res RGB input channels; 8 heads a level, as the original's num_heads: 8; output = input x 4
     Family("sd2-x4-upscaler", "Stable Diffusion x4 upscaler", "openclip", 7, "fixed8", 128, "v",
            configs="sd2-x4-upscaler"),
+    # SDXL: CLIP-L and OpenCLIP bigG side by side (2048-wide context), pooled bigG text + 6 size numbers
+    Family("sdxl", "Stable Diffusion XL", "sdxl", 4, "per64", 1024, "eps", configs="sdxl"),
+    Family("sdxl-inpaint", "Stable Diffusion XL inpainting", "sdxl", 9, "per64", 1024, "eps", configs="sdxl"),
+    # the refiner: bigG alone (1280-wide), pooled text + 5 numbers (size, crop, aesthetic score)
+    Family("sdxl-refiner", "Stable Diffusion XL refiner", "sdxl-refiner", 4, "per64", 1024, "eps",
+           configs="sdxl-refiner"),
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError
+from . import fewstep
+from .convert import UNET_PREFIX
 from .detect import Detected, Shapes, detect
 from .families import FAMILY_BY_NAME, KNOWN_PREDICTION_BY_HASH, SD_SCHEDULER_CONFIG, Family, shipped_config
 
@@ -49,10 +51,28 @@ class ModelParts:
     # SD 2 depth's MiDaS estimator (transformers DPTForDepthEstimation, fp32, kept on the CPU between runs);
     # None: the file has none, depth2img then needs a depth map
     depth_estimator: object = None
+    # SDXL: OpenCLIP bigG (transformers CLIPTextModelWithProjection) and its tokenizer; the refiner has this one
+    # alone (``text_encoder`` and ``tokenizer`` are then None)
+    text_encoder_2: object = None
+    tokenizer_2: object = None
+    # ``--vae taesd``: the tiny decoder (models/taesd.py) for the final decode; None: ``vae`` decodes. Encoding
+    # always uses ``vae``
+    tiny_vae: object = None
+    # a few-step model (``fewstep.py``): "turbo" (SD-Turbo, SDXL-Turbo) as the loader found it (its metadata, its
+    # hash; an LCM UNet says so itself), and why; None: an ordinary model (the request's ``turbo`` can say otherwise)
+    fewstep: str | None = None
+    fewstep_why: str = ""
 
     @property
     def modules(self) -> dict:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        found = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in found.items() if module is not None}
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders this model has (one; SDXL base two)."""
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 # ---- reading files ---------------------------------------------------------------------------
@@ -155,46 +175,41 @@ def _resolution(metadata: dict[str, str]) -> tuple[int, int] | None:
         return None
 
 
-DEFAULTS_KEY = "brushwork.defaults"  # safetensors metadata: JSON, e.g. {"cfg_scale": 2.0, "cfg_end": 0.85}
-_DEFAULT_CHECKS = {"cfg_scale": lambda v: 0 <= v <= 100, "cfg_end": lambda v: 0 < v <= 1}  # as GenerationRequest
+DEFAULTS_KEY = fewstep.DEFAULTS_KEY  # safetensors metadata: JSON, e.g. {"cfg_scale": 2.0, "cfg_end": 0.85}
 
 
 def _model_defaults(metadata: dict[str, str]) -> dict:
-    """The recommended settings a file carries; anything unknown or malformed is ignored (never fatal)."""
-    try:
-        raw = json.loads(metadata.get(DEFAULTS_KEY, "{}"))
-    except ValueError:
-        return {}
-    out = {}
-    for key, valid in _DEFAULT_CHECKS.items():
-        value = raw.get(key) if isinstance(raw, dict) else None
-        if isinstance(value, int | float) and not isinstance(value, bool) and valid(value):
-            out[key] = float(value)
-    return out
+    """The recommended settings a file carries (cfg_scale, cfg_end, steps, sampler, scheduler, width, height),
+    each checked as the request checks it; anything unknown or malformed is ignored (never fatal)."""
+    return fewstep.file_defaults(metadata)
 
 
-def recommended_defaults(path: Path) -> dict:
-    """The recommended settings of a model file without loading it (only .safetensors carry them); {} if none.
-    The header is read once per file version (the model list asks on every page load)."""
+def recommended_defaults(path: Path, short_hash: str | None = None) -> dict:
+    """The recommended settings of a model file without loading it (only .safetensors carry them): its own, over
+    its few-step kind's (SD-Turbo, LCM: ``fewstep.py``); {} if none. The header is read once per file version (the
+    model list asks on every page load). ``short_hash``: the file's, when known (an official Turbo file's)."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
     stat = path.stat()
-    return dict(_defaults_of_file(str(path), stat.st_mtime_ns, stat.st_size))
+    return dict(_defaults_of_file(str(path), stat.st_mtime_ns, stat.st_size, short_hash))
 
 
 @functools.lru_cache(maxsize=256)
-def _defaults_of_file(path: str, _mtime_ns: int, _size: int) -> dict:
+def _defaults_of_file(path: str, _mtime_ns: int, _size: int, short_hash: str | None) -> dict:
     try:
-        return _model_defaults(read_safetensors_header(Path(path))[1])
+        shapes, metadata = read_safetensors_header(Path(path))
     except ModelError:
         return {}
+    return fewstep.recommended(metadata, shapes, short_hash)
 
 
 def decide_prediction(
-    family: Family, *, explicit: str | None, yaml_hints: dict, metadata: dict, short_hash, name: str
+    family: Family, *, explicit: str | None, yaml_hints: dict, metadata: dict, short_hash, name: str,
+    turbo: bool = False,
 ) -> tuple[str, str]:
-    """(prediction, why). Order: explicit flag, YAML, file metadata, known official hash, family."""
+    """(prediction, why). Order: explicit flag, YAML, file metadata, family, known official hash, a Turbo model
+    (SD-Turbo is SD 2.1 at 512: eps)."""
     if explicit:
         return explicit, "--prediction"
     if "prediction" in yaml_hints:
@@ -209,6 +224,8 @@ def decide_prediction(
     known = KNOWN_PREDICTION_BY_HASH.get(short_hash() or "")
     if known:
         return known[0], f"known file {known[1]}"
+    if turbo:
+        return "eps", "a Turbo model"
     raise ModelError(
         f"{name} is an SD 2.x model, which comes as 768x768 v-prediction or 512x512 eps and the weights "
         "cannot tell which: add --prediction v (768 models) or --prediction eps (512 models), "
@@ -235,15 +252,53 @@ def _load_into(model, state: dict, what: str):
     return model
 
 
+LCM_COND_PROJ = "time_embedding.cond_proj.weight"  # an LCM UNet's guidance (w) embedding, diffusers' name
+
+
+def convert_unet(sd: dict, config) -> dict:
+    """The UNet's tensors of an original-layout state dict, in diffusers' names (diffusers' converter), with an LCM
+    UNet's guidance embedding, which LCM single files keep under its diffusers name and the converter leaves out."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    state = convert_ldm_unet_checkpoint(sd, config)
+    if (cond := sd.get(UNET_PREFIX + LCM_COND_PROJ)) is not None:
+        state[LCM_COND_PROJ] = cond
+    return state
+
+
+def build_xl_from_original(sd: dict, det: Detected):
+    """(unet, vae, text_encoder or None for the refiner, text_encoder_2) of an SDXL single file."""
+    import accelerate
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .convert import XL_CLIP_PREFIX, XL_OPENCLIP_PREFIX, XL_REFINER_OPENCLIP_PREFIX
+
+    refiner = not det.text_encoder
+    with accelerate.init_empty_weights():
+        unet = UNet2DConditionModel.from_config(det.unet)
+        vae = AutoencoderKL.from_config(det.vae)
+        text_encoder = None if refiner else CLIPTextModel(CLIPTextConfig(**det.text_encoder))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**det.text_encoder_2))
+    _load_into(unet, convert_unet(sd, unet.config), "UNet")
+    _load_into(vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE")
+    if text_encoder is not None:
+        te = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(XL_CLIP_PREFIX)},
+                                         remove_prefix=XL_CLIP_PREFIX)
+        te = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.items()}
+        _load_into(text_encoder, te, "CLIP-L text encoder")
+    prefix = XL_REFINER_OPENCLIP_PREFIX if refiner else XL_OPENCLIP_PREFIX
+    te2 = convert_openclip(sd, det.text_encoder_2["num_hidden_layers"], prefix=prefix, projection=True)
+    _load_into(text_encoder_2, te2, "OpenCLIP bigG text encoder")
+    return unet, vae, text_encoder, text_encoder_2
+
+
 def build_from_original(sd: dict, det: Detected, *, scale_factor: float | None = None):
     """(unet, vae, text_encoder) from an original-layout state dict and detected configs."""
     import accelerate
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-    )
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vae_config = dict(det.vae)
@@ -253,7 +308,7 @@ def build_from_original(sd: dict, det: Detected, *, scale_factor: float | None =
         unet = UNet2DConditionModel.from_config(det.unet)
         vae = AutoencoderKL.from_config(vae_config)
         text_encoder = CLIPTextModel(CLIPTextConfig(**det.text_encoder))
-    _load_into(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
+    _load_into(unet, convert_unet(sd, unet.config), "UNet")
     _load_into(vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE")
     if det.text_encoder_kind == "clip":
         te = convert_ldm_clip_checkpoint(sd)
@@ -264,8 +319,11 @@ def build_from_original(sd: dict, det: Detected, *, scale_factor: float | None =
     return unet, vae, text_encoder
 
 
-def convert_openclip(sd: dict, layers: int, prefix: str = "cond_stage_model.model.") -> dict:
-    """OpenCLIP text tower -> transformers CLIPTextModel keys, first ``layers`` blocks (penultimate for SD 2.x)."""
+def convert_openclip(sd: dict, layers: int, prefix: str = "cond_stage_model.model.", *,
+                     projection: bool = False) -> dict:
+    """OpenCLIP text tower -> transformers CLIPTextModel keys, first ``layers`` blocks (penultimate for SD 2.x);
+    ``projection`` (SDXL's bigG): its text projection too, for CLIPTextModelWithProjection (OpenCLIP multiplies
+    from the right: the Linear's weight is the transpose)."""
     out = {
         "text_model.embeddings.token_embedding.weight": sd[prefix + "token_embedding.weight"],
         "text_model.embeddings.position_embedding.weight": sd[prefix + "positional_embedding"],
@@ -284,6 +342,8 @@ def convert_openclip(sd: dict, layers: int, prefix: str = "cond_stage_model.mode
             out[f"{dst}self_attn.q_proj.{kind}"] = q
             out[f"{dst}self_attn.k_proj.{kind}"] = k
             out[f"{dst}self_attn.v_proj.{kind}"] = v
+    if projection:
+        out["text_projection.weight"] = sd[prefix + "text_projection"].T.contiguous()
     return out
 
 
@@ -293,34 +353,54 @@ def load_single_file(
     prediction: str | None = None,
     config_yaml: Path | None = None,
     short_hash=lambda: None,
+    turbo: bool = False,
 ) -> ModelParts:
+    """``turbo``: the request's ``--turbo`` (an SD 2.x file that cannot say its prediction is then SD-Turbo's eps);
+    whether the file itself is a few-step model is read from it (``fewstep.kind_of_file``)."""
     from .tokenizers import tokenizer_for
 
     shapes, metadata, sd = read_shapes(path)
     det = detect(shapes, path.name)
     yaml_path = config_yaml or next((p for p in (path.with_suffix(".yaml"),) if p.is_file()), None)
     hints = _yaml_hints(yaml_path)
+    kind, kind_why = fewstep.kind_of_file(metadata, short_hash)  # SD-Turbo / SDXL-Turbo: its metadata, or its hash
     pred, why = decide_prediction(
-        det.family, explicit=prediction, yaml_hints=hints, metadata=metadata, short_hash=short_hash, name=path.name
+        det.family, explicit=prediction, yaml_hints=hints, metadata=metadata, short_hash=short_hash, name=path.name,
+        turbo=turbo or kind == "turbo",
     )
     if sd is None:
         sd = load_state_dict(path)
-    unet, vae, text_encoder = build_from_original(sd, det, scale_factor=hints.get("scale_factor"))
+    text_encoder_2 = tokenizer_2 = None
+    if det.family.xl:
+        unet, vae, text_encoder, text_encoder_2 = build_xl_from_original(sd, det)
+        tokenizer_2 = tokenizer_for("openclip")  # bigG pads with "!" (id 0), as SD 2.x's OpenCLIP
+    else:
+        unet, vae, text_encoder = build_from_original(sd, det, scale_factor=hints.get("scale_factor"))
     depth_estimator = _depth_estimator(sd, det)
     del sd
-    size = _resolution(metadata) or ((768, 768) if pred == "v" and det.family.name == "sd2" else
-                                     (det.family.default_size,) * 2)
+    defaults = _model_defaults(metadata)
+    profile = fewstep.PROFILES.get(kind, {})
+    # the native size: its brushwork.defaults', its modelspec's, its few-step kind's (Turbo: 512), its family's
+    size = (_resolution(metadata) or _own_size(profile)
+            or ((768, 768) if pred == "v" and det.family.name == "sd2" else (det.family.default_size,) * 2))
+    size = (defaults.get("width", size[0]), defaults.get("height", size[1]))
     # a guess worth telling: a hash or a YAML picked the target (a file that names its own says nothing new)
     notes = [f"prediction {pred} (from {why})"] if why not in ("family", "file metadata", "--prediction") else []
     if det.family.unet_in_channels == 5 and depth_estimator is None:
         notes.append(f"{path.name} carries no depth estimator (depth_model.*): depth2img needs --depth-map")
     return ModelParts(
         name=path.stem, family=det.family, unet=unet, vae=vae, text_encoder=text_encoder,
-        tokenizer=tokenizer_for(det.text_encoder_kind),
+        tokenizer=None if text_encoder is None else tokenizer_for("clip" if det.family.xl else det.text_encoder_kind),
         scheduler_config=scheduler_config(pred, det.family), prediction=pred, default_size=size,
-        source="single-file", notes=notes, defaults=_model_defaults(metadata),
+        source="single-file", notes=notes, defaults=defaults,
         pipeline_config=shipped_pipeline_config(det.family), depth_estimator=depth_estimator,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, fewstep=kind, fewstep_why=kind_why,
     )
+
+
+def _own_size(profile: dict) -> tuple[int, int] | None:
+    """(width, height) a few-step kind's profile names, else None."""
+    return (profile["width"], profile["height"]) if "width" in profile and "height" in profile else None
 
 
 def _depth_estimator(sd: dict, det: Detected):
@@ -375,6 +455,10 @@ def load_diffusers_folder(path: Path, *, prediction: str | None = None) -> Model
 
     from .tokenizers import tokenizer_for
 
+    if (path / "text_encoder_2").is_dir():
+        parts = _load_xl_folder(path, prediction=prediction)
+        parts.fewstep, parts.fewstep_why = fewstep.kind_of_folder(path)  # SDXL-Turbo's own folder
+        return parts
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
@@ -401,10 +485,54 @@ def load_diffusers_folder(path: Path, *, prediction: str | None = None) -> Model
     side = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     if family.configs is not None:
         side = family.default_size
+    few = fewstep.kind_of_folder(path)  # SD-Turbo's own folder (an LCM UNet says so itself)
     return ModelParts(
         name=path.name, family=family, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler_config=base, prediction=pred, default_size=(side, side), source="diffusers",
         pipeline_config=_folder_pipeline_config(path, family), depth_estimator=_folder_depth_estimator(path, family),
+        fewstep=few[0], fewstep_why=few[1],
+    )
+
+
+def _load_xl_folder(path: Path, *, prediction: str | None = None) -> ModelParts:
+    """An SDXL diffusers folder: base (text_encoder + text_encoder_2), refiner (text_encoder_2 alone) or
+    inpainting (9 UNet input channels). Tokenizers from the folder when it has them, else the shipped ones."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .tokenizers import tokenizer_for
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True)
+        text_encoder = None
+        if (path / "text_encoder" / "config.json").is_file():
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelError(f"the diffusers folder {path} is incomplete or broken: {_short(err)}") from err
+    kind = "sdxl" if text_encoder is not None else "sdxl-refiner"
+    family = next((f for f in FAMILY_BY_NAME.values() if f.matches(kind, unet.config.in_channels)), None)
+    if family is None:
+        raise ModelError(f"{path.name}: an SDXL model with {unet.config.in_channels} UNet input channels is not "
+                         "supported")
+
+    def tokenizer(folder: str, kind: str):
+        if (path / folder / "vocab.json").is_file():
+            return CLIPTokenizer.from_pretrained(path / folder, local_files_only=True)
+        return tokenizer_for(kind)
+
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    base = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(shipped_config(family, "scheduler"))
+    base = with_own_spacing(base)
+    pred = prediction or ("v" if base.get("prediction_type") == "v_prediction" else "eps")
+    base["prediction_type"] = "v_prediction" if pred == "v" else "epsilon"
+    side = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return ModelParts(
+        name=path.name, family=family, unet=unet, vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer("tokenizer", "clip") if text_encoder is not None else None,
+        scheduler_config=base, prediction=pred, default_size=(side, side), source="diffusers",
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer("tokenizer_2", "openclip"),
     )
 
 

@@ -25,6 +25,16 @@ BUNDLED_NAME = "mini"
 # ComfyUI spell them so; any case); they are never checkpoints
 UPSCALER_FOLDERS = ("upscalers", "upscale_models", "esrgan", "realesrgan", "swinir", "dat")
 UPSCALER_SUFFIXES = (".pth", ".safetensors")
+# TAESD's tiny decoders (models/taesd.py) live in these top folders (A1111's VAE-approx/ and VAE-taesd/, ComfyUI's
+# vae_approx/; any case); never checkpoints, never full VAEs
+VAE_APPROX_FOLDERS = ("vae-approx", "vae_approx", "vae-taesd")
+# LoRAs (models/loras.py: A1111's Lora/ and LyCORIS/, ComfyUI's loras/) and textual-inversion embeddings
+# (models/embeddings.py: A1111's and ComfyUI's embeddings/) live in these top folders (any case); never checkpoints
+LORA_FOLDERS = ("lora", "loras", "lycoris")
+EMBEDDING_FOLDERS = ("embeddings",)
+# ControlNets (models/controlnets.py: A1111's ControlNet/, ComfyUI's controlnet/) and the preprocessors' annotator
+# weights live in these top folders (any case); never checkpoints
+CONTROLNET_FOLDERS = ("controlnet", "annotators")
 
 
 def bundled_model_path() -> Path:
@@ -129,7 +139,8 @@ class ModelStore:
             folders: list[Path] = []  # diffusers folders: their unet/, vae/, ... files are parts, not models
             for path in sorted(self.root.rglob("*")):
                 relative = path.relative_to(self.root)
-                if _in_vae_folder(relative) or _in_upscaler_folder(relative) or \
+                if _in_vae_folder(relative) or _in_upscaler_folder(relative) or _in_vae_approx_folder(relative) or \
+                        _in_network_folder(relative) or _in_controlnet_folder(relative) or \
                         any(f in path.parents for f in folders):
                     continue
                 if path.is_file() and path.suffix in MODEL_SUFFIXES and not _is_vae_file(path):
@@ -167,6 +178,14 @@ class ModelStore:
                     if kept is None or (kept.format != "safetensors" and path.suffix.lower() == ".safetensors"):
                         found[path.stem] = ModelEntry(path.stem, path, path.suffix[1:].lower())
         return sorted(found.values(), key=lambda e: e.name.lower())
+
+    def vae_approx(self) -> list[Path]:
+        """What the library's ``VAE_APPROX_FOLDERS`` hold (``vae-approx/``, A1111's ``VAE-approx/`` and ``VAE-taesd/``,
+        ComfyUI's ``vae_approx/``): their files and folders, sorted; ``models/taesd.py`` picks TAESD's among them."""
+        if not self.root.is_dir():
+            return []
+        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and _in_vae_approx_folder(Path(p.name)))
+        return [path for folder in folders for path in sorted(folder.iterdir())]
 
     def with_hash(self, entry: ModelEntry) -> ModelEntry:
         if entry.sha256 is None and entry.path.is_file():
@@ -257,8 +276,10 @@ def _family_of_folder(path: Path) -> str | None:
     te_file = path / "text_encoder" / "config.json"
     te = json.loads(te_file.read_text()) if te_file.is_file() else {}
     kind = "openclip" if te.get("hidden_act") == "gelu" else "clip"
-    return family_name({}, text_encoder=kind, in_channels=int(unet.get("in_channels", 4)),
-                       xl=(path / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time")
+    xl = (path / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time"
+    if xl and not te:
+        return "sdxl-refiner"  # bigG alone
+    return family_name({}, text_encoder=kind, in_channels=int(unet.get("in_channels", 4)), xl=xl)
 
 
 def _pickle_keys(path: Path) -> dict:
@@ -282,6 +303,18 @@ def _in_vae_folder(relative: Path) -> bool:
 
 def _in_upscaler_folder(relative: Path) -> bool:
     return bool(relative.parts) and relative.parts[0].lower() in UPSCALER_FOLDERS
+
+
+def _in_vae_approx_folder(relative: Path) -> bool:
+    return bool(relative.parts) and relative.parts[0].lower() in VAE_APPROX_FOLDERS
+
+
+def _in_network_folder(relative: Path) -> bool:
+    return bool(relative.parts) and relative.parts[0].lower() in LORA_FOLDERS + EMBEDDING_FOLDERS
+
+
+def _in_controlnet_folder(relative: Path) -> bool:
+    return bool(relative.parts) and relative.parts[0].lower() in CONTROLNET_FOLDERS
 
 
 def _is_vae_file(path: Path) -> bool:

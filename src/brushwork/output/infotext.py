@@ -148,10 +148,16 @@ def parse_infotext(text: str) -> dict:
     return result
 
 
-def request_from_infotext(text: str) -> dict:
-    """Keyword arguments for ``GenerationRequest`` that reproduce the image this infotext describes."""
+def request_from_infotext(text: str, loras=None) -> dict:
+    """Keyword arguments for ``GenerationRequest`` that reproduce the image this infotext describes. With ``loras``
+    (a ``models.loras.LoraLibrary``) a ``<lora:name:...>`` tag whose name finds no file of the library names the
+    file whose hash ``Lora hashes`` gives for it (as A1111 reads a pasted infotext)."""
     p = parse_infotext(text)
     out: dict = {"prompt": p.get("Prompt", ""), "negative_prompt": p.get("Negative prompt", "")}
+    if loras is not None and p.get("Lora hashes"):
+        from ..models.loras import with_names_from_hashes
+
+        out["prompt"] = with_names_from_hashes(out["prompt"], p["Lora hashes"], loras)
     conv = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
             "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
             "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Model": ("model", str),
@@ -159,7 +165,8 @@ def request_from_infotext(text: str) -> dict:
             "Emphasis": ("emphasis", str), "Mask blur": ("mask_blur", int), "Eta": ("eta", float),
             "Masked area padding": ("inpaint_full_res_padding", int), "Masked content": ("inpainting_fill", str),
             # the x4 upscaler's (brushwork's keys; A1111 has no such model)
-            "Noise level": ("noise_level", int), "Tile size": ("tile_size", int), "Tile overlap": ("tile_overlap", int)}
+            "Noise level": ("noise_level", int), "Tile size": ("tile_size", int), "Tile overlap": ("tile_overlap", int),
+            "Refiner": ("refiner", str), "Refiner switch at": ("refiner_switch_at", float)}
     _convert(p, conv, out)
     out.setdefault("cfg_end", 1.0)  # written whenever CFG ended early: without it, every step had CFG
     out.setdefault("emphasis", "Original")  # as A1111: written only when not the default

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.samplers import SAMPLERS, SCHEDULE_TYPES
-from ..request import GenerationRequest, Mode, Precision
+from ..request import ControlUnit, GenerationRequest, Mode, Precision
 from .edge import StrictJSONRoute
 from .state import HTTPError, ServerState
 from .state import state_of as _state
@@ -48,6 +48,28 @@ def declared(name: str, default: Any, description: str | None = None) -> Any:
     return Field(default, description=description, json_schema_extra=schema or None)
 
 
+class ControlUnitBody(BaseModel):
+    """A ControlNet unit (``request.ControlUnit``): the A1111 ControlNet extension's unit fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="a ControlNet of the library's controlnet/ folder (GET /controlnet/model_list)")
+    image: str | None = Field(None, description="base64 picture it follows; null = the init image (img2img, inpaint)")
+    module: str = Field("none", description="the preprocessor (GET /controlnet/module_list)")
+    weight: float = Field(1.0, json_schema_extra={"minimum": 0, "maximum": 2})
+    guidance_start: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 1})
+    guidance_end: float = Field(1.0, json_schema_extra={"minimum": 0, "maximum": 1})
+    control_mode: str | int = Field("Balanced", description="Balanced, My prompt is more important, ControlNet is "
+                                                            "more important (or 0, 1, 2)")
+    resize_mode: str | int = Field("Crop and Resize", description="Just Resize, Crop and Resize, Resize and Fill "
+                                                                  "(or 0, 1, 2)")
+    processor_res: int = Field(-1, description="the preprocessor's resolution (-1 = its default, 512)")
+    threshold_a: float = Field(-1, description="the preprocessor's first setting (-1 = its default)")
+    threshold_b: float = Field(-1, description="the preprocessor's second setting (-1 = its default)")
+    pixel_perfect: bool = False
+    mask: str | None = None
+
+
 class JobRequest(BaseModel):
     """A generation request: the ``GenerationRequest`` fields (see ``brushwork txt2img --help``)."""
 
@@ -57,12 +79,14 @@ class JobRequest(BaseModel):
     negative_prompt: str = ""
     mode: Mode = Mode.TXT2IMG
     model: str | None = Field(None, description="a model name from the library (GET /api/v1/models); null = default")
-    sampler: str = Field("Euler a", json_schema_extra={"enum": [x.name for x in SAMPLERS]},
-                         description="a sampler name (GET /api/v1/samplers; A1111's aliases work too)")
+    sampler: str | None = Field(None, json_schema_extra={"enum": [*(x.name for x in SAMPLERS), None]},
+                                description="a sampler name (GET /api/v1/samplers; A1111's aliases work too); null "
+                                            "= the model's recommendation (an LCM model: LCM), else Euler a")
     scheduler: str = Field("Automatic", json_schema_extra={"enum": list(SCHEDULE_TYPES)})
-    vae: str | None = Field(None, description="a VAE of the library by name (GET /sdapi/v1/sd-vae); null, "
+    vae: str | None = Field(None, description="a VAE of the library by name (GET /sdapi/v1/sd-vae; \"taesd\", "
+                                              "\"taesdxl\": the tiny decoder, when in vae-approx/); null, "
                                               "\"Automatic\" or \"None\" = the model's own")
-    steps: int = declared("steps", 20)
+    steps: int | None = declared("steps", None, "null = the model's recommendation (SD-Turbo: 1, LCM: 4), else 20")
     cfg_scale: float | None = declared("cfg_scale", None, "null = the model's recommended scale, else 7")
     cfg_end: float | None = Field(None, description="fraction of the steps with CFG; the last ones follow the "
                                                     "prompt alone (null = the model's recommendation, else 1)")
@@ -110,12 +134,19 @@ class JobRequest(BaseModel):
                                         description="hires fix: the second pass's schedule type (null = scheduler)")
     hires_prompt: str = Field("", description="hires fix: the second pass's prompt (empty = prompt)")
     hires_negative_prompt: str = Field("", description="hires fix: the second pass's negative prompt")
+    refiner: str | None = Field(None, description="SDXL: a refiner model (GET /api/v1/models) for the last steps")
+    refiner_switch_at: float = declared("refiner_switch_at", 0.8, "with a refiner: the fraction of the steps the "
+                                                                  "model runs before the refiner takes over")
     prediction: str | None = Field(None, json_schema_extra={"enum": ["eps", "v", None]},
                                    description="null = read from the model")
     precision: Precision = Precision.AUTO
     watermark: bool | None = None
     fast: bool | int = Field(False, description="fast mode: reuse the UNet's deep features between full steps "
                                                 "(true = every 3rd step in full, or that interval); a little less detail")
+    turbo: bool | None = Field(None, description="a Turbo model (SD-Turbo, SDXL-Turbo): 1 step, CFG 1, SGM Uniform, "
+                                                 "512x512 where not given; null = as the model file says")
+    controlnet: list[ControlUnitBody] = Field(default_factory=list, description="ControlNet units (txt2img, img2img, "
+                                                                                "inpaint); see docs/controlnet.md")
 
 
 def _job_view(state: ServerState, job: Job) -> dict[str, Any]:
@@ -146,6 +177,7 @@ async def create_job(body: JobRequest, request: Request):
     data = body.model_dump()
     data["watermark"] = state.settings.watermark if body.watermark is None else body.watermark
     init_b64, mask_b64, depth_b64 = data.pop("init_image"), data.pop("mask_image"), data.pop("depth_map")
+    units = data.pop("controlnet") or []
     if isinstance(data["fast"], bool):
         data["fast"] = 3 if data["fast"] else 0
 
@@ -157,6 +189,9 @@ async def create_job(body: JobRequest, request: Request):
             gen.mask_image = state.decode_image(mask_b64, "mask image")
         if depth_b64:
             gen.depth_map = state.decode_image(depth_b64, "depth map", high_depth=True)
+        gen.controlnet = [ControlUnit(**{**unit, **{key: state.decode_image(unit[key], f"ControlNet unit {i} {key}")
+                                                    for key in ("image", "mask") if unit.get(key)}})
+                          for i, unit in enumerate(units)]
         return state.submit(gen, source="api")
 
     job = await anyio.to_thread.run_sync(accept)
@@ -363,7 +398,8 @@ def models(request: Request):
         out.append({"name": e.name, "title": getattr(e, "title", e.name), "family": getattr(e, "family", None),
                     "hash": getattr(e, "short_hash", None), "sha256": getattr(e, "sha256", None),
                     "current": current is not None and e.name == current.name,
-                    "defaults": recommended_defaults(e.path) if getattr(e, "path", None) else {}})
+                    "defaults": recommended_defaults(e.path, getattr(e, "short_hash", None))
+                    if getattr(e, "path", None) else {}})
     return {"models": out}
 
 

@@ -41,7 +41,7 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from . import api, sdapi
+    from . import api, controlnet, sdapi
 
     settings = settings or Settings.load()
     outputs_dir = Path(settings.outputs_dir).expanduser().resolve()
@@ -109,6 +109,7 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
         "Payload Too Large", f"the request is larger than the upload limit ({settings.max_upload_bytes} bytes)"))
 
     app.include_router(sdapi.router)
+    app.include_router(controlnet.router)  # A1111's ControlNet extension's /controlnet/*
     app.include_router(api.router)
 
     @app.get("/", include_in_schema=False)

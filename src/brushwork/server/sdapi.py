@@ -172,8 +172,10 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
     # scripts it does not have, too)
     if body.script_name:
         raise HTTPError(422, f"Script '{body.script_name}' not found; this server has no scripts")
-    for name in body.alwayson_scripts or {}:
-        raise HTTPError(422, f"always on script {name} not found; this server has no extensions")
+    # A1111's ControlNet extension's units (server/controlnet.py); any other always-on script is refused there
+    from .controlnet import units_from_scripts
+
+    control_units, control_notes = units_from_scripts(state, body.alwayson_scripts or {})
     if body.restore_faces:
         raise InvalidRequest("face restoration is not supported; send restore_faces: false")
     if body.tiling:
@@ -223,6 +225,9 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
         emphasis=option("emphasis", "Original"),
         comma_padding_backtrack=backtrack,
         watermark=state.settings.watermark,
+        refiner=body.refiner_checkpoint if body.refiner_checkpoint not in (None, "", "None") else None,
+        refiner_switch_at=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
+        controlnet=control_units,
     )
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         _hires(body, request)
@@ -243,7 +248,7 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
             request.inpaint_full_res = bool(body.inpaint_full_res)
             request.inpaint_full_res_padding = body.inpaint_full_res_padding
             request.inpainting_mask_invert = bool(body.inpainting_mask_invert)
-    return request, [note] if note else []
+    return request, ([note] if note else []) + control_notes
 
 
 def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
@@ -567,8 +572,31 @@ async def latent_upscale_modes(request: Request):
 
 
 @router.get("/embeddings")
-async def embeddings(request: Request):
-    return {"loaded": {}, "skipped": {}}
+def embeddings(request: Request):
+    """As A1111: the library's embeddings/ by name, {step, sd_checkpoint, sd_checkpoint_name, shape, vectors};
+    "loaded" fit the current model's text encoders, "skipped" do not."""
+    engine = _state(request).engine
+    if not hasattr(engine, "embedding_database"):
+        return {"loaded": {}, "skipped": {}}
+    db = engine.embedding_database()
+    return {"loaded": {name: e.to_json() for name, e in db.loaded.items()},
+            "skipped": {name: e.to_json() for name, e in db.skipped.items()}}
+
+
+@router.get("/loras")
+def loras(request: Request):
+    """A1111's Lora extension's route: the library's lora/ files, [{name, alias, path, metadata}]."""
+    library = getattr(_state(request).engine, "loras", None)
+    return [f.to_json() for f in library.files()] if library is not None else []
+
+
+@router.post("/refresh-loras")
+def refresh_loras(request: Request):
+    """As A1111's: the list is read again (here every listing reads the folder; changed files are read again)."""
+    library = getattr(_state(request).engine, "loras", None)
+    if library is not None:
+        library.files()
+    return None
 
 
 @router.get("/scripts")

@@ -69,8 +69,15 @@ class ServerState:
         return str(entry.path) if Path(entry.name).exists() else entry.name
 
     def vaes(self) -> list[Any]:
+        """The library's VAEs, then its tiny decoders (vae-approx/: "taesd", "taesdxl"; format "taesd")."""
         store = getattr(self.engine, "store", None)
-        return list(store.vaes()) if store is not None and hasattr(store, "vaes") else []
+        if store is None or not hasattr(store, "vaes"):
+            return []
+        from ..models import taesd
+        from ..models.store import ModelEntry
+
+        tiny = [ModelEntry(f.name, f.path, "taesd") for f in taesd.library_files(store).values()]
+        return list(store.vaes()) + tiny
 
     def resolve_vae(self, name: str | None) -> str | None:
         """The file of a library VAE named ``name`` (file name or stem); None, "Automatic" and "None": the model's
@@ -84,7 +91,12 @@ class ServerState:
         entries = self.vaes()
         for entry in entries:
             if name.strip() in (entry.name, Path(entry.name).stem, Path(entry.name).stem.removesuffix(".vae")):
-                return str(entry.path)
+                return entry.name if entry.format == "taesd" else str(entry.path)  # the engine knows "taesd"
+        from ..models import taesd
+
+        store = getattr(self.engine, "store", None)
+        if name.strip().lower() in taesd.TINY_VAES and store is not None:
+            raise InvalidRequest(taesd.missing(name.strip().lower(), store))
         names = ", ".join(e.name for e in entries) or "(no VAE in the library's vae/ folder)"
         raise InvalidRequest(f"unknown VAE {name!r}; choose one of: Automatic, None, {names}")
 
@@ -109,6 +121,8 @@ class ServerState:
     def check_request(self, request: GenerationRequest) -> GenerationRequest:
         """Everything a caller can get wrong, checked before the job is accepted."""
         request.model = self.resolve_model(request.model)
+        if request.refiner is not None:
+            request.refiner = self.resolve_model(request.refiner)
         request.vae = self.resolve_vae(request.vae)
         request.config = None  # a file path: HTTP callers choose models by name only
         # the device and memory policy belong to whoever runs the server, not to HTTP callers
@@ -121,6 +135,14 @@ class ServerState:
                     f"{self.settings.max_image_pixels} pixels; make it smaller"
                 )
         request.validate()
+        if getattr(self.engine, "loras", None) is not None:  # <lora:name> tags: a name not in the library, now
+            from ..engine.networks import check_loras
+
+            check_loras(request, self.engine.loras)
+        if request.controlnet:  # the units' models by library name, their preprocessors: refused now
+            from ..engine.controlnet import check_units
+
+            check_units(request, getattr(self.engine, "controlnets", None), self.settings.max_image_pixels)
         if request.hires_enabled:  # a library upscaler model's name: refused now, not when the job runs
             from ..engine.upscalers import hires_upscaler
 
@@ -134,6 +156,10 @@ class ServerState:
             if isinstance(value, int) and value > limit:
                 raise InvalidRequest(f"{value} {what} is over this server's limit of {limit} (its owner can change "
                                      f"BRUSHWORK_{name.upper()})")
+        if (request.width is None or request.height is None) and (native := self._native_side(request)):
+            if native > limits.max_side:  # the size left to the model (or its init image) must fit the limit too
+                raise InvalidRequest(f"the picture would be {native} pixels a side (the model's native size), over "
+                                     f"this server's limit of {limits.max_side}; give a smaller width and height")
         if request.mode.value == "upscale":  # the x4 upscaler's output, which width / height do not give
             from ..request import UPSCALE_FACTOR
 
@@ -142,6 +168,24 @@ class ServerState:
                 raise InvalidRequest(f"upscaling makes a picture {side} pixels a side, over this server's limit of "
                                      f"{limits.max_side} (its owner can change BRUSHWORK_MAX_SIDE)")
         return request
+
+    def _native_side(self, request: GenerationRequest) -> int | None:
+        """The larger side a request without width / height gets: its init image's (img2img, inpaint, ...), else
+        the model's native size as its family says (read from the file's header); None where it cannot be told."""
+        if request.mode.value == "upscale":
+            return None  # checked with the x4 factor below
+        if request.init_image is not None and request.mode.value != "txt2img":
+            return max(request.init_image.size)
+        store, resolve = getattr(self.engine, "store", None), getattr(self.engine, "resolve", None)
+        if store is None or resolve is None:
+            return None
+        from ..models.families import FAMILY_BY_NAME
+
+        try:
+            family = FAMILY_BY_NAME.get(store.with_family(resolve(request.model)[0]).family or "")
+        except (BrushworkError, OSError):
+            return None
+        return family.default_size if family is not None else None
 
     def submit(self, request: GenerationRequest, *, source: str = "api") -> Job:
         request = self.check_request(request)

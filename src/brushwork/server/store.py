@@ -23,8 +23,17 @@ from typing import Any
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINISHED = (DONE, FAILED, CANCELLED)
-INPUT_IMAGES = ("init_image", "mask_image", "depth_map")  # kept apart from the request: listing jobs must not read megabytes
+INPUT_IMAGES = ("init_image", "mask_image", "depth_map", "controlnet")  # kept apart from the request: listing jobs must not read megabytes
 IMAGE_MARK = "<image>"
+JSON_INPUTS = ("controlnet",)  # inputs kept as JSON (the ControlNet units: their settings stay in the request, marked)
+
+
+def _marked(name: str, value: Any) -> Any:
+    """What the stored request shows of an input: the mark, or (ControlNet units) each unit with its pictures marked."""
+    if name in JSON_INPUTS and isinstance(value, list):
+        return [{**u, **{k: IMAGE_MARK for k in ("image", "mask") if u.get(k)}} if isinstance(u, dict) else u
+                for u in value]
+    return IMAGE_MARK
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -118,7 +127,7 @@ class Job:
         request = dict(self.request)
         if not with_images:
             for key in INPUT_IMAGES:
-                if request.get(key) is not None:
+                if request.get(key) is not None and key not in JSON_INPUTS:  # the units are marked when stored
                     request[key] = IMAGE_MARK
         return {
             "id": self.id,
@@ -188,7 +197,8 @@ class JobStore:
 
     def create(self, request: dict[str, Any], *, source: str = "api") -> Job:
         inputs = {k: request[k] for k in INPUT_IMAGES if request.get(k)}
-        stored = {**request, **{k: IMAGE_MARK for k in inputs}}
+        stored = {**request, **{k: _marked(k, v) for k, v in inputs.items()}}
+        inputs = {k: v if isinstance(v, str) else json.dumps(v) for k, v in inputs.items()}
         job = Job(id=uuid.uuid4().hex, status=QUEUED, request=stored, created=time.time(), source=source)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -216,7 +226,7 @@ class JobStore:
             job = _row_to_job(row)
             if with_inputs:
                 for name, data in self._db.execute("SELECT name, data FROM job_inputs WHERE job_id=?", (job_id,)):
-                    job.request[name] = data
+                    job.request[name] = json.loads(data) if name in JSON_INPUTS else data
         return job
 
     def status(self, job_id: str) -> str | None:

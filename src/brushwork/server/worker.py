@@ -165,7 +165,7 @@ class Worker:
         status, result, error, recorded = FAILED, None, None, False
         try:
             request = GenerationRequest.from_dict(job.request).validate()
-            live.total, live.batches = request.steps, request.n_iter
+            live.total, live.batches = request.steps or 0, request.n_iter  # None: the model's, known at the first step
 
             saved_at = [0.0]
 
@@ -250,8 +250,9 @@ class Worker:
         images, rows = [], []
         root = self.outputs_dir.resolve()
         ran = getattr(out, "request", None)  # what ran: open settings filled in by the model's defaults
-        asked = ({**job.request, "cfg_scale": ran.cfg_scale, "cfg_end": ran.cfg_end} if ran is not None
-                 else job.request)
+        asked = ({**job.request, **{key: getattr(ran, key) for key in ("cfg_scale", "cfg_end", "steps", "sampler",
+                                                                       "scheduler")}}
+                 if ran is not None else job.request)
         for i, path in enumerate(paths):
             image = out.images[i] if i < len(out.images) else None
             seed = out.seeds[i] if i < len(out.seeds) else None
@@ -274,8 +275,30 @@ class Worker:
             "notes": list(getattr(out, "notes", []) or []),
             "timings": dict(getattr(out, "timings", {}) or {}),
             "interrupted": bool(getattr(out, "interrupted", False)),
+            "extras": extras_view(getattr(out, "extras", None) or {}),
         }
         return result, rows
+
+
+def extras_view(extras: dict[str, Any]) -> dict[str, Any]:
+    """What the task made beside the pictures (``GenerationResult.extras``), JSON-safe: a picture (depth2img's
+    ``depth_map``, at the latent size: a few KB) as a PNG ``data:`` URL, a plain value as it is."""
+    import base64
+
+    from PIL import Image
+
+    from ..output.files import encode_png
+
+    view: dict[str, Any] = {}
+    for key, value in extras.items():
+        if isinstance(value, Image.Image):
+            view[key] = "data:image/png;base64," + base64.b64encode(encode_png(value)).decode("ascii")
+        elif isinstance(value, list) and value and all(isinstance(v, Image.Image) for v in value):
+            # ControlNet's maps, one a unit (``controlnet_maps``)
+            view[key] = ["data:image/png;base64," + base64.b64encode(encode_png(v)).decode("ascii") for v in value]
+        elif value is None or isinstance(value, str | int | float | bool):
+            view[key] = value
+    return view
 
 
 def _save_result(result: Any, outdir: Path, job_id: str) -> list[tuple[Path, Path]]:

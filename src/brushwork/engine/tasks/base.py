@@ -4,6 +4,7 @@ and ``run_pipe``, the one denoising loop with progress, cancel, interrupt, skip 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,14 @@ def text_to_image_models(parts) -> str | None:
     return None
 
 
+# A task names the SD pipeline it runs; on an SDXL model the same task runs SDXL's pipeline of that kind
+XL_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionXLInpaintPipeline",
+}
+
+
 @dataclass(frozen=True)
 class Task:
     mode: Mode
@@ -60,6 +69,8 @@ class Task:
     watermark: Callable[[RunContext, list], list] = lambda ctx, images: watermarked(images)  # when it is on
     # latents -> (pictures, fell back to fp32); None: ``run.decode`` with the memory mode's VAE settings
     decode: Callable[[RunContext, Any], tuple[list, bool]] | None = None
+    refines: bool = False  # hands the last steps to SDXL's refiner when the request names one (``with_refiner``)
+    notes: Callable[[RunContext], list[str]] = lambda ctx: []  # what the run did that the user should know, at its end
 
 
 def watermarked(images: list) -> list:
@@ -90,8 +101,33 @@ class RunContext:
     data: dict[str, Any] = field(default_factory=dict)  # what a task's prepare() made, for its denoise()
     extras: dict[str, Any] = field(default_factory=dict)  # what the result carries beside the pictures (its extras)
     settings: Any = None  # the engine's Settings (its library: upscaler models); None: Settings.load()
-    _pipes: dict[str, Any] = field(default_factory=dict)
-    _embeds: tuple | None = None
+    refiner: Any = None  # SDXL's refiner (models.load.ModelParts) when the request names one
+    networks: Any = None  # the request's LoRAs and embeddings (engine.networks.Networks); None: none
+    controlnet: Any = None  # the request's ControlNet units (engine.controlnet.Controls); None: none
+    _pipes: dict[tuple, Any] = field(default_factory=dict)
+    _embeds: dict[int, tuple] = field(default_factory=dict)
+    _preview_vae: tuple | None = None  # (TAESD decoder or None,) once looked up for this run; None: not yet
+
+    def preview(self, latents):
+        """The progress report's picture of ``latents``: TAESD's decode when the library's vae-approx/ has the one
+        that fits (``models/taesd.py``), else ``run.latent_preview``'s. Never fails the run: a TAESD that does not
+        load or decode is logged once and the rest of the run previews without it."""
+        import logging
+
+        from ...models import taesd
+        from ..run import latent_preview
+
+        if self._preview_vae is None:
+            self._preview_vae = (taesd.preview_decoder(self.settings, self.parts, device=latents.device,
+                                                       dtype=latents.dtype),)
+        tiny = self._preview_vae[0]
+        if tiny is not None:
+            try:
+                return latent_preview(self.parts.vae, latents, tiny)
+            except Exception as err:  # a preview must never fail the run
+                logging.getLogger(__name__).warning("live previews go on without TAESD: its decode failed (%s)", err)
+                self._preview_vae = (None,)
+        return latent_preview(self.parts.vae, latents)
 
     @property
     def latent_channels(self) -> int:
@@ -102,23 +138,37 @@ class RunContext:
     def vae_factor(self) -> int:
         return 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
 
-    def pipe(self, class_name: str, scheduler=None):
-        """A diffusers pipeline of this class over the loaded components (made once per run), in the current
-        memory mode."""
+    def pipe(self, class_name: str, scheduler=None, parts=None):
+        """A diffusers pipeline of this class over the loaded components (``parts``: others', e.g. the refiner's)
+        made once per run, in the current memory mode."""
         import diffusers
 
+        from ..controlnet import pipeline_name as controlnet_pipeline
         from ..samplers import build_scheduler
 
-        if class_name not in self._pipes:
-            parts = self.parts
-            cls = getattr(diffusers, class_name)
-            pipe = cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-                       scheduler=scheduler or build_scheduler(parts.scheduler_config, self.request.sampler,
-                                                              self.request.scheduler),
-                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        parts = parts or self.parts
+        key = (class_name, id(parts))
+        if key not in self._pipes:
+            scheduler = scheduler or build_scheduler(parts.scheduler_config, self.request.sampler,
+                                                     self.request.scheduler)
+            # ControlNet units (the model's, not the refiner's): the ControlNet pipeline of the same kind
+            controls = self.controlnet if self.controlnet and parts is self.parts else None
+            control = {"controlnet": controls.model} if controls else {}
+            if parts.family.xl:  # the same task on SDXL's pipeline of that kind
+                name = XL_PIPELINES[class_name] if not controls else controlnet_pipeline(class_name, True)
+                cls = getattr(diffusers, name)
+                extra = {"requires_aesthetics_score": parts.text_encoder is None} if "Img2Img" in cls.__name__ else {}
+                pipe = cls(vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+                           tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet,
+                           scheduler=scheduler, add_watermarker=False, **extra, **control)
+            else:
+                cls = getattr(diffusers, class_name if not controls else controlnet_pipeline(class_name, False))
+                pipe = cls(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                           requires_safety_checker=False, **control)
             pipe.set_progress_bar_config(disable=True)
-            self._pipes[class_name] = pipe
-        pipe = self._pipes[class_name]
+            self._pipes[key] = pipe
+        pipe = self._pipes[key]
         self.apply_memory(pipe)
         return pipe
 
@@ -135,22 +185,63 @@ class RunContext:
         noise = torch.stack([torch.randn((self.latent_channels, h, w), generator=g) for g in generators])
         return noise.to(self.policy.device, self.policy.latent_dtype)
 
-    def embeddings(self, n: int, prompt: str | None = None, negative: str | None = None) -> dict:
-        """Prompt and negative embeddings (A1111's weighting and chunking), repeated for a batch of ``n``."""
+    def embeddings(self, n: int, prompt: str | None = None, negative: str | None = None, parts=None) -> dict:
+        """Prompt and negative embeddings (A1111's weighting and chunking), repeated for a batch of ``n``; by the
+        model's text encoders, or ``parts``' (the refiner's)."""
         from .. import prompts
 
         r = self.request
-        if prompt is None and negative is None and self._embeds is not None:
-            pos, neg = self._embeds
+        parts = parts or self.parts
+        own = prompt is None and negative is None
+        text = r.prompt if prompt is None else prompt
+        networks = self.networks if parts is self.parts else None  # LoRAs, embeddings: the model's, not the refiner's
+        if networks is not None:  # the LoRAs this prompt's <lora:...> tags name, at their strengths (engine.networks)
+            networks.activate(text)
+        if own and id(parts) in self._embeds:
+            embeds = self._embeds[id(parts)]
         else:
-            pos, neg = prompts.encode(self.parts.text_encoder, self.parts.tokenizer,
-                                      r.prompt if prompt is None else prompt,
-                                      r.negative_prompt if negative is None else negative,
-                                      clip_skip=r.clip_skip, device=self.policy.device, emphasis=r.emphasis,
-                                      comma_padding_backtrack=r.comma_padding_backtrack)
-            if prompt is None and negative is None:
-                self._embeds = (pos, neg)
-        return {"prompt_embeds": pos.repeat(n, 1, 1), "negative_prompt_embeds": neg.repeat(n, 1, 1)}
+            texts = (prompts.strip_extra_networks(text), r.negative_prompt if negative is None else negative)
+            if not self.guided(parts):  # no CFG: the negative prompt is never read, so it is not encoded
+                texts = (texts[0], None)
+            options = dict(clip_skip=r.clip_skip, device=self.policy.device, emphasis=r.emphasis,
+                           comma_padding_backtrack=r.comma_padding_backtrack,
+                           embeddings=networks.embeddings if networks is not None else None)
+            if parts.family.xl:
+                encoders = [(te, tok) for te, tok in ((parts.text_encoder, parts.tokenizer),
+                                                      (parts.text_encoder_2, parts.tokenizer_2)) if te is not None]
+                embeds = prompts.encode_xl(encoders, *texts, **options)
+            else:
+                embeds = prompts.encode(parts.text_encoder, parts.tokenizer, *texts, **options)
+            if own:
+                self._embeds[id(parts)] = embeds
+        out = {"prompt_embeds": embeds[0].repeat(n, 1, 1), "negative_prompt_embeds": embeds[1].repeat(n, 1, 1)}
+        if len(embeds) == 4:  # SDXL's pooled text
+            out.update(pooled_prompt_embeds=embeds[2].repeat(n, 1),
+                       negative_pooled_prompt_embeds=embeds[3].repeat(n, 1))
+        return out
+
+    def guided(self, parts=None) -> bool:
+        """Whether the run uses CFG (a negative prompt): as diffusers decides it, CFG scale above 1 and a UNet that
+        does not take the guidance as an embedding (LCM's)."""
+        unet = (parts or self.parts).unet
+        return float(self.request.cfg_scale) > 1 and getattr(unet.config, "time_cond_proj_dim", None) is None
+
+    def with_refiner(self, pipe, **kwargs):
+        """``run_pipe(pipe, **kwargs)``; with a refiner, the model stops at ``refiner_switch_at`` of the schedule and
+        the refiner denoises the rest of the same schedule (diffusers' ``denoising_end`` / ``denoising_start``), as
+        A1111 switches checkpoints mid-sampling. Progress counts both as one run."""
+        if self.refiner is None:
+            return self.run_pipe(pipe, **kwargs)
+        r = self.request
+        switch = float(r.refiner_switch_at)
+        steps = int(kwargs["num_inference_steps"])
+        total = steps if "strength" not in kwargs else min(steps, int(steps * float(kwargs["strength"])))
+        latents = self.run_pipe(pipe, denoising_end=switch, total=total, **kwargs)
+        done = getattr(pipe, "_num_timesteps", 0)
+        refiner = self.pipe("StableDiffusionImg2ImgPipeline", parts=self.refiner)
+        return self.run_pipe(refiner, **self.embeddings(latents.shape[0], parts=self.refiner), image=latents,
+                             denoising_start=switch, num_inference_steps=steps, generator=kwargs.get("generator"),
+                             step_offset=done, total=total)
 
     def run_pipe(self, pipe, *, step_offset: int = 0, total: int | None = None, **kwargs):
         """Run one denoising loop to latents, reporting progress (steps ``step_offset`` + 1.. of ``total``);
@@ -158,7 +249,7 @@ class RunContext:
         import torch
 
         from ..deepcache import deep_cache, interval_for
-        from ..run import end_guidance_after, latent_preview
+        from ..run import end_guidance_after
         from ..tome import token_merging
 
         r, control, parts = self.request, self.control, self.parts
@@ -171,19 +262,25 @@ class RunContext:
                 raise Stop(callback_kwargs["latents"], step_offset + i + 1, steps)
             end_guidance_after(r.cfg_end, p, i, callback_kwargs)
             if control.progress is not None:
-                preview = latent_preview(parts.vae, callback_kwargs["latents"]) if control.want_previews else None
+                preview = self.preview(callback_kwargs["latents"]) if control.want_previews else None
                 control.progress(ProgressInfo(step=step_offset + i + 1, total=steps, batch=self.batch,
                                               batches=r.n_iter, preview=preview))
             return callback_kwargs
 
         kwargs.setdefault("guidance_scale", float(r.cfg_scale))
         kwargs.setdefault("eta", float(r.eta))
+        controls = self.controlnet if self.controlnet and getattr(pipe, "controlnet", None) is not None else None
+        tensors = ("latents", "prompt_embeds", "mask", "masked_image_latents", "depth_mask", "add_text_embeds",
+                   "add_time_ids")
+        if controls:  # the units' maps, weights, start / end (engine.controlnet); their images halve with CFG end
+            kwargs.update(controls.inputs(pipe, self, kwargs))
+            tensors += ("image", "control_image")
         with (torch.inference_mode(), deep_cache(parts.unet, interval_for(r.fast)),
-              token_merging(parts.unet, float(r.token_merging_ratio))):
+              token_merging(parts.unet, float(r.token_merging_ratio)),
+              controls.applied(pipe) if controls else nullcontext()):
             out = pipe(**kwargs, output_type="latent", callback_on_step_end=on_step_end,
-                       callback_on_step_end_tensor_inputs=[
-                           name for name in ("latents", "prompt_embeds", "mask", "masked_image_latents", "depth_mask")
-                           if name in pipe._callback_tensor_inputs])
+                       callback_on_step_end_tensor_inputs=[name for name in tensors
+                                                           if name in pipe._callback_tensor_inputs])
         return out.images
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from ...request import HIRES_LATENT_MODES, GenerationRequest, Mode
 from .base import RunContext, Task
+from .txt2img import no_refiner_alone
 
 
 def second_pass(request: GenerationRequest) -> tuple[int, int, float]:
@@ -145,4 +146,4 @@ def infotext(r: GenerationRequest) -> dict:
 
 
 TASK = Task(mode=Mode.TXT2IMG, pipeline="StableDiffusionPipeline", denoise=denoise, prepare=prepare,
-            infotext=infotext)
+            infotext=infotext, accepts=no_refiner_alone)

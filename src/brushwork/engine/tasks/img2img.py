@@ -24,10 +24,10 @@ def denoise(ctx: RunContext, seeds: list[int]):
         from .txt2img import denoise as txt2img
 
         return txt2img(ctx, seeds)
-    return ctx.run_pipe(ctx.pipe("StableDiffusionImg2ImgPipeline"), **ctx.embeddings(len(seeds)),
+    return ctx.with_refiner(ctx.pipe("StableDiffusionImg2ImgPipeline"), **ctx.embeddings(len(seeds)),
                         num_inference_steps=r.steps, generator=ctx.generators(seeds), image=ctx.data["init"],
                         strength=float(r.strength))
 
 
 TASK = Task(mode=Mode.IMG2IMG, pipeline="StableDiffusionImg2ImgPipeline", denoise=denoise, prepare=prepare,
-            passthrough=passthrough, infotext=lambda request: {"Denoising strength": request.strength})
+            passthrough=passthrough, infotext=lambda request: {"Denoising strength": request.strength}, refines=True)

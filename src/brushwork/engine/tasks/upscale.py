@@ -15,6 +15,12 @@ Tiles (``tile_size``, ``tile_overlap``, in low-res pixels = latent pixels): an i
 the UNet per overlapping tile at every step, blended (``engine.tiles``), and decodes per tile; memory is bounded by
 the tile, not the picture. Smaller inputs run whole, exactly as the plain pipeline.
 
+Out of memory (``smaller_tiles``): the UNet's denoising, or the decode, runs again in tiles of half the size (and
+half the overlap), down to ``MIN_TILE`` latent pixels, in any memory mode: memory is bounded by the tile, so this is
+what frees it (an input no larger than the tile then runs in tiles). The same seeds; the picture changes a little,
+as any tiling does, and the result's notes say the tile it ended with. At the smallest tile the error goes on to the
+memory ladder (``memory.Ladder``: the lower modes, in ``auto``), which keeps that tile.
+
 CFG: with an empty prompt and an empty negative prompt the two halves of CFG get the same text, so
 ``uncond + s * (cond - uncond)`` is ``cond``: the same prediction for half the UNet passes. Such a request runs
 without CFG, whatever its scale (the picture is the same, up to float rounding).
@@ -30,6 +36,7 @@ from ...request import Cancelled, InvalidRequest, Mode, ProgressInfo
 from .base import RunContext, Stop, Task, needs_init_image
 
 FACTOR = 4
+MIN_TILE = 32  # latent pixels: the smallest tile an out-of-memory error halves the tile to (the request's minimum)
 DEFAULTS = {"sampler": "DPM++ 2M", "scheduler": "Karras", "steps": 20, "cfg_scale": 9.0}
 PLAIN_DEFAULTS = {"sampler": "DDIM", "scheduler": "Automatic", "steps": 75, "cfg_scale": 9.0}  # diffusers' own
 
@@ -74,6 +81,48 @@ def prepare(ctx: RunContext) -> None:
     ctx.data["source"] = padded(image)
 
 
+def current_tile(ctx: RunContext) -> tuple[int, int]:
+    """(tile, overlap) in latent pixels: the request's, or what out-of-memory errors halved them to."""
+    return ctx.data.setdefault("tile", (int(ctx.request.tile_size), int(ctx.request.tile_overlap)))
+
+
+def smaller_tiles(ctx: RunContext, run):
+    """``run(tile, overlap)``, again with both halved after each out-of-memory error (the tile a multiple of 8, at
+    least ``MIN_TILE``); an error at the smallest tile, and any other error, is raised."""
+    from ..memory import is_oom
+
+    while True:
+        tile, overlap = current_tile(ctx)
+        try:
+            return run(tile, overlap)
+        except Exception as err:
+            smaller = max(MIN_TILE, tile // 2 // 8 * 8)
+            if not is_oom(err) or smaller >= tile:
+                raise
+        # out of the except block: the error's traceback, which holds the tensors that filled the memory, is gone
+        _free_memory()
+        ctx.data["tile"] = (smaller, overlap * smaller // tile)  # overlap <= tile / 2 stays so
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def notes(ctx: RunContext) -> list[str]:
+    r = ctx.request
+    tile, overlap = current_tile(ctx)
+    if tile == r.tile_size:
+        return []
+    return [f"out of memory in tiles of {r.tile_size} latent pixels (overlap {r.tile_overlap}); ran in tiles of "
+            f"{tile} (overlap {overlap}) with the same seeds, which changes the picture a little"]
+
+
 def pipe(ctx: RunContext):
     """StableDiffusionUpscalePipeline over the loaded components (made once per run), in the memory mode."""
     if "upscale" not in ctx._pipes:
@@ -115,26 +164,34 @@ def denoise(ctx: RunContext, seeds: list[int]):
 
     upscaler = pipe(ctx)
     embeds = ctx.embeddings(n)
-    with torch.inference_mode(), tiled_unet(parts.unet, int(r.tile_size), int(r.tile_overlap)):
-        out = upscaler(**embeds, image=[ctx.data["source"]] * n, noise_level=int(r.noise_level),
-                       num_inference_steps=r.steps, guidance_scale=guidance(r), eta=float(r.eta),
-                       generator=ctx.generators(seeds), output_type="latent", callback=on_step, callback_steps=1)
-    return out.images
+
+    def run(tile: int, overlap: int):  # fresh generators for each try: the same seeds, the same noise
+        with torch.inference_mode(), tiled_unet(parts.unet, tile, overlap):
+            return upscaler(**embeds, image=[ctx.data["source"]] * n, noise_level=int(r.noise_level),
+                            num_inference_steps=r.steps, guidance_scale=guidance(r), eta=float(r.eta),
+                            generator=ctx.generators(seeds), output_type="latent", callback=on_step,
+                            callback_steps=1).images
+
+    return smaller_tiles(ctx, run)
 
 
 def decode(ctx: RunContext, latents) -> tuple[list, bool]:
-    """The latents decoded in tiles (``engine.tiles``) when they are larger than one, else whole; a fp16 VAE
-    that gives NaNs is redone in fp32, as every task's decode."""
+    """The latents decoded in tiles (``engine.tiles``) when they are larger than one, else whole (smaller tiles
+    after an out-of-memory error); a fp16 VAE that gives NaNs is redone in fp32, as every task's decode."""
     import torch
 
     from ..run import to_pil
     from ..tiles import decode_tiled
 
-    vae, r = ctx.parts.vae, ctx.request
-    pixels = decode_tiled(vae, latents, int(r.tile_size), int(r.tile_overlap))
+    vae = ctx.parts.vae
+
+    def run(z):
+        return smaller_tiles(ctx, lambda tile, overlap: decode_tiled(vae, z, tile, overlap))
+
+    pixels = run(latents)
     if torch.isnan(pixels).any() and vae.dtype != torch.float32:
         vae.to(torch.float32)
-        return to_pil(decode_tiled(vae, latents.float(), int(r.tile_size), int(r.tile_overlap))), True
+        return to_pil(run(latents.float())), True
     return to_pil(pixels), False
 
 
@@ -153,4 +210,4 @@ def infotext(request) -> dict:
 
 
 TASK = Task(mode=Mode.UPSCALE, pipeline="StableDiffusionUpscalePipeline", denoise=denoise, accepts=accepts,
-            prepare=prepare, finish=finish, infotext=infotext, decode=decode)
+            prepare=prepare, finish=finish, infotext=infotext, decode=decode, notes=notes)

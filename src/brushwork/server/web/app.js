@@ -16,6 +16,9 @@ const RADIO_PARTNER = { inpaint_full_res: "inpaint_area_whole", inpainting_mask_
 // the hires fix's upscalers (request.py HIRES_UPSCALERS), used when /sdapi/v1 cannot be read
 const FALLBACK_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
   "Latent (nearest)", "Latent (nearest-exact)", "Lanczos", "Nearest"];
+// the families of depth models (models/families.py: a 5-channel UNet, 4 latent + the depth): img2img on one is
+// depth2img
+const DEPTH_FAMILIES = ["sd2-depth"];
 const OUTPAINT_MASK_BLUR = 8;  // as `brushwork outpaint` (engine/tasks/outpaint.py)
 const OUTPAINT_MAX_BORDER = 2048;
 const MODIFIERS = ["highly detailed", "oil painting", "watercolor", "photograph", "digital art",
@@ -23,6 +26,9 @@ const MODIFIERS = ["highly detailed", "oil painting", "watercolor", "photograph"
 
 const state = {
   initImage: null,      // data: URL of the uploaded init image
+  depthMap: null,       // data: URL of the uploaded depth map (depth models), its file's bytes as they were
+  modelFamilies: {},    // model name -> family (GET /api/v1/models), "" = the default model's
+  depthShown: null,     // whether the panel is in its depth model layout now
   tool: "brush",        // the mask tool: "brush" or "eraser"
   lastSeed: null,       // the seed of the last finished image
   pending: [],          // job ids to follow, in order (one EventSource at a time: browsers allow few connections)
@@ -92,11 +98,17 @@ function loadSettings() {
   updateOutputs();
 }
 
-// a model may recommend its own CFG scale and end (a small or few-step model): the sliders follow the chosen model
+// a model may recommend its own CFG scale and end, steps, sampler and schedule (a small or few-step model: SD-Turbo
+// 1 step, CFG 1, SGM Uniform; an LCM model the LCM sampler): the fields follow the chosen model
 function applyModelDefaults() {
   const defaults = (state.modelDefaults || {})[$("model").value] || {};
   $("cfg_scale").value = defaults.cfg_scale ?? 7;
   $("cfg_end").value = defaults.cfg_end ?? 1;
+  $("steps").value = defaults.steps ?? 20;
+  for (const [name, fallback] of [["sampler", "Euler a"], ["scheduler", "Automatic"]]) {
+    const value = defaults[name] ?? fallback;
+    if ([...$(name).options].some((o) => o.value === value)) $(name).value = value;
+  }
   updateOutputs();
 }
 
@@ -114,6 +126,7 @@ function updateOutputs() {
   $("hires-strength-out").textContent = $("hires_strength").value;
   updateHires();
   updateOutpaintSize();
+  updateDepth();
   const prompt = $("prompt").value.toLowerCase();
   for (const chip of document.querySelectorAll(".chip")) {
     chip.classList.toggle("on", prompt.includes(chip.dataset.text));
@@ -134,6 +147,8 @@ async function loadChoices() {
   const current = models.models.find((m) => m.current);
   state.modelDefaults = Object.fromEntries(models.models.map((m) => [m.name, m.defaults || {}]));
   state.modelDefaults[""] = current ? current.defaults || {} : {};
+  state.modelFamilies = Object.fromEntries(models.models.map((m) => [m.name, m.family]));
+  state.modelFamilies[""] = current ? current.family : null;
   fillSelect($("model"), [["", current ? `default (${current.name})` : "default"],
     ...models.models.map((m) => [m.name, m.title])]);
   fillSelect($("sampler"), samplers.samplers.map((s) => [s.name, s.name]), "Euler a");
@@ -265,7 +280,7 @@ function setInitImage(dataUrl) {
   }
   updateOutputs();
 }
-function readFile(file) {
+function readFile(file, use = setInitImage) {
   if (!file) return;
   if (!/^image\/(png|jpeg|webp)$/.test(file.type)) {
     showError(`"${file.name}" is not a PNG, JPEG or WEBP image.`);
@@ -277,7 +292,7 @@ function readFile(file) {
     return;
   }
   const reader = new FileReader();
-  reader.onload = () => { showError(""); setInitImage(reader.result); };
+  reader.onload = () => { showError(""); use(reader.result, file); };
   reader.readAsDataURL(file);
 }
 
@@ -295,6 +310,57 @@ function setupUpload() {
   }
   zone.addEventListener("drop", (e) => { e.preventDefault(); readFile(e.dataTransfer.files[0]); });
   $("init-clear").addEventListener("click", () => { input.value = ""; setInitImage(null); });
+}
+
+// ---- depth to image ---------------------------------------------------------------------------
+// With a depth model chosen, the init image runs depth2img: the model keeps its depth (its own estimate, or the depth
+// map given here). The mask tools, inpaint and outpaint need another model: they are put away meanwhile.
+
+function isDepthModel() {
+  return DEPTH_FAMILIES.includes((state.modelFamilies || {})[$("model").value]);
+}
+
+function updateDepth() {
+  const depth = isDepthModel();
+  $("depth-box").hidden = !depth;
+  $("depth-note").textContent = state.initImage
+    ? "Depth model: Generate keeps the init image's depth (depth to image)."
+    : "Depth model: it needs an init image (drop one above), whose depth it keeps.";
+  $("depth-preview").hidden = !state.depthMap;
+  $("depth-clear").hidden = !state.depthMap;
+  $("inpaint-box").hidden = $("outpaint-box").hidden = !state.initImage || depth;
+  if (depth === state.depthShown) return;
+  state.depthShown = depth;
+  $("img2img-legend").textContent = depth ? "Depth to image: an init image, and its depth map (optional)"
+    : "Image to image, inpaint, outpaint (optional)";
+  $("mask-stage").classList.toggle("depth", depth);
+  document.querySelector("#mask-editor .mask-tools").hidden = depth;
+  updateMaskStatus();
+}
+
+function setDepthMap(dataUrl, file = null) {
+  state.depthMap = dataUrl;
+  const preview = $("depth-preview");
+  const status = $("depth-status");
+  if (dataUrl) {
+    preview.onload = () => {
+      if (preview.src !== dataUrl) return;
+      const size = `${preview.naturalWidth}x${preview.naturalHeight}`;
+      status.textContent = `${file ? `${file.name}, ` : ""}${size}: used instead of the model's estimate (white = near).`;
+    };
+    preview.src = dataUrl;
+  } else {
+    preview.removeAttribute("src");
+    status.textContent = "Optional: without a depth map the model estimates the init image's depth.";
+  }
+  updateDepth();
+}
+
+function setupDepth() {
+  const input = $("depth-file");
+  $("depth-choose").addEventListener("click", () => input.click());
+  input.addEventListener("change", () => readFile(input.files[0], setDepthMap));
+  $("depth-clear").addEventListener("click", () => { input.value = ""; setDepthMap(null); });
 }
 
 // ---- the inpaint mask ------------------------------------------------------------------------
@@ -330,7 +396,7 @@ function maskPainted() {
 }
 
 function updateMaskStatus() {
-  if (!state.initImage) { $("mask-status").textContent = ""; return; }
+  if (!state.initImage || isDepthModel()) { $("mask-status").textContent = ""; return; }
   $("mask-status").textContent = maskPainted()
     ? "Mask painted: Generate inpaints it (white = repaint)."
     : "Paint over the image to inpaint a part of it; with no mask, Generate runs image to image.";
@@ -588,11 +654,17 @@ async function buildRequest(kind = "generate") {
       inpainting_fill: fill === "original" ? "fill" : fill, inpaint_full_res: false, inpainting_mask_invert: false,
     });
   }
+  if (isDepthModel() && !state.initImage) {
+    throw new Error("This is a depth model: it needs an init image (drop one above), or choose another model.");
+  }
   if (state.initImage) {
     body.mode = "img2img";
     body.init_image = state.initImage;
     body.strength = num("strength");
-    if (maskPainted()) {
+    if (isDepthModel()) {  // the model keeps the picture's depth: its estimate, or the depth map given
+      body.mode = "depth2img";
+      if (state.depthMap) body.depth_map = state.depthMap;
+    } else if (maskPainted()) {
       Object.assign(body, {
         mode: "inpaint",
         mask_image: maskPng(),
@@ -706,6 +778,11 @@ function showResults(job) {
     title: `seed ${img.seed}`, onclick: () => openDetails(img.id),
   })));
   if (images.length) state.lastSeed = images[0].seed;
+  // depth2img: the depth map it used (the model's estimate or the one given, at the latent size), beside them
+  const depthMap = job.result && job.result.extras && job.result.extras.depth_map;
+  $("depth-used").hidden = !depthMap;
+  if (depthMap) $("depth-used-img").src = depthMap;
+  else $("depth-used-img").removeAttribute("src");
 }
 
 // ---- queue -----------------------------------------------------------------------------------
@@ -880,6 +957,7 @@ async function main() {
   setupStyles();
   setupUpload();
   setupMask();
+  setupDepth();
   setupOutpaint();
   try { await loadChoices(); } catch (err) { showError(`Cannot reach the server: ${err.message}`); }
   loadSettings();
