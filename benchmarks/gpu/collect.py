@@ -5,9 +5,9 @@
 
 Only the standard library (and torch for ``env``): it must run even when the project's packages do not import.
 Each part writes into WORK; this copies the results into OUT, where at most 8 files come back (run.sh's log, this
-summary, pytest.xml and one JSON per benchmark: unet, step, image, compile). A part that was stopped by its timeout
-before writing its JSON gets one rebuilt from the JSON lines it printed (marked ``"partial": true``); a part that
-did not run gets one saying why. So every part's file is there whatever happened after it.
+summary, pytest.xml and one JSON per benchmark: unet, step, image, upscale, compile: all 8 of them). A part that was
+stopped by its timeout before writing its JSON gets one rebuilt from the JSON lines it printed (marked
+``"partial": true``); a part that did not run gets one saying why. So every part's file is there whatever happened after it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ PARTS = {
     "step": ("step.json", "step.json"),
     "image_sd15": ("image_sd15.json", "image.json"),
     "image_sd21": ("image_sd21.json", "image.json"),
+    "upscale": ("upscale.json", "upscale.json"),
     "compile": ("compile.json", "compile.json"),
 }
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "huggingface_hub", "safetensors", "tokenizers",
@@ -176,6 +177,13 @@ def highlights(files: dict) -> dict:
         if key.startswith("gpu_") and isinstance(entry, dict):
             out[key] = {name: {k: v.get(k) for k in ("it_s", "s", "peak_vram_gb", "error") if k in v}
                         for name, v in entry.items() if isinstance(v, dict) and not name.startswith("_")}
+    upscale = files.get("upscale.json") or {}
+    for key, entry in upscale.items():  # "512->2048": {"plain": ..., "brushwork": ...}
+        if "->" in key and isinstance(entry, dict):
+            out[f"upscale_{key}"] = {name: {k: v.get(k) for k in (
+                "memory", "steps", "total_s", "extrapolated_total_s_at_20_steps", "peak_vram_allocated_gb",
+                "peak_vram_reserved_gb", "under_4gb_vram", "peak_rss_mb", "not_run", "error") if k in v}
+                for name, v in entry.items() if name in ("plain", "brushwork") and isinstance(v, dict)}
     return out
 
 

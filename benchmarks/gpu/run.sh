@@ -11,6 +11,9 @@
 #   step        benchmarks/step.py --device cuda (SD 1.5 UNet step + VAE decode)    -> $OUT/step.json
 #   image_sd15  benchmarks/image.py --device cuda --gpu-families sd15: whole images, it/s and peak VRAM per
 #   image_sd21  memory mode (high, medium, low, minimal), and sd21 likewise          -> $OUT/image.json
+#   upscale     benchmarks/upscale.py --device cuda --memory low --sizes 512: the x4 upscaler's 512 -> 2048 (20 steps,
+#               brushwork alone), wall time and peak VRAM (allocated, reserved; issue 13's goal: under 4 GB)
+#                                                                                    -> $OUT/upscale.json
 #   compile     unet.py with torch.compile (GPU_CHECK_COMPILE: default,max-autotune), with what time is left
 #                                                                                    -> $OUT/compile.json
 # After every part $OUT/summary.json is rewritten (machine, each part's state, test outcomes, the main numbers), so
@@ -25,7 +28,7 @@ ROOT=$PWD
 OUT=${OUT:-/tmp/brushwork-gpu-out}
 WORK=${GPU_CHECK_WORK:-/tmp/brushwork-gpu-work}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-PARTS=" ${GPU_CHECK_PARTS:-pytest unet step image_sd15 image_sd21 compile} "
+PARTS=" ${GPU_CHECK_PARTS:-pytest unet step image_sd15 image_sd21 upscale compile} "
 COMPILE_MODES=${GPU_CHECK_COMPILE:-default,max-autotune}
 RESERVE=25  # seconds kept for the last summary and a part's kill-after
 if [ -z "${PY:-}" ]; then
@@ -125,6 +128,8 @@ part unet 100 40 1 benchmarks/gpu/unet.py --out "$WORK/unet.json"
 part step 60 30 1 benchmarks/step.py --device cuda --sizes 512 --rounds 5 --out "$WORK/step.json"
 part image_sd15 120 60 1 benchmarks/image.py --device cuda --gpu-families sd15 --out "$WORK/image_sd15.json"
 part image_sd21 150 80 1 benchmarks/image.py --device cuda --gpu-families sd21 --out "$WORK/image_sd21.json"
+part upscale 120 50 1 benchmarks/upscale.py --device cuda --memory low --sizes 512 --plain-steps 0 \
+    --brushwork-steps 20 --equal-steps 0 --out "$WORK/upscale.json"
 part compile 240 60 1 benchmarks/gpu/unet.py --families sd15:512 --variants diffusers_fp16,brushwork \
     --compile "$COMPILE_MODES" --out "$WORK/compile.json"
 
