@@ -415,6 +415,43 @@ def test_the_other_built_in_preprocessors_follow_the_extension():
     assert np.array_equal(run("tile_resample"), rgb) and np.array_equal(run("none"), rgb)
 
 
+def test_depth_midas_runs_the_annotator_file_when_it_is_in_the_library(tmp_path):
+    """The extension's dpt_hybrid-midas-501f0c75.pt (MiDaS's own names, no prefix) in annotators/: its DPT-Hybrid's
+    depth at processor_res, (d - min) / (max - min) * 255 as a grey picture; without the file, the one-line error."""
+    from brushwork.engine import preprocessors
+    from brushwork.engine.tasks.depth2img import predict_depth
+    from brushwork.models.dpt import to_original
+    from tinymodels import build_dpt_hybrid
+
+    picture = control_picture(5, 96).resize((120, 96))  # 5:4: processor_res 64 -> 80x64, padded to 128x64
+    assert preprocessors.find("depth", tmp_path).run is None
+    with pytest.raises(InvalidRequest, match="needs model weights .*dpt_hybrid-midas-501f0c75.pt.*lllyasviel.*"
+                                             "annotators"):
+        preprocessors.detect(preprocessors.find("depth_midas", tmp_path), picture, MAP)
+
+    dpt = build_dpt_hybrid(seed=3)
+    sd = to_original(dpt.state_dict(), prefix="")
+    sd["pretrained.model.head.weight"], sd["pretrained.model.head.bias"] = torch.randn(10, 32), torch.zeros(10)
+    (tmp_path / "Annotators" / "midas").mkdir(parents=True)
+    path = tmp_path / "Annotators" / "midas" / "dpt_hybrid-midas-501f0c75.pt"
+    torch.save(sd, path)
+    found = preprocessors.find("depth_midas", tmp_path)
+    assert found.run is not None and not found.model_free and preprocessors.annotator_file(found, tmp_path) == path
+    ours = preprocessors.detect(found, picture, MAP)
+    assert ours.shape == (64, 80, 3) and (ours[..., 0] == ours[..., 2]).all()
+
+    padded, remove_pad = preprocessors.resize_with_pad(preprocessors.hwc3(picture), MAP)
+    with torch.inference_mode():
+        depth = predict_depth(dpt, torch.from_numpy(padded).float().permute(2, 0, 1)[None] / 127.5 - 1.0)[0]
+    depth = remove_pad(((depth - depth.min()) / (depth.max() - depth.min())).numpy())
+    assert ours.min() == 0 and ours.max() >= 250  # the whole range, as the extension's
+    assert np.abs(ours[..., 0].astype(float) - depth * 255).max() <= 1.0
+    assert preprocessors.midas_model(path) is preprocessors.midas_model(path)  # loaded once
+    fitted = preprocessors.control_map(ControlUnit(model="x", module="depth_midas", processor_res=MAP).validate(),
+                                       picture, SIZE, SIZE, tmp_path)
+    assert fitted.size == (SIZE, SIZE)
+
+
 def test_resize_modes_and_pixel_perfect_are_the_extensions():
     from brushwork.engine import preprocessors
 

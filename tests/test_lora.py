@@ -467,3 +467,51 @@ def test_sdapi_lists_loras_and_applies_the_tags(library):
         assert text.startswith("a cat <lora:style:0.8>") and 'Lora hashes: "style: ' in text
         r = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "a cat <lora:missing:1>"})
         assert r.status_code == 400 and "LoRA 'missing' not found" in r.text
+
+
+# ---- LCM-LoRA ----------------------------------------------------------------------------------------------
+
+
+def test_an_lcm_lora_picks_the_lcm_sampler_4_steps_and_no_cfg_where_the_request_leaves_them_open(tiny, sd1, tmp_path):
+    """An LCM-LoRA (by its file name, the hub folder its pytorch_lora_weights sits in, or its metadata) in the
+    prompt: the LCM sampler, 4 steps, CFG 1 where the request did not say; an ordinary LoRA changes nothing."""
+    from types import SimpleNamespace
+
+    from brushwork.engine.run import model_defaults
+
+    models = tmp_path / "models"
+    hub = models / "lora" / "models--latent-consistency--lcm-lora-sdv1-5" / "snapshots" / "0123abc"
+    hub.mkdir(parents=True)
+    shutil.copyfile(tiny["sd1"]["safetensors"], models / "tiny.safetensors")
+    save_file(kohya_lora(sd1), models / "lora" / "lcm-lora-sdv1-5.safetensors")
+    save_file(peft_lora(sd1), hub / "pytorch_lora_weights.safetensors")
+    save_file(kohya_lora(sd1, seed=4), models / "lora" / "fast.safetensors", metadata={"ss_output_name": "LCM_LoRA_SD15"})
+    save_file(kohya_lora(sd1, seed=5), models / "lora" / "style.safetensors")
+    engine = engine_for(tmp_path)
+    library = engine.loras
+    whys = {f.name: library.lcm_lora(f) for f in library.files()}
+    assert whys == {"fast": "its ss_output_name", "lcm-lora-sdv1-5": "its name lcm-lora-sdv1-5",
+                    "pytorch_lora_weights": "its folder models--latent-consistency--lcm-lora-sdv1-5", "style": None}
+
+    result = engine.generate(GenerationRequest(prompt="a red circle <lora:lcm-lora-sdv1-5:1>", model="tiny", seed=SEED,
+                                               width=SIZE, height=SIZE, watermark=False))
+    assert "Steps: 4, Sampler: LCM, CFG scale: 1," in result.infotexts[0]
+    assert any(note.startswith("lcm-lora-sdv1-5 is an LCM-LoRA (its name lcm-lora-sdv1-5): LCM, 4 steps, CFG 1")
+               for note in result.notes)
+
+    # on a checkpoint that recommends its own sampler, steps and CFG, the LoRA's win where the request leaves them
+    parts = SimpleNamespace(name="tiny", unet=SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=None)),
+                            defaults={"sampler": "DPM++ 2M", "steps": 30, "cfg_scale": 6.0}, scheduler_config={})
+
+    def filled(prompt, **kw):
+        request, notes = model_defaults(GenerationRequest(prompt=prompt, **kw), parts, library)
+        return (request.sampler, request.steps, request.cfg_scale), notes
+
+    assert filled("a <lora:pytorch_lora_weights:0.8>")[0] == ("LCM", 4, 1.0)
+    assert filled("a <lora:LCM_LoRA_SD15>", sampler="LCM")[0] == ("LCM", 4, 1.0)  # named: the same steps and CFG
+    assert filled("a <lora:fast>", sampler="LCM", steps=6, cfg_scale=1.5) == (("LCM", 6, 1.5), [])  # its own kept
+    assert filled("a <lora:fast>", sampler="Euler a")[0] == ("Euler a", 30, 6.0)  # another sampler: as before
+    assert filled("a <lora:style:1>")[0] == ("DPM++ 2M", 30, 6.0)  # an ordinary LoRA: the checkpoint's
+    assert filled("a <lora:fast:1:0>")[0] == ("DPM++ 2M", 30, 6.0)  # no UNet strength: not applied to the UNet
+    assert filled("a <lora:fast:0.8>", sampler="LCM")[1][0].startswith(
+        "fast is an LCM-LoRA (its ss_output_name): 4 steps, CFG 1 (no CFG: one UNet pass a step) where the request")

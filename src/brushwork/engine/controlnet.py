@@ -88,10 +88,11 @@ class Controls:
             raise InvalidRequest(f"inpainting with ControlNet starts from the original or fill (the ControlNet "
                                  f"inpainting pipeline takes no latents), not {r.inpainting_fill!r}")
         keys = []
+        root = library_root(self.library)
         for i, unit in enumerate(self.units):
-            found = preprocessors.find(unit.module)
+            found = preprocessors.find(unit.module, root)
             if found.run is None:
-                raise InvalidRequest(f"ControlNet unit {i}: {preprocessors.missing(found)}")
+                raise InvalidRequest(f"ControlNet unit {i}: {preprocessors.missing(found, root)}")
             file = self.library.find(unit.model, paths=self.paths)
             model, key = self.library.load(file, self.parts, self.policy)
             self.files.append(file)
@@ -135,7 +136,8 @@ class Controls:
         """Unit ``index``'s map at width x height (made once per size)."""
         key = (index, width, height, None if ctx is None else ctx.data.get("crop"))
         if key not in self._maps:
-            self._maps[key] = preprocessors.control_map(self.units[index], self.source(index, ctx), width, height)
+            self._maps[key] = preprocessors.control_map(self.units[index], self.source(index, ctx), width, height,
+                                                        library_root(self.library))
         return self._maps[key]
 
     def inputs(self, pipe, ctx, kwargs: dict) -> dict:
@@ -244,6 +246,11 @@ def cond_half(value, batch: int):
     return value
 
 
+def library_root(library):
+    """The model library's folder of a ControlNet library (where the preprocessors' annotator files are), or None."""
+    return getattr(getattr(library, "store", None), "root", None)
+
+
 def check_units(request, library, max_pixels: int) -> None:
     """What an HTTP caller can get wrong in the units, before the job is queued: a model not in the library (by name
     only: no paths over HTTP), a preprocessor that is not built in, a picture over the size limit."""
@@ -254,9 +261,9 @@ def check_units(request, library, max_pixels: int) -> None:
             if image is not None and image.width * image.height > max_pixels:
                 raise InvalidRequest(f"ControlNet unit {i}'s {what} is {image.width}x{image.height} pixels, over the "
                                      f"limit of {max_pixels} pixels; make it smaller")
-        found = preprocessors.find(unit.module)
+        found = preprocessors.find(unit.module, library_root(library))
         if found.run is None:
-            raise InvalidRequest(f"ControlNet unit {i}: {preprocessors.missing(found)}")
+            raise InvalidRequest(f"ControlNet unit {i}: {preprocessors.missing(found, library_root(library))}")
         if library is not None:
             try:
                 file = library.find(unit.model, paths=False)

@@ -208,7 +208,7 @@ class Engine:
             loaded, notes = self.load(request)
             load_s = time.perf_counter() - started
             entry = self.store.with_hash(loaded.entry) if loaded.entry.path.is_file() else loaded.entry
-            request, default_notes = run.model_defaults(request, loaded.parts)
+            request, default_notes = run.model_defaults(request, loaded.parts, self.loras)
             notes = notes + default_notes
             refiner = None
             if request.refiner is not None and request.refiner_switch_at < 1:

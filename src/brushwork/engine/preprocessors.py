@@ -18,14 +18,21 @@ then fitted to the generation size by the unit's resize mode (``fit``: the exten
 with pixel perfect, ``processor_res`` is the generation size's (``pixel_perfect_resolution``).
 
 The weighted ones (depth, openpose, ...) are listed so a request names them clearly: they need their annotator
-weights and are not built in (``missing``: one line on which file and where). Importing this imports no torch and
-no OpenCV (they are imported when a map is made).
+weights (``missing``: one line on which file and where). ``depth_midas`` runs when its file is in the library's
+``annotators/`` folder (``annotator_file``; ``find(name, root)`` gives it runnable): MiDaS DPT-Hybrid
+(``dpt_hybrid-midas-501f0c75.pt``, converted as ``models/dpt.py`` converts SD 2 depth's), as the extension's
+``annotator/midas``: the picture at ``processor_res`` padded to 64, ``x / 127.5 - 1`` in, the depth's
+``(d - min) / (max - min) * 255`` out as a grey picture; the model is loaded once and kept. The others are not built
+in. Importing this imports no torch and no OpenCV (they are imported when a map is made).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import InvalidRequest
 
@@ -38,6 +45,9 @@ RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shr
 RESOLUTION_RANGE = (64, 2048)  # processor_res, as the extension's slider
 DEFAULT_RESOLUTION = 512
 ANNOTATORS_URL = "https://huggingface.co/lllyasviel/Annotators"
+# the library's top folders (any case) its annotator files are found in, sub-folders included (the extension's
+# annotator/downloads/<kind>/, ComfyUI's ckpts/lllyasviel/Annotators/ copied in)
+ANNOTATOR_FOLDERS = ("annotators", "annotator")
 
 
 @dataclass(frozen=True)
@@ -62,10 +72,11 @@ class Preprocessor:
     slider_b: Slider | None = None
     aliases: tuple[str, ...] = ()
     needs: tuple[str, ...] = field(default=())  # annotator weight files (the weighted ones)
+    weighted: Callable | None = None  # (the annotator file's path) -> run; None: not built in
 
     @property
     def model_free(self) -> bool:
-        return self.run is not None
+        return self.run is not None and not self.needs
 
     def value(self, which: str, given: float | int | None):
         """The slider's value for a unit's ``threshold_a`` / ``threshold_b`` / ``processor_res``: given, or (-1,
@@ -174,6 +185,60 @@ def _weighted(name: str, label: str, *files: str, aliases: tuple[str, ...] = (),
     return Preprocessor(name, label, None, aliases=aliases, needs=files, **kw)
 
 
+# ---- the weighted ones that run when their file is there ---------------------------------------------------------
+
+_MIDAS_TOKEN = "pretrained.model.cls_token"
+_models: dict[str, tuple[tuple, object]] = {}  # annotator path -> (size and time, model): the last one loaded
+_models_lock = threading.Lock()
+
+
+def midas_model(path: Path):
+    """The MiDaS DPT-Hybrid of an annotator file (transformers' DPTForDepthEstimation, fp32, CPU), loaded once. The
+    extension's file has MiDaS's own names (``pretrained.*``, ``scratch.*``) without a prefix; a prefix before them
+    (``model.``, SD 2 depth's ``depth_model.model.``) is read from where the ViT's class token is."""
+    from ..errors import ModelError
+    from ..models import dpt
+    from ..models.load import load_state_dict
+
+    st = path.stat()
+    stamp = (st.st_size, st.st_mtime_ns)
+    with _models_lock:
+        cached = _models.get(str(path))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        sd = load_state_dict(path)
+        prefix = next((k[: -len(_MIDAS_TOKEN)] for k in sd if k.endswith(_MIDAS_TOKEN)), None)
+        if prefix is None:
+            raise ModelError(f"{path.name} is not a MiDaS DPT-Hybrid ({_MIDAS_TOKEN} not found); get "
+                             f"dpt_hybrid-midas-501f0c75.pt from {ANNOTATORS_URL}")
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        model = dpt.build(sd, dpt.config_from_shapes(shapes, prefix), prefix).float()
+        _models.clear()  # one annotator model kept at a time
+        _models[str(path)] = (stamp, model)
+        return model
+
+
+def _depth_midas(path: Path) -> Callable:
+    def run(img, res, a, b):
+        import numpy as np
+        import torch
+
+        from .tasks.depth2img import predict_depth
+
+        img, remove_pad = resize_with_pad(img, res)
+        model = midas_model(path)
+        x = torch.from_numpy(img).float().permute(2, 0, 1)[None] / 127.5 - 1.0
+        with torch.inference_mode():
+            depth = predict_depth(model, x)[0].float()
+        depth = depth - depth.min()
+        top = float(depth.max())
+        depth = depth / top if top > 0 else depth  # a flat depth: black, not NaN
+        grey = (depth.numpy() * 255.0).clip(0, 255).astype(np.uint8)
+        return remove_pad(np.stack([grey] * 3, axis=2))
+
+    return run
+
+
 PREPROCESSORS: tuple[Preprocessor, ...] = (
     Preprocessor("none", "none", lambda img, res, a, b: img, resolution=False),
     Preprocessor("canny", "canny", _canny, slider_a=Slider("Canny Low Threshold", 1, 255, 100),
@@ -187,7 +252,8 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
                  aliases=("xdog",)),
     Preprocessor("tile_resample", "tile_resample", _tile_resample, resolution=False,
                  slider_a=Slider("Down Sampling Rate", 1.0, 8.0, 1.0, 0.01), aliases=("tile",)),
-    _weighted("depth_midas", "depth_midas", "dpt_hybrid-midas-501f0c75.pt", aliases=("depth",)),
+    _weighted("depth_midas", "depth_midas", "dpt_hybrid-midas-501f0c75.pt", aliases=("depth",),
+              weighted=_depth_midas),
     _weighted("depth_zoe", "depth_zoe", "ZoeD_M12_N.pt"),
     _weighted("normal_bae", "normal_bae", "scannet.pt"),
     _weighted("openpose", "openpose", "body_pose_model.pth"),
@@ -206,21 +272,40 @@ for _p in PREPROCESSORS:
         BY_NAME.setdefault(_key.lower(), _p)
 
 
-def find(name) -> Preprocessor:
+def find(name, root=None) -> Preprocessor:
     """The module ``name`` names (its API name, UI label or an alias, any case); an unknown one is an error listing
-    the choices."""
+    the choices. ``root``: the model library; a weighted module whose file is in its annotators/ folder comes back
+    runnable (``run`` set), else as the table has it (``run`` None: ``missing`` says what to get)."""
     if not isinstance(name, str) or not name.strip():
         name = "none" if name in (None, "") else name
     found = BY_NAME.get(str(name).strip().lower())
     if found is None:
         raise InvalidRequest(f"unknown ControlNet preprocessor (module) {str(name)[:60]!r}; choose one of: "
                              f"{', '.join(p.name for p in PREPROCESSORS)}")
+    if found.run is None and found.weighted is not None and (path := annotator_file(found, root)) is not None:
+        return dataclasses.replace(found, run=found.weighted(path))
     return found
 
 
-def missing(p: Preprocessor) -> str:
+def annotator_file(p: Preprocessor, root) -> Path | None:
+    """The module's (first) annotator file in the library ``root``'s annotators/ folder, sub-folders included."""
+    if root is None or not p.needs or not Path(root).is_dir():
+        return None
+    for folder in sorted(f for f in Path(root).iterdir() if f.is_dir() and f.name.lower() in ANNOTATOR_FOLDERS):
+        for path in sorted(folder.rglob(p.needs[0])):
+            if path.is_file():
+                return path
+    return None
+
+
+def missing(p: Preprocessor, root=None) -> str:
     """One line for a weighted module: which file it needs, from where, and what to do instead."""
     files = ", ".join(p.needs)
+    if p.weighted is not None:
+        where = Path(root) / "annotators" if root is not None else "the model library's annotators/ folder"
+        return (f"the ControlNet preprocessor {p.name} needs model weights ({files}, from {ANNOTATORS_URL}): put "
+                f"it in {where}, or make the {p.name.split('_')[0]} map with another tool and send it with module "
+                "none")
     return (f"the ControlNet preprocessor {p.name} needs model weights ({files}, from {ANNOTATORS_URL}) and is not "
             f"built into this version; make the {p.name.split('_')[0]} map with another tool (A1111's "
             "/controlnet/detect, ComfyUI's controlnet_aux) and send it with module none, or use one of: "
@@ -332,12 +417,12 @@ def detect(p: Preprocessor, image, resolution: int = -1, threshold_a: float = -1
     return out
 
 
-def control_map(unit, image, width: int, height: int):
+def control_map(unit, image, width: int, height: int, root=None):
     """The PIL map a unit gives the ControlNet at width x height: its module on ``image`` (pixel perfect: at the
-    resolution that needs no resizing), fitted by its resize mode."""
+    resolution that needs no resizing), fitted by its resize mode. ``root``: the library (its annotator files)."""
     from PIL import Image
 
-    p = find(unit.module)
+    p = find(unit.module, root)
     resolution = unit.processor_res
     if unit.pixel_perfect and p.resolution:
         resolution = pixel_perfect_resolution(hwc3(image), height, width, unit.resize_mode)

@@ -24,12 +24,14 @@ def with_model_defaults(request: GenerationRequest, parts) -> GenerationRequest:
     return model_defaults(request, parts)[0]
 
 
-def model_defaults(request: GenerationRequest, parts) -> tuple[GenerationRequest, list[str]]:
+def model_defaults(request: GenerationRequest, parts, loras=None) -> tuple[GenerationRequest, list[str]]:
     """(the request with what it leaves open filled, notes for the user). What a request leaves open (``None``; the
     schedule type: Automatic) comes from the model's recommendations (its file's ``brushwork.defaults`` over its
     few-step kind's: SD-Turbo 1 step, CFG 1, SGM Uniform, 512; LCM 4 steps, guidance 8.5, the LCM sampler:
     ``models/fewstep.py``), then its sampler's (LCM's), then the usual ones. A few-step model's img2img keeps
-    ``int(steps x strength) >= 1``: diffusers' img2img runs that many of the steps, and none is no picture."""
+    ``int(steps x strength) >= 1``: diffusers' img2img runs that many of the steps, and none is no picture.
+    An LCM-LoRA in the prompt (``loras``: the library its tags are found in) on an ordinary model makes the LCM
+    sampler the open sampler's default, and the LCM sampler (picked so or named) takes its 4 steps and CFG 1."""
     import dataclasses
     import math
 
@@ -41,10 +43,13 @@ def model_defaults(request: GenerationRequest, parts) -> tuple[GenerationRequest
     profile = fewstep.PROFILES.get(kind, {})
     recommended = {**profile, **parts.defaults}
     filled: dict = {}
+    lcm_lora = _lcm_lora(request, loras) if kind is None else None  # (tag name, why) of an LCM-LoRA, or None
     if request.sampler is None:
-        filled["sampler"] = recommended.get("sampler", DEFAULT_SAMPLER)
+        filled["sampler"] = "LCM" if lcm_lora else recommended.get("sampler", DEFAULT_SAMPLER)
     sampler_name = filled.get("sampler", request.sampler)
     sampler, _ = parse_sampler(sampler_name, request.scheduler)
+    if lcm_lora and sampler.name == "LCM":  # the LoRA's few-step defaults over the checkpoint's own
+        recommended = {**recommended, **fewstep.LCM_LORA_PROFILE}
     schedule = recommended.get("scheduler", "Automatic")
     if (request.scheduler == "Automatic" and schedule != "Automatic" and named_schedule(sampler_name) is None
             and schedule in sampler.schedules):  # Automatic: the model's own schedule (a Turbo model's: SGM Uniform)
@@ -60,6 +65,9 @@ def model_defaults(request: GenerationRequest, parts) -> tuple[GenerationRequest
     if kind is not None and (used := [key for key in profile if key in filled and key not in parts.defaults]):
         notes.append(f"{parts.name} is {fewstep.LABELS[kind]} ({why}): {_described(filled, used, kind)} where the "
                      "request did not say" + ("; --no-turbo turns this off" if kind == "turbo" else ""))
+    if lcm_lora and sampler.name == "LCM" and (used := [key for key in fewstep.LCM_LORA_PROFILE if key in filled]):
+        notes.append(f"{lcm_lora[0]} is an LCM-LoRA ({lcm_lora[1]}): {_described(filled, used, 'lcm-lora')} where "
+                     "the request did not say")
     steps, strength = filled.get("steps", request.steps), float(request.strength)
     if (kind is not None and request.mode in (Mode.IMG2IMG, Mode.INPAINT, Mode.DEPTH2IMG) and 0 < strength < 1
             and int(steps * strength) < 1 and math.ceil(1 / strength) <= MAX_STEPS):
@@ -74,6 +82,22 @@ def model_defaults(request: GenerationRequest, parts) -> tuple[GenerationRequest
         raise InvalidRequest(f"the LCM sampler takes at most {origin} steps (its timesteps are a part of LCM's "
                              f"{origin}-step schedule), got {filled.get('steps', request.steps)}; use fewer")
     return (dataclasses.replace(request, **filled) if filled else request), notes
+
+
+def _lcm_lora(request: GenerationRequest, loras) -> tuple[str, str] | None:
+    """(the tag's name, why) of the first LCM-LoRA the prompt's tags name at a UNet strength other than 0, or None.
+    A tag that names no file is left to ``networks.Networks.prepare``, which refuses it."""
+    if loras is None or "<" not in request.prompt:
+        return None
+    from .networks import lora_tags
+
+    tags = [tag for tag in lora_tags(request.prompt)[0] if tag.unet != 0]
+    files = loras.files() if tags else []
+    for tag in tags:
+        found = loras.find(tag.name, files)
+        if found is not None and (why := loras.lcm_lora(found)):
+            return tag.name, why
+    return None
 
 
 def _described(filled: dict, keys: list[str], kind: str) -> str:

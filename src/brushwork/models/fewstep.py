@@ -28,6 +28,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "lcm": {"steps": 4, "cfg_scale": 8.5, "sampler": "LCM"},
 }
 LABELS = {"turbo": "a Turbo model", "lcm": "an LCM model"}
+# An LCM-LoRA (latent-consistency/lcm-lora-sdv1-5, -sdxl, -ssd-1b) on an ordinary model: the LCM sampler, 4 steps
+# and no CFG, as its model cards run it (2-8 steps; "disable guidance_scale or use values between 1.0 and 2.0")
+LCM_LORA_PROFILE: dict[str, Any] = {"sampler": "LCM", "steps": 4, "cfg_scale": 1.0}
 
 # Official few-step files, by A1111's short hash (the first 10 hex digits of the file's sha256), as Hugging Face
 # lists them ("Git LFS Details"). Fine-tunes are not listed: they say so with --turbo or in their metadata.
@@ -44,6 +47,8 @@ KNOWN_FEWSTEP_BY_HUB_ID: dict[str, str] = {"stabilityai/sd-turbo": "turbo", "sta
 DEFAULTS_KEY = "brushwork.defaults"  # safetensors metadata: JSON, e.g. {"cfg_scale": 2.0, "cfg_end": 0.85}
 _MODELSPEC_HINTS = ("modelspec.architecture", "modelspec.title", "modelspec.usage_hint")
 _TURBO_WORD = re.compile(r"(?<![a-z])turbo(?![a-z])", re.IGNORECASE)
+_LCM_WORD = re.compile(r"(?<![a-z0-9])lcm", re.IGNORECASE)  # lcm-lora-sdv1-5, LCM_LoRA_SDXL, lcmlora
+_LCM_LORA_METADATA = ("ss_output_name", "modelspec.title", "modelspec.architecture")
 
 
 def known_file(short_hash: str | None) -> tuple[str, str] | None:
@@ -155,3 +160,20 @@ def recommended(metadata: dict[str, str], shapes: dict | None = None, short_hash
     if kind is None and shapes and any(k.endswith("time_embedding.cond_proj.weight") for k in shapes):
         kind = "lcm"
     return {**PROFILES.get(kind, {}), **file_defaults(metadata)}
+
+
+def lcm_lora_why(name: str, folders, metadata: dict) -> str | None:
+    """Why a LoRA file is an LCM-LoRA (its file name, a folder it is in, or its metadata says "lcm"), or None.
+    The official files are ``pytorch_lora_weights.safetensors`` in the hub repositories
+    ``latent-consistency/lcm-lora-*``: saved under that name, the folder (or the hub cache's
+    ``models--latent-consistency--lcm-lora-*``) says it; renamed, as A1111 users do (``lcm-lora-sdv1-5``), the name."""
+    if _LCM_WORD.search(name or ""):
+        return f"its name {name}"
+    for part in folders:  # the folders it is in, under the library's lora/ folder
+        if _LCM_WORD.search(part):
+            return f"its folder {part}"
+    for key in _LCM_LORA_METADATA:
+        value = metadata.get(key)
+        if isinstance(value, str) and _LCM_WORD.search(value[:1000]):
+            return f"its {key}"
+    return None

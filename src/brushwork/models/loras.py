@@ -116,6 +116,20 @@ class LoraLibrary:
         self._seen[str(path)] = (stamp, entry)
         return entry
 
+    def lcm_lora(self, lora: LoraFile) -> str | None:
+        """Why ``lora`` is an LCM-LoRA (``models.fewstep.lcm_lora_why``: its name, a folder it is in under the
+        library's lora/ folder, or its metadata), or None."""
+        from .fewstep import lcm_lora_why
+
+        folders: tuple[str, ...] = ()
+        for folder in self.folders():
+            try:
+                folders = lora.path.parent.relative_to(folder).parts
+                break
+            except ValueError:
+                continue
+        return lcm_lora_why(lora.name, folders, lora.metadata)
+
     def find(self, name: str, files: list[LoraFile] | None = None) -> LoraFile | None:
         """The LoRA a tag names: by file name, then by alias (an alias two files share finds neither), exactly,
         then ignoring case."""

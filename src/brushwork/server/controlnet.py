@@ -188,12 +188,15 @@ class DetectRequest(BaseModel):
 async def detect(body: DetectRequest, request: Request):
     """The extension's preprocessor preview: each picture's map, as base64 PNG, at the preprocessor's own size."""
     state = _state(request)
+    from ..engine.controlnet import library_root
+
+    root = library_root(_library(request))
     try:
-        found = preprocessors.find(body.controlnet_module)
+        found = preprocessors.find(body.controlnet_module, root)
     except InvalidRequest as err:
         raise HTTPError(422, f"Module not available: {err}") from err
     if found.run is None:
-        raise HTTPError(422, preprocessors.missing(found))
+        raise HTTPError(422, preprocessors.missing(found, root))
     if not body.controlnet_input_images:
         raise HTTPError(422, "No image selected")
     if len(body.controlnet_input_images) > state.settings.max_images:
