@@ -629,3 +629,107 @@ def test_depth_to_image_with_an_uploaded_16_bit_depth_map(browser, server, tmp_p
         model.unlink()
         # the default model of later tests: the library's first again, not the depth model the engine holds
         httpx.post(server.url + "/sdapi/v1/unload-checkpoint", timeout=30).raise_for_status()
+
+
+# ---- LoRAs, embeddings and ControlNet (issue 15) ------------------------------------------------------------------
+
+
+def test_lora_panel_toggles_the_tag_and_a_generation_with_it_has_lora_hashes(browser, server, tiny_model_file):  # noqa: F811
+    import torch
+    from safetensors.torch import save_file
+
+    from brushwork.models.load import load_single_file
+    from test_lora import kohya_lora
+
+    folder = server.paths["models"] / "lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "webstyle.safetensors"
+    (server.paths["models"] / "embeddings").mkdir(parents=True, exist_ok=True)
+    embedding = server.paths["models"] / "embeddings" / "webtoken.safetensors"
+    save_file({"emb_params": torch.randn((1, 32), generator=torch.Generator().manual_seed(3))}, embedding)
+    page, errors = _page(browser, server)
+    try:
+        page.click("#lora-box summary")
+        page.wait_for_selector("#lora-list .hint")  # none yet
+        # a LoRA written now shows after Refresh (POST /sdapi/v1/refresh-loras, then the list again)
+        save_file(kohya_lora(load_single_file(tiny_model_file)), path)
+        page.click("#lora-refresh")
+        chip = page.locator("#lora-list .lora-chip[data-name='webstyle']")
+        chip.wait_for()
+
+        page.fill("#prompt", "a red circle, blue sky")
+        page.locator("#prompt").evaluate("el => el.setSelectionRange(12, 12)")  # after "a red circle"
+        page.fill("#lora-strength", "0.8")
+        chip.click()
+        assert page.input_value("#prompt") == "a red circle <lora:webstyle:0.8>, blue sky"
+        assert "on" in chip.get_attribute("class")
+        chip.click()  # a second click takes the tag out again, as A1111's cards do
+        assert page.input_value("#prompt") == "a red circle, blue sky"
+        assert "on" not in chip.get_attribute("class")
+        page.fill("#lora-strength", "1")
+        page.locator("#prompt").evaluate("el => el.setSelectionRange(el.value.length, el.value.length)")
+        chip.click()
+        assert page.input_value("#prompt") == "a red circle, blue sky <lora:webstyle:1>"
+
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        page.fill("#seed", "7")
+        _set_range(page, "#steps", 3)
+        page.click("#generate")
+        page.wait_for_selector("#results img", timeout=60_000)
+        page.click("#results img")
+        page.wait_for_selector("#details[open]")
+        text = page.inner_text("#details-text")
+        assert "<lora:webstyle:1>" in text and 'Lora hashes: "webstyle: ' in text, text
+        page.click("#details button[value=close]")
+
+        # an embedding "loaded" for the model now loaded (the tiny text encoder's width) inserts its name at the
+        # cursor (Refresh reads the embeddings again too)
+        page.click("#lora-refresh")
+        page.fill("#prompt", "a cat")
+        page.locator("#prompt").evaluate("el => el.setSelectionRange(5, 5)")
+        page.click("#embedding-list .embedding-chip[data-name='webtoken']")
+        assert page.input_value("#prompt") == "a cat webtoken"
+        assert not errors, errors
+    finally:
+        path.unlink(missing_ok=True)
+        embedding.unlink(missing_ok=True)
+
+
+def test_controlnet_panel_previews_canny_and_generates_with_the_map_shown(browser, server, tmp_path):
+    from test_controlnet import build_controlnet, control_picture, save_original
+
+    folder = server.paths["models"] / "controlnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = save_original(build_controlnet(0), folder / "tiny_canny.safetensors")
+    picture = tmp_path / "control.png"
+    control_picture(0, 64).save(picture)
+    page, errors = _page(browser, server)
+    try:
+        page.click("#controlnet-box summary")
+        page.wait_for_selector("#cn-module option[value='canny']", state="attached")
+        page.wait_for_function("[...document.querySelectorAll('#cn-model option')].some(o => "
+                               "o.value.startsWith('tiny_canny'))")
+        page.set_input_files("#cn-file", str(picture))
+        page.wait_for_selector("#cn-image-preview:not([hidden])")
+        assert page.is_checked("#cn-enabled")  # an image turns the unit on
+        page.select_option("#cn-module", "canny")
+        page.click("#cn-preview")
+        page.wait_for_selector("#cn-map:not([hidden])")
+        page.wait_for_function("document.querySelector('#cn-map').naturalWidth > 0")
+        assert page.get_attribute("#cn-map", "src").startswith("data:image/png;base64,")
+
+        page.fill("#prompt", "a red circle")
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        _set_range(page, "#steps", 3)
+        page.click("#generate")
+        page.wait_for_selector("#cn-used figure img", timeout=60_000)
+        page.wait_for_function("document.querySelector('#cn-used img').naturalWidth > 0")
+        assert page.locator("#results img").count() == 1
+        page.click("#results img")
+        page.wait_for_selector("#details[open]")
+        assert "ControlNet 0: " in page.inner_text("#details-text")
+        assert not errors, errors
+    finally:
+        path.unlink(missing_ok=True)

@@ -128,7 +128,11 @@ function updateOutputs() {
   updateOutpaintSize();
   updateDepth();
   const prompt = $("prompt").value.toLowerCase();
-  for (const chip of document.querySelectorAll(".chip")) {
+  $("cn-weight-out").textContent = $("cn-weight").value;
+  $("cn-start-out").textContent = $("cn-start").value;
+  $("cn-end-out").textContent = $("cn-end").value;
+  if (state.loras) updateLoraChips();
+  for (const chip of document.querySelectorAll(".chip[data-text]")) {
     chip.classList.toggle("on", prompt.includes(chip.dataset.text));
   }
 }
@@ -619,6 +623,204 @@ function setupOutpaint() {
   $("outpaint-run").addEventListener("click", () => generate("outpaint"));
 }
 
+// ---- LoRAs and embeddings --------------------------------------------------------------------
+// /sdapi/v1/loras (A1111's Lora extension route) and /sdapi/v1/embeddings: a click on a LoRA inserts
+// <lora:name:strength> at the prompt's cursor, or removes its tag when the prompt has it (as A1111's cards toggle);
+// a click on an embedding inserts its name.
+
+async function sdapi(path, options = {}) {
+  const res = await fetch(`sdapi/v1/${path}`, { headers: { "Content-Type": "application/json" }, ...options });
+  const body = await res.json().catch(() => null);
+  if (!res.ok) {
+    const detail = body && (body.detail || body.error);
+    throw new Error(typeof detail === "string" ? detail : `the server answered ${res.status}`);
+  }
+  return body;
+}
+
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+// the <lora:...> tags in the prompt naming this LoRA (by its name or alias)
+function loraTagPattern(lora) {
+  const names = [lora.name, lora.alias].filter(Boolean).map(escapeRegExp).join("|");
+  return new RegExp(`<lora:(?:${names})(?::[^>]*)?>`, "g");
+}
+
+function insertAtCursor(text) {
+  const prompt = $("prompt");
+  const start = prompt.selectionStart ?? prompt.value.length;
+  const end = prompt.selectionEnd ?? start;
+  const before = prompt.value.slice(0, start), after = prompt.value.slice(end);
+  const pad = (before && !/[\s,(]$/.test(before) ? " " : "");
+  const padAfter = (after && !/^[\s,)]/.test(after) ? " " : "");
+  prompt.value = before + pad + text + padAfter + after;
+  const cursor = (before + pad + text).length;
+  prompt.setSelectionRange(cursor, cursor);
+}
+
+function toggleLora(lora) {
+  const prompt = $("prompt");
+  const pattern = loraTagPattern(lora);
+  if (pattern.test(prompt.value)) {
+    prompt.value = prompt.value.replace(loraTagPattern(lora), "").replace(/[ \t]{2,}/g, " ")
+      .replace(/\s+,/g, ",").replace(/,\s*,/g, ",").trim().replace(/^,\s*|,$/g, "");
+  } else {
+    const strength = Number($("lora-strength").value);
+    insertAtCursor(`<lora:${lora.name}:${Number.isFinite(strength) ? strength : 1}>`);
+  }
+  updateOutputs();
+  saveSettings();
+}
+
+function updateLoraChips() {
+  const prompt = $("prompt").value;
+  for (const chip of document.querySelectorAll("#lora-list .lora-chip")) {
+    const lora = state.loras[Number(chip.dataset.index)];
+    if (lora) chip.classList.toggle("on", loraTagPattern(lora).test(prompt));
+  }
+}
+
+function renderLoras() {
+  const filter = $("lora-filter").value.trim().toLowerCase();
+  const items = state.loras.map((lora, i) => [lora, i])
+    .filter(([lora]) => !filter || `${lora.name} ${lora.alias || ""}`.toLowerCase().includes(filter));
+  $("lora-list").replaceChildren(...(items.length ? items.map(([lora, i]) => el("button", {
+    type: "button", class: "chip lora-chip", "data-index": String(i), "data-name": lora.name,
+    title: `${lora.alias && lora.alias !== lora.name ? `alias "${lora.alias}" · ` : ""}${lora.path}`,
+    onclick: () => toggleLora(lora),
+  }, lora.name)) : [el("span", { class: "hint" },
+    state.loras.length ? "No LoRA matches." : "No LoRAs in the library's lora/ folder.")]));
+  updateLoraChips();
+}
+
+async function loadLoras(refresh = false) {
+  const status = $("lora-status");
+  try {
+    if (refresh) {
+      status.textContent = "reading the lora/ folder…";
+      await sdapi("refresh-loras", { method: "POST" });
+    }
+    const [loras, embeddings] = await Promise.all([sdapi("loras"), sdapi("embeddings").catch(() => ({ loaded: {} }))]);
+    state.loras = Array.isArray(loras) ? loras : [];
+    status.textContent = refresh ? `${state.loras.length} LoRA(s)` : "";
+    renderLoras();
+    const names = Object.keys((embeddings && embeddings.loaded) || {}).sort();
+    $("embedding-list").replaceChildren(...(names.length ? names.map((name) => el("button", {
+      type: "button", class: "chip embedding-chip", "data-name": name, title: `add "${name}" to the prompt`,
+      onclick: () => { insertAtCursor(name); updateOutputs(); saveSettings(); },
+    }, name)) : [el("span", { class: "hint" }, "No embeddings for this model.")]));
+  } catch (err) {
+    status.textContent = `Cannot list the LoRAs: ${err.message}`;
+  }
+}
+
+function setupLoras() {
+  state.loras = [];
+  $("lora-refresh").addEventListener("click", () => loadLoras(true));
+  $("lora-filter").addEventListener("input", renderLoras);
+  for (const id of ["lora-filter", "lora-strength"]) {  // Enter there is not "generate"
+    $(id).addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.ctrlKey && !e.metaKey) e.preventDefault(); });
+  }
+  $("lora-box").addEventListener("toggle", () => { if ($("lora-box").open) loadLoras(); });
+  loadLoras();
+}
+
+// ---- ControlNet ------------------------------------------------------------------------------
+// One unit of A1111's ControlNet extension: its preprocessors (/controlnet/module_list), the library's ControlNets
+// (/controlnet/model_list), a preview of the preprocessed map (/controlnet/detect); Generate sends the unit in the
+// job's "controlnet" list, and the maps it used (the result's extras.controlnet_maps) are shown under the result.
+
+async function loadControlNet() {
+  try {
+    const get = async (path) => {
+      const res = await fetch(`controlnet/${path}`);
+      if (!res.ok) throw new Error(`the server answered ${res.status}`);
+      return res.json();
+    };
+    const [modules, models] = await Promise.all([get("module_list"), get("model_list")]);
+    const detail = modules.module_detail || {};
+    const module = $("cn-module").value || "none";
+    fillSelect($("cn-module"), modules.module_list.map((name) => [name,
+      detail[name] && detail[name].model_free === false ? `${name} (needs annotator weights)` : name]), module);
+    const model = $("cn-model").value;
+    fillSelect($("cn-model"), models.model_list.length ? models.model_list.map((m) => [m, m])
+      : [["", "no ControlNets in the library's controlnet/ folder"]], model);
+  } catch (err) {
+    $("cn-status").textContent = `Cannot list ControlNet's choices: ${err.message}`;
+  }
+}
+
+function setControlImage(dataUrl) {
+  state.controlImage = dataUrl;
+  const preview = $("cn-image-preview");
+  preview.hidden = !dataUrl;
+  $("cn-clear").hidden = !dataUrl;
+  $("cn-map").hidden = true;
+  $("cn-map").removeAttribute("src");
+  if (dataUrl) preview.src = dataUrl; else preview.removeAttribute("src");
+  $("cn-image-note").textContent = dataUrl ? "" : "No image: img2img follows the init image.";
+  if (dataUrl && !$("cn-enabled").checked) $("cn-enabled").checked = true;
+}
+
+async function controlNetPreview() {
+  const image = state.controlImage || state.initImage;
+  if (!image) { $("cn-status").textContent = "Choose a control image first."; return; }
+  const button = $("cn-preview");
+  button.disabled = true;
+  $("cn-status").textContent = "preprocessing…";
+  try {
+    const res = await fetch("controlnet/detect", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ controlnet_module: $("cn-module").value, controlnet_input_images: [image] }),
+    });
+    const body = await res.json().catch(() => null);
+    if (!res.ok) throw new Error((body && body.detail) || `the server answered ${res.status}`);
+    $("cn-map").src = `data:image/png;base64,${body.images[0]}`;
+    $("cn-map").hidden = false;
+    $("cn-status").textContent = `${$("cn-module").value} map`;
+  } catch (err) {
+    $("cn-status").textContent = `Cannot preview: ${err.message}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// the job's "controlnet" list: the unit when it is enabled
+function controlNetUnits() {
+  if (!$("cn-enabled").checked) return [];
+  if (!$("cn-model").value) throw new Error("ControlNet is on but the library has no ControlNet model to use.");
+  if (!state.controlImage && !state.initImage) {
+    throw new Error("ControlNet is on but has no picture: choose a control image (or an init image).");
+  }
+  return [{
+    model: $("cn-model").value,
+    image: state.controlImage || null,  // null: the init image
+    module: $("cn-module").value || "none",
+    weight: Number($("cn-weight").value),
+    guidance_start: Number($("cn-start").value),
+    guidance_end: Number($("cn-end").value),
+    control_mode: $("cn-control-mode").value,
+  }];
+}
+
+function showControlMaps(maps) {
+  const box = $("cn-used");
+  box.hidden = !(maps && maps.length);
+  box.replaceChildren(...(maps || []).map((url, i) => el("figure", {},
+    el("img", { src: url, alt: `ControlNet unit ${i} map` }), el("figcaption", {}, `ControlNet ${i} map`))));
+}
+
+function setupControlNet() {
+  state.controlImage = null;
+  const input = $("cn-file");
+  $("cn-choose").addEventListener("click", () => input.click());
+  input.addEventListener("change", () => readFile(input.files[0], setControlImage));
+  $("cn-clear").addEventListener("click", () => { input.value = ""; setControlImage(null); });
+  $("cn-preview").addEventListener("click", controlNetPreview);
+  $("controlnet-box").addEventListener("toggle", () => { if ($("controlnet-box").open) loadControlNet(); });
+  loadControlNet();
+}
+
 // ---- generating ------------------------------------------------------------------------------
 
 // the job body for /api/v1/jobs: txt2img (with the hires fix when on), img2img, inpaint (a painted mask), or
@@ -643,6 +845,8 @@ async function buildRequest(kind = "generate") {
     token_merging_ratio: Number($("token_merging_ratio").value) || 0,
     emphasis: $("emphasis").value,
   };
+  const units = controlNetUnits();
+  if (units.length) body.controlnet = units;
   if (kind === "outpaint") {
     if (!state.initImage) throw new Error("Outpaint needs an init image: drop one above first.");
     const grown = await outpaintImages();
@@ -783,6 +987,7 @@ function showResults(job) {
   $("depth-used").hidden = !depthMap;
   if (depthMap) $("depth-used-img").src = depthMap;
   else $("depth-used-img").removeAttribute("src");
+  showControlMaps(job.result && job.result.extras && job.result.extras.controlnet_maps);
 }
 
 // ---- queue -----------------------------------------------------------------------------------
@@ -959,6 +1164,8 @@ async function main() {
   setupMask();
   setupDepth();
   setupOutpaint();
+  setupLoras();
+  setupControlNet();
   try { await loadChoices(); } catch (err) { showError(`Cannot reach the server: ${err.message}`); }
   loadSettings();
   try { window.brushworkLimits = (await api("status")).limits; } catch (_) { /* defaults apply */ }
