@@ -389,16 +389,16 @@ def encode_xl(encoders, prompt: str, negative: str, *, clip_skip: int = 1, devic
     options = dict(emphasis=emphasis, comma_padding_backtrack=comma_padding_backtrack, embeddings=embeddings)
     tokenizer = encoders[-1][1]  # the vocabularies are the same; only the padding differs
     pos = tokenize_weighted(tokenizer, prompt, **options)
-    neg = [] if negative is None else tokenize_weighted(tokenizer, negative, **options)
+    neg = tokenize_weighted(tokenizer, negative, **options) if negative else []  # "" and None: zeros, unread
     k = max(len(pos), len(neg))
     pos += [[] for _ in range(k - len(pos))]
     neg += [[] for _ in range(k - len(neg))]
     out = []
-    for chunks in (pos, neg) if negative is not None else (pos,):
+    for chunks in (pos, neg) if negative else (pos,):
         encoded = [_encode_chunks(te, tok, chunks, clip_skip, device, emphasis, penultimate=True)
                    for te, tok in encoders]
         out.append((torch.cat([z for z, _ in encoded], dim=-1), encoded[-1][1]))
-    (z, pooled), (neg_z, neg_pooled) = out if negative is not None else (out[0], out[0])
+    (z, pooled), (neg_z, neg_pooled) = out if negative else (out[0], out[0])
     if not negative:
         neg_z, neg_pooled = torch.zeros_like(neg_z), torch.zeros_like(neg_pooled)
     return z, neg_z, pooled, neg_pooled
