@@ -85,7 +85,9 @@ def test_an_infotext_of_a_megabyte_parses_in_well_under_a_second(name):
     started = time.perf_counter()
     parse_infotext(text)
     request_from_infotext(text)
-    assert time.perf_counter() - started < 1.0
+    # linear: ~0.5 s on 2 quiet cores; a quadratic parse of a megabyte takes minutes. 5 s leaves room for a busy
+    # machine (CI shares its cores) without letting a quadratic case through
+    assert time.perf_counter() - started < 5.0
 
 
 def test_the_linear_parser_finds_what_a1111s_pattern_finds():
