@@ -237,6 +237,22 @@ def _set_range(page, selector: str, value) -> None:
                                     "{bubbles: true})); }", str(value))
 
 
+def _generate_small(page, wait_for: str = "#results img") -> None:
+    """Generate at 32x32 in 3 steps and wait for ``wait_for`` to appear."""
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    _set_range(page, "#steps", 3)
+    page.click("#generate")
+    page.wait_for_selector(wait_for, timeout=60_000)
+
+
+def _result_details(page) -> str:
+    """Open the first result's details and return its parameters text."""
+    page.click("#results img")
+    page.wait_for_selector("#details[open]")
+    return page.inner_text("#details-text")
+
+
 def _quadrants(size: int = 64):
     """A picture with four flat colours and a gradient, so a changed pixel shows."""
     import numpy as np
@@ -671,15 +687,9 @@ def test_lora_panel_toggles_the_tag_and_a_generation_with_it_has_lora_hashes(bro
         chip.click()
         assert page.input_value("#prompt") == "a red circle, blue sky <lora:webstyle:1>"
 
-        page.fill("#width", "32")
-        page.fill("#height", "32")
         page.fill("#seed", "7")
-        _set_range(page, "#steps", 3)
-        page.click("#generate")
-        page.wait_for_selector("#results img", timeout=60_000)
-        page.click("#results img")
-        page.wait_for_selector("#details[open]")
-        text = page.inner_text("#details-text")
+        _generate_small(page)
+        text = _result_details(page)
         assert "<lora:webstyle:1>" in text and 'Lora hashes: "webstyle: ' in text, text
         page.click("#details button[value=close]")
 
@@ -720,16 +730,10 @@ def test_controlnet_panel_previews_canny_and_generates_with_the_map_shown(browse
         assert page.get_attribute("#cn-map", "src").startswith("data:image/png;base64,")
 
         page.fill("#prompt", "a red circle")
-        page.fill("#width", "32")
-        page.fill("#height", "32")
-        _set_range(page, "#steps", 3)
-        page.click("#generate")
-        page.wait_for_selector("#cn-used figure img", timeout=60_000)
+        _generate_small(page, wait_for="#cn-used figure img")
         page.wait_for_function("document.querySelector('#cn-used img').naturalWidth > 0")
         assert page.locator("#results img").count() == 1
-        page.click("#results img")
-        page.wait_for_selector("#details[open]")
-        assert "ControlNet 0: " in page.inner_text("#details-text")
+        assert "ControlNet 0: " in _result_details(page)
         assert not errors, errors
     finally:
         path.unlink(missing_ok=True)
