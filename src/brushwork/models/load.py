@@ -453,7 +453,6 @@ def load_diffusers_folder(path: Path, *, prediction: str | None = None) -> Model
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .tokenizers import tokenizer_for
 
     if (path / "text_encoder_2").is_dir():
         parts = _load_xl_folder(path, prediction=prediction)
@@ -470,18 +469,8 @@ def load_diffusers_folder(path: Path, *, prediction: str | None = None) -> Model
     if family is None:
         raise ModelError(f"{path.name}: a {kind} model with {unet.config.in_channels} UNet input channels is not "
                          "supported yet")
-    tokenizer = tokenizer_for(kind)
-    if (path / "tokenizer" / "vocab.json").is_file():
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    shipped = shipped_config(family, "scheduler") if family.configs else SD_SCHEDULER_CONFIG
-    base = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(shipped)
-    if family.configs is not None:
-        base = with_own_spacing(base)
-    pred = prediction or ("v" if base.get("prediction_type") == "v_prediction" else "eps")
-    base["prediction_type"] = "v_prediction" if pred == "v" else "epsilon"
+    tokenizer = _folder_tokenizer(path, "tokenizer", kind)
+    base, pred = _folder_scheduler(path, family, prediction)
     side = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     if family.configs is not None:
         side = family.default_size
@@ -498,9 +487,7 @@ def _load_xl_folder(path: Path, *, prediction: str | None = None) -> ModelParts:
     """An SDXL diffusers folder: base (text_encoder + text_encoder_2), refiner (text_encoder_2 alone) or
     inpainting (9 UNet input channels). Tokenizers from the folder when it has them, else the shipped ones."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .tokenizers import tokenizer_for
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
@@ -517,23 +504,38 @@ def _load_xl_folder(path: Path, *, prediction: str | None = None) -> ModelParts:
         raise ModelError(f"{path.name}: an SDXL model with {unet.config.in_channels} UNet input channels is not "
                          "supported")
 
-    def tokenizer(folder: str, kind: str):
-        if (path / folder / "vocab.json").is_file():
-            return CLIPTokenizer.from_pretrained(path / folder, local_files_only=True)
-        return tokenizer_for(kind)
-
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    base = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(shipped_config(family, "scheduler"))
-    base = with_own_spacing(base)
-    pred = prediction or ("v" if base.get("prediction_type") == "v_prediction" else "eps")
-    base["prediction_type"] = "v_prediction" if pred == "v" else "epsilon"
+    base, pred = _folder_scheduler(path, family, prediction)
     side = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     return ModelParts(
         name=path.name, family=family, unet=unet, vae=vae, text_encoder=text_encoder,
-        tokenizer=tokenizer("tokenizer", "clip") if text_encoder is not None else None,
+        tokenizer=_folder_tokenizer(path, "tokenizer", "clip") if text_encoder is not None else None,
         scheduler_config=base, prediction=pred, default_size=(side, side), source="diffusers",
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer("tokenizer_2", "openclip"),
+        text_encoder_2=text_encoder_2, tokenizer_2=_folder_tokenizer(path, "tokenizer_2", "openclip"),
     )
+
+
+def _folder_tokenizer(path: Path, folder: str, kind: str):
+    """The folder's own tokenizer when it has one, else the shipped one of that kind (clip / openclip)."""
+    from .tokenizers import tokenizer_for
+
+    if (path / folder / "vocab.json").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(path / folder, local_files_only=True)
+    return tokenizer_for(kind)
+
+
+def _folder_scheduler(path: Path, family: Family, prediction: str | None) -> tuple[dict, str]:
+    """(scheduler config, prediction): the folder's scheduler config (else the family's shipped one, else SD's),
+    its prediction type unless ``prediction`` overrides it."""
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    shipped = shipped_config(family, "scheduler") if family.configs else SD_SCHEDULER_CONFIG
+    base = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(shipped)
+    if family.configs is not None:
+        base = with_own_spacing(base)
+    pred = prediction or ("v" if base.get("prediction_type") == "v_prediction" else "eps")
+    base["prediction_type"] = "v_prediction" if pred == "v" else "epsilon"
+    return base, pred
 
 
 def _folder_depth_estimator(path: Path, family: Family):
