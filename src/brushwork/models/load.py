@@ -70,9 +70,15 @@ class ModelParts:
         return {name: module for name, module in found.items() if module is not None}
 
     @property
+    def encoders(self) -> list[tuple]:
+        """(text encoder, its tokenizer) for each text encoder this model has (one; SDXL base two), in order."""
+        return [(te, tok) for te, tok in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2))
+                if te is not None]
+
+    @property
     def text_encoders(self) -> list:
         """The text encoders this model has (one; SDXL base two)."""
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        return [te for te, _ in self.encoders]
 
 
 # ---- reading files ---------------------------------------------------------------------------

@@ -207,9 +207,7 @@ class RunContext:
                            comma_padding_backtrack=r.comma_padding_backtrack,
                            embeddings=networks.embeddings if networks is not None else None)
             if parts.family.xl:
-                encoders = [(te, tok) for te, tok in ((parts.text_encoder, parts.tokenizer),
-                                                      (parts.text_encoder_2, parts.tokenizer_2)) if te is not None]
-                embeds = prompts.encode_xl(encoders, *texts, **options)
+                embeds = prompts.encode_xl(parts.encoders, *texts, **options)
             else:
                 embeds = prompts.encode(parts.text_encoder, parts.tokenizer, *texts, **options)
             if own:
