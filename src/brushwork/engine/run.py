@@ -191,15 +191,14 @@ def generate(
         pixels = max(pixels, hires_w * hires_h)
     ladder = memory.Ladder(memory_mode, policy, parts.modules, pixels=pixels, batch=request.batch_size,
                            state=memory_state)
+    if refiner is not None and not task.refines:
+        raise InvalidRequest(f"the refiner takes over txt2img and img2img; {task.mode.value}"
+                             f"{' with the hires fix' if request.hires_enabled else ''} runs without it: "
+                             "leave the refiner out")
+    # networks: the prompt's LoRAs and embeddings (engine.networks), applied as it is read; controlnet: the units
+    # (engine.controlnet.Controls), prepared; refiner: SDXL's refiner's parts
     ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use, settings=settings,
-                     networks=networks)  # the prompt's LoRAs and embeddings (engine.networks): applied as it is read
-    ctx.controlnet = controlnet  # the ControlNet units (engine.controlnet.Controls), prepared; None: none
-    if refiner is not None:
-        if not task.refines:
-            raise InvalidRequest(f"the refiner takes over txt2img and img2img; {task.mode.value}"
-                                 f"{' with the hires fix' if request.hires_enabled else ''} runs without it: "
-                                 "leave the refiner out")
-        ctx.refiner = refiner[0]
+                     networks=networks, controlnet=controlnet, refiner=refiner[0] if refiner is not None else None)
     task.prepare(ctx)
     from .deepcache import interval_for
 
