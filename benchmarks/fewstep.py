@@ -339,8 +339,11 @@ def bench_model(name: str, args, use_defaults: bool, settings, store) -> dict:
                  "mem_available_gb_at_start": round(free, 1), "build_s": build_s,
                  **({"build_shared": "the same modules as the previous model's"} if shared else {}),
                  "params_m": {k: params_m(m) for k, m in {**parts.modules, "taesd": tiny.decoder}.items()}}
-    policy = device_mod.choose("cpu", "auto", unet_params=device_mod.unet_param_count(parts))
+    from brushwork.engine import backends
+
+    policy = device_mod.choose("cpu", "auto", unet_params=device_mod.unet_param_count(parts), backend=args.backend)
     device_mod.place(parts, policy)
+    parts.backend = backends.for_model(parts, policy, settings)  # OpenVINO: converted in the first run, cached
     out["policy"], out["policy_why"] = policy.describe(), policy.why
     # brushwork's TAESD: the original .pth layout in the library's vae-approx/, loaded as Engine loads --vae taesd
     tiny_name = taesd.name_for(parts.family.name)
@@ -417,6 +420,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", choices=["full", "tiny"], default="full",
                     help="tiny: the tests' tiny models (a check of this script, not a measurement)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: what Engine picks)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                    help="brushwork's CPU backend (engine/backends.py) [auto: what the engine picks here]")
     ap.add_argument("--force", action="store_true", help="run a model even when free memory looks too small")
     ap.add_argument("--save-images", default="", help="a folder for the last pictures of each variant")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/fewstep.json"))

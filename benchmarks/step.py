@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,7 +172,23 @@ def rel_error(a, b) -> float:
 # ---- the benchmark ------------------------------------------------------------------------------
 
 
-def unet_step_variants(unet, device: str, side: int, *, compile: bool):
+def accelerated(policy, kind: str, module, first: dict):
+    """The context a CPU backend runs ``module`` in (OpenVINO: ``engine.backends``, its conversions cached in
+    brushwork's cache folder, so a second run of this benchmark reads them); ``first`` gets its statistics."""
+    from contextlib import nullcontext
+
+    if policy.backend != "openvino":
+        return lambda: nullcontext()
+    from brushwork import Settings
+    from brushwork.engine.backends import OpenVinoModel
+
+    settings = Settings.load()
+    accel = OpenVinoModel(Path(settings.cache_dir) / "openvino", threads=settings.threads)
+    first["backend_stats"] = accel.stats
+    return lambda: getattr(accel, kind)(module)
+
+
+def unet_step_variants(unet, device: str, side: int, *, compile: bool, backend: str = "auto", first=None):
     """(variants, inputs, policies): plain diffusers and brushwork's automatic choice of the same UNet."""
     import torch
 
@@ -182,9 +199,11 @@ def unet_step_variants(unet, device: str, side: int, *, compile: bool):
     context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
     t = torch.tensor(500.0)
     policy = device_mod.choose(device, "auto", unet_params=device_mod.unet_param_count(SimpleNamespace(unet=unet)),
-                               compile=compile)
+                               compile=compile, backend=backend)
     ours = copy.deepcopy(unet)
-    device_mod.place(SimpleNamespace(unet=ours, vae=sd_vae_stub(), text_encoder=sd_vae_stub()), policy)
+    device_mod.place(SimpleNamespace(unet=ours, vae=sd_vae_stub(), text_encoder=sd_vae_stub(),
+                                     text_encoders=[sd_vae_stub()]), policy)
+    backend_context = accelerated(policy, "unet", ours, first if first is not None else {})
     if device == "cpu":
         plain = unet  # diffusers' default on a CPU: fp32
         plain_in = (latents, context)
@@ -193,11 +212,12 @@ def unet_step_variants(unet, device: str, side: int, *, compile: bool):
         plain_in = (latents.to(device, torch.float16), context.to(device, torch.float16))
     ours_in = (latents.to(device, policy.latent_dtype), context.to(device, policy.text_dtype))
 
-    def run(model, inputs):
-        with torch.inference_mode():
+    def run(model, inputs, context=None):
+        with torch.inference_mode(), (context or nullcontext)():
             return model(inputs[0], t.to(device), encoder_hidden_states=inputs[1], return_dict=False)[0]
 
-    return {"diffusers": lambda: run(plain, plain_in), "brushwork": lambda: run(ours, ours_in)}, policy
+    return {"diffusers": lambda: run(plain, plain_in),
+            "brushwork": lambda: run(ours, ours_in, backend_context)}, policy
 
 
 def sd_vae_stub():
@@ -212,20 +232,27 @@ def sd_vae_stub():
     return Stub(1, 1)
 
 
-def bench_unet(device: str, sizes: list[int], rounds: int, compile: bool, results: dict) -> None:
+def bench_unet(device: str, sizes: list[int], rounds: int, compile: bool, results: dict,
+               backend: str = "auto") -> None:
     import torch
 
     unet = sd15_unet()
     for side in sizes:
-        variants, policy = unet_step_variants(unet, device, side, compile=compile)
-        # quality: brushwork's output against plain diffusers' for the same input (fp32 on a CPU)
-        outputs = {name: fn().float().cpu() for name, fn in variants.items()}
+        first: dict = {}
+        variants, policy = unet_step_variants(unet, device, side, compile=compile, backend=backend, first=first)
+        # quality: brushwork's output against plain diffusers' for the same input (fp32 on a CPU); the first call
+        # of each is timed apart (a backend's conversion and compilation, or a cache read, happen there)
+        outputs = {}
+        for name, fn in variants.items():
+            started = time.perf_counter()
+            outputs[name] = fn().float().cpu()
+            first[f"{name}_first_call_s"] = round(time.perf_counter() - started, 2)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = interleave(variants, rounds, device, warmup=0)  # the calls above were the warm-up
         entry = {"what": f"SD 1.5 UNet, {side}x{side}, batch 2 (CFG), one step", "policy": policy.describe(),
-                 "policy_why": policy.why, "channels_last": policy.channels_last, "compile": policy.compile,
-                 **summary(times)}
+                 "policy_why": policy.why, "backend": policy.backend, "channels_last": policy.channels_last,
+                 "compile": policy.compile, "first_calls": first, **summary(times)}
         base = "fp32" if device == "cpu" else "fp16"
         entry["brushwork"][f"rel_error_vs_diffusers_{base}"] = rel_error(outputs["brushwork"], outputs["diffusers"])
         if device == "cuda":
@@ -235,29 +262,38 @@ def bench_unet(device: str, sizes: list[int], rounds: int, compile: bool, result
         del variants
 
 
-def bench_vae(device: str, rounds: int, results: dict) -> None:
+def bench_vae(device: str, rounds: int, results: dict, backend: str = "auto") -> None:
     import torch
 
     from brushwork.engine import device as device_mod
     from brushwork.engine.run import decode
 
     vae = sd_vae()
-    policy = device_mod.choose(device, "auto", unet_params=859_520_964)  # the VAE of an SD 1.5 model
+    # the VAE of an SD 1.5 model
+    policy = device_mod.choose(device, "auto", unet_params=859_520_964, backend=backend)
     ours = copy.deepcopy(vae)
-    device_mod.place(SimpleNamespace(unet=sd_vae_stub(), vae=ours, text_encoder=sd_vae_stub()), policy)
+    device_mod.place(SimpleNamespace(unet=sd_vae_stub(), vae=ours, text_encoder=sd_vae_stub(),
+                                     text_encoders=[sd_vae_stub()]), policy)
+    first: dict = {}
+    backend_context = accelerated(policy, "decoder", ours, first)
     plain = vae if device == "cpu" else vae.to(device, torch.float16)
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     pixels = {}
 
-    def run(model, name):
-        pixels[name] = decode(model, latents)[0][0]
+    def run(model, name, context=None):
+        with (context or nullcontext)():
+            pixels[name] = decode(model, latents)[0][0]
 
-    times = interleave({"diffusers": lambda: run(plain, "diffusers"), "brushwork": lambda: run(ours, "brushwork")},
-                       rounds, device)
+    started = time.perf_counter()
+    run(ours, "brushwork", backend_context)
+    first["brushwork_first_call_s"] = round(time.perf_counter() - started, 2)
+    times = interleave({"diffusers": lambda: run(plain, "diffusers"),
+                        "brushwork": lambda: run(ours, "brushwork", backend_context)}, rounds, device)
     import numpy as np
 
     diff = np.abs(np.asarray(pixels["diffusers"]).astype(int) - np.asarray(pixels["brushwork"]).astype(int))
-    entry = {"what": "SD VAE decode, one 512x512 image", "policy": policy.describe(), **summary(times)}
+    entry = {"what": "SD VAE decode, one 512x512 image", "policy": policy.describe(), "backend": policy.backend,
+             "first_calls": first, **summary(times)}
     entry["brushwork"]["pixel_diff_vs_diffusers"] = {"mean": round(float(diff.mean()), 3), "max": int(diff.max())}
     results[f"vae_decode_{device}_512"] = entry
     print(json.dumps({f"vae_decode_{device}_512": entry}), flush=True)
@@ -272,6 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile brushwork's UNet")
     parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                        help="brushwork's CPU backend (engine/backends.py) [auto: what the engine picks here]")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step.json"))
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -281,9 +319,9 @@ def main(argv=None) -> int:
     started = time.time()
     results: dict = {"benchmark": "step", "machine": machine(), "sizes": sizes, "rounds": args.rounds}
     for device in devices:
-        bench_unet(device, sizes, args.rounds, args.compile, results)
+        bench_unet(device, sizes, args.rounds, args.compile, results, backend=args.backend)
         if not args.skip_vae:
-            bench_vae(device, args.rounds, results)
+            bench_vae(device, args.rounds, results, backend=args.backend)
     if "cuda" not in devices:
         results["gpu"] = "no CUDA device in this run; the GPU variants run when one is present"
     write_results(results, started, args.out)

@@ -131,6 +131,9 @@ def generation_options(fn):
                      help="A full 75-token chunk ends at a comma at most this many tokens back, as A1111 [0 = off]."),
         click.option("--compile", "compile_unet", is_flag=True,
                      help="torch.compile the UNet (slow first image, faster after; for long sessions)."),
+        click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default=None,
+                     help="Where a CPU runs the UNet and VAE decoder: auto (OpenVINO for full-size models where "
+                          "installed), torch, openvino (pip install 'brushwork[openvino]'; converted once, cached)."),
         click.option("--threads", type=int, help="CPU threads [one per physical core]."),
         click.option("--no-watermark", "no_watermark", is_flag=True, help="Do not embed the invisible watermark."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the file paths."),
@@ -164,7 +167,7 @@ def _request(mode: str, o: dict, **extra):
         precision = "bf16"
     if o["threads"] is not None and o["threads"] < 1:
         raise InvalidRequest(f"--threads must be 1 or more, got {o['threads']}")
-    settings = Settings.load(compile=o["compile_unet"] or None, threads=o["threads"])
+    settings = Settings.load(compile=o["compile_unet"] or None, threads=o["threads"], backend=o["backend"])
     if "control" in o:  # the commands with ControlNet units (txt2img, img2img, inpaint, outpaint)
         extra.setdefault("controlnet", _control_units(o))
     req = GenerationRequest(

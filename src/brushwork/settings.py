@@ -30,6 +30,9 @@ class Settings:
     memory: str = "auto"
     watermark: bool = True
     compile: bool = False  # torch.compile the UNet when a model loads (pays for long sessions: minutes to compile)
+    # where a CPU runs the UNet and the VAE decoder: auto (OpenVINO for large models where installed and faster),
+    # torch, openvino (engine/backends.py)
+    backend: str = "auto"
     threads: int = 0  # CPU threads for torch; 0 = torch's default (one per physical core)
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -100,9 +103,14 @@ class Settings:
             if name in values and not isinstance(values[name], bool):
                 raise BrushworkError(f"setting {name} must be true or false, got {values[name]!r}; fix "
                                      f"BRUSHWORK_{name.upper()} or {path}")
-        for name in ("models_dir", "outputs_dir", "default_model", "device", "precision", "memory"):
+        for name in ("models_dir", "outputs_dir", "default_model", "device", "precision", "memory", "backend"):
             if values.get(name) is not None and not isinstance(values[name], str | Path):
                 raise BrushworkError(f"setting {name} must be text, got {values[name]!r}; fix {path}")
+        if isinstance(values.get("backend"), str):
+            values["backend"] = values["backend"].strip().lower()
+            if values["backend"] not in ("auto", "torch", "openvino"):
+                raise BrushworkError(f"setting backend must be auto, torch or openvino, got {values['backend']!r}; "
+                                     f"fix BRUSHWORK_BACKEND or {path}")
         values = {k: v for k, v in values.items() if k in names}
         values.setdefault("home", home)
         return cls(**values)

@@ -90,11 +90,12 @@ class Engine:
 
     def load(self, request: GenerationRequest) -> tuple[LoadedModel, list[str]]:
         """Load (or reuse) the model a request names, placed per the device policy."""
+        from . import backends
         from . import device as device_mod
 
         device = request.device if request.device != "auto" else self.settings.device
         precision = request.precision.value if request.precision.value != "auto" else self.settings.precision
-        device_mod.choose(device, precision)  # a request that cannot run here fails before any loading
+        device_mod.choose(device, precision, backend=self.settings.backend)  # fails here before any loading
         entry, hint = self.resolve(request.model)
         notes = [hint] if hint else []
         key = (str(entry.path), request.vae, request.prediction, device, precision, request.turbo is True)
@@ -113,9 +114,12 @@ class Engine:
             parts = self._load_parts(entry, request)
             # the dtype can depend on the model's size (bf16 pays on a CPU only for large models)
             policy = device_mod.choose(device, precision, unet_params=device_mod.unet_param_count(parts),
-                                       compile=self.settings.compile)
+                                       compile=self.settings.compile, backend=self.settings.backend)
             # on a GPU the memory plan moves the weights there (or offloads them), so any model loads
             device_mod.place(parts, policy, to_device=policy.is_cpu)
+            parts.backend = backends.for_model(parts, policy, self.settings)  # OpenVINO: converted at first use
+            if policy.backend_note:
+                notes.append(policy.backend_note)
             if parts.tiny_vae is not None:  # ~1M parameters: on the device in every memory mode
                 parts.tiny_vae.to(policy.device, policy.vae_dtype)
             self._loaded = LoadedModel(entry, parts, policy, request.vae, key)
@@ -123,6 +127,7 @@ class Engine:
 
     def load_refiner(self, request: GenerationRequest) -> LoadedModel:
         """The refiner a request names (kept loaded beside the model, as A1111 keeps both), placed as the model."""
+        from . import backends
         from . import device as device_mod
 
         entry, _ = self.store.resolve(request.refiner, default=None)
@@ -140,6 +145,7 @@ class Engine:
                 raise ModelError(f"{parts.name} is not an SDXL model ({parts.family.label}); a refiner must be SDXL "
                                  "(e.g. sd_xl_refiner_1.0) or an SDXL checkpoint")
             device_mod.place(parts, base.policy, to_device=base.policy.is_cpu)
+            parts.backend = backends.for_model(parts, base.policy, self.settings)
             self._refiner = LoadedModel(entry, parts, base.policy, None, key)
             return self._refiner
 

@@ -31,6 +31,10 @@ class DevicePolicy:
     channels_last: bool = False  # UNet/VAE convolutions in NHWC (faster with oneDNN and on tensor cores)
     compile: bool = False  # torch.compile the UNet (pays after a slow first run; opt-in)
     why: str = ""  # one line on how the precision was chosen, for notes and benchmarks
+    # where the UNet and the VAE decoder run on a CPU: "torch" (eager) or "openvino" (engine/backends.py)
+    backend: str = "torch"
+    # one line for the user when the backend asked for is not the one used (not installed, not for this device)
+    backend_note: str = ""
 
     @property
     def dtype(self):
@@ -58,9 +62,10 @@ class DevicePolicy:
         return self.device == "cpu"
 
     def describe(self) -> str:
+        on = " on OpenVINO" if self.backend == "openvino" else ""
         if self.mixed:
             return f"{self.device} {self.dtype_name} (UNet, VAE), {self.text_dtype_name} (text encoder, latents)"
-        return f"{self.device} {self.dtype_name}"
+        return f"{self.device} {self.dtype_name}{on}"
 
 
 def _torch_dtype(name: str):
@@ -133,12 +138,52 @@ def cpu_threads(current: int, *, cgroup: str = "/sys/fs/cgroup") -> int:
 
 
 def choose(device: str = "auto", precision: str = "auto", *, unet_params: int | None = None,
-           compile: bool = False) -> DevicePolicy:
-    """Pick the device (auto: CUDA, then MPS, then CPU) and the dtypes for it.
+           compile: bool = False, backend: str = "auto") -> DevicePolicy:
+    """Pick the device (auto: CUDA, then MPS, then CPU), the dtypes and the CPU backend for it.
 
     ``unet_params`` is the size of the model about to run; on a CPU, ``auto`` precision picks bf16
     only for large models and only where the CPU has native bf16. Without it, ``auto`` means fp32.
+    ``backend`` (``engine.backends``): ``auto`` takes OpenVINO for a large model on a CPU without native bf16
+    where it is installed (1.2x torch per UNet step on AVX2); ``torch`` never; ``openvino`` wherever it can.
     """
+    import dataclasses
+
+    from .backends import check_backend
+
+    backend = check_backend(backend)
+    policy = _choose(device, precision, unet_params=unet_params, compile=compile)
+    return dataclasses.replace(policy, **_backend_for(policy, backend, precision, unet_params))
+
+
+def _backend_for(policy: DevicePolicy, asked: str, precision, unet_params: int | None) -> dict:
+    from .backends import openvino_missing
+
+    if asked == "torch":
+        return {"backend": "torch"}
+    if not policy.is_cpu:
+        note = "" if asked == "auto" else f"OpenVINO is a CPU backend; {policy.device} runs torch"
+        return {"backend": "torch", "backend_note": note}
+    missing = openvino_missing()
+    if asked == "openvino":
+        if missing:
+            return {"backend": "torch", "backend_note": f"{missing}; torch runs instead"}
+        fp32 = {}
+        if policy.dtype_name != "fp32":
+            if (getattr(precision, "value", precision) or "auto") != "auto":
+                from ..errors import InvalidRequest
+
+                raise InvalidRequest("the OpenVINO backend computes in fp32; use --precision auto or fp32, "
+                                     "or --backend torch for bf16")
+            fp32 = {"dtype_name": "fp32", "vae_dtype_name": "fp32", "text_dtype_name": None, "channels_last": False}
+        return {"backend": "openvino", "compile": False, "why": "fp32; OpenVINO (asked for)" if fp32 else
+                policy.why + "; OpenVINO (asked for)", **fp32}
+    if missing or policy.dtype_name != "fp32" or unet_params is None or unet_params < CPU_BF16_MIN_UNET_PARAMS:
+        return {"backend": "torch"}  # small models: a conversion would cost more than it saves
+    return {"backend": "openvino", "compile": False,
+            "why": policy.why + "; OpenVINO for the UNet and the VAE decoder (installed; faster than torch here)"}
+
+
+def _choose(device: str, precision, *, unet_params: int | None, compile: bool) -> DevicePolicy:
     import torch
 
     device = (device or "auto").lower()

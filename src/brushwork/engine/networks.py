@@ -152,6 +152,11 @@ class Networks:
             self._hooks.attach([use for use in plan if not isinstance(use[0], str)])
             self._active = plan
 
+    @property
+    def changes_unet(self) -> bool:
+        """Whether the LoRAs now on change the UNet (a CPU backend's converted UNet has the plain weights)."""
+        return any(unet != 0 for _, _, unet in self._active or ())
+
     def release(self) -> None:
         """Every adapter off again (the model as loaded), whatever the run did."""
         self._hooks.remove()

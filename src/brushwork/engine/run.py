@@ -11,7 +11,7 @@ import secrets
 import time
 
 from ..request import GenerationRequest, GenerationResult, InvalidRequest, Mode
-from . import memory
+from . import backends, memory
 from .samplers import display_name
 from .tasks import RunContext, RunControl, task_for
 from .tasks.base import Stop
@@ -226,8 +226,10 @@ def generate(
             except Stop as stop:
                 latents, stopped_at = stop.latents, (stop.step, stop.total)
             t1 = time.perf_counter()
-            decoded, fell_back = (task.decode(ctx, latents) if task.decode
-                                  else decode(final_vae(parts, ctx.refiner), latents))
+            vae = final_vae(parts, ctx.refiner)
+            owner = ctx.refiner if ctx.refiner is not None and vae is ctx.refiner.vae else parts
+            with backends.decoder_context(owner.backend, vae):  # OpenVINO's decoder where the model has it
+                decoded, fell_back = task.decode(ctx, latents) if task.decode else decode(vae, latents)
             timings["sample_s"] += t1 - t0
             timings["decode_s"] += time.perf_counter() - t1
             return decoded, fell_back, stopped_at
@@ -247,6 +249,9 @@ def generate(
         if interrupted:
             break
     notes += task.notes(ctx)
+    for owner in (parts, ctx.refiner):  # a conversion done, a component kept on torch
+        if owner is not None and owner.backend is not None:
+            notes += owner.backend.take_notes()
     if networks is not None:
         notes += networks.notes
     if controlnet:

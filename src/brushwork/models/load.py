@@ -62,6 +62,9 @@ class ModelParts:
     # hash; an LCM UNet says so itself), and why; None: an ordinary model (the request's ``turbo`` can say otherwise)
     fewstep: str | None = None
     fewstep_why: str = ""
+    # the CPU backend's converted components (engine/backends.py: OpenVINO's UNet and VAE decoder), made when the
+    # model loads per the device policy; None: torch
+    backend: object = None
 
     @property
     def modules(self) -> dict:

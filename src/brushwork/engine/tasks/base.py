@@ -241,6 +241,20 @@ class RunContext:
                              denoising_start=switch, num_inference_steps=steps, generator=kwargs.get("generator"),
                              step_offset=done, total=total)
 
+    def backend_for(self, pipe, controls=None):
+        """The CPU backend (``engine.backends``) of the model whose UNet ``pipe`` runs, for one denoising loop; torch
+        where this request changes the UNet's insides."""
+        from ..backends import unet_context
+        from ..deepcache import interval_for
+
+        r = self.request
+        owner = self.refiner if self.refiner is not None and pipe.unet is self.refiner.unet else self.parts
+        reasons = [why for why, applies in (
+            ("fast mode", interval_for(r.fast) > 1), ("token merging", float(r.token_merging_ratio) > 0),
+            ("a LoRA on the UNet", owner is self.parts and self.networks is not None and self.networks.changes_unet),
+            ("ControlNet", bool(controls))) if applies]
+        return unet_context(getattr(owner, "backend", None), pipe.unet, reasons=reasons)
+
     def run_pipe(self, pipe, *, step_offset: int = 0, total: int | None = None, **kwargs):
         """Run one denoising loop to latents, reporting progress (steps ``step_offset`` + 1.. of ``total``);
         raises ``Stop`` where an interrupt/skip stopped it and ``Cancelled`` for a cancel."""
@@ -275,7 +289,7 @@ class RunContext:
             tensors += ("image", "control_image")
         with (torch.inference_mode(), deep_cache(parts.unet, interval_for(r.fast)),
               token_merging(parts.unet, float(r.token_merging_ratio)),
-              controls.applied(pipe) if controls else nullcontext()):
+              controls.applied(pipe) if controls else nullcontext(), self.backend_for(pipe, controls)):
             out = pipe(**kwargs, output_type="latent", callback_on_step_end=on_step_end,
                        callback_on_step_end_tensor_inputs=[name for name in tensors
                                                            if name in pipe._callback_tensor_inputs])

@@ -1,0 +1,359 @@
+"""CPU backends: where the UNet and the VAE decoder run on a CPU, chosen once per model by the device policy.
+
+``torch``: PyTorch eager (oneDNN), always there. ``openvino`` (``pip install 'brushwork[openvino]'``, what FastSD
+CPU uses): the module converted to OpenVINO's IR with ``ov.convert_model`` from the very diffusers module that is
+loaded (its weights, LoRA-free), compiled for this CPU in fp32 (``INFERENCE_PRECISION_HINT f32``: no silent bf16
+or fp16), ~1.2x torch eager per UNet step on AVX2 at 6e-6 relative difference (``benchmarks/step.py``).
+
+Converted models are cached on disk, so only the first run pays (minutes for a full-size UNet):
+``<home>/cache/openvino/<component>-<fingerprint>/`` holds the IR (weights in fp32), keyed by a SHA-256 of the
+component's weights and config, the inputs it takes, and OpenVINO's version; the kernels compiled for each input
+shape go to OpenVINO's own cache (``CACHE_DIR``) beside it. A conversion that fails (an unusual module, a broken
+OpenVINO) is said in one note and the component stays on torch; nothing is retried until the model loads again.
+
+What stays on torch, per run (one note says so): a UNet with a LoRA / LyCORIS on it (the IR has the plain weights),
+fast mode (DeepCache) and token merging (they patch the UNet's insides), and any UNet call with inputs the IR does
+not take (ControlNet residuals, the x4 upscaler's noise level): those calls run the torch module, same numbers.
+The text encoder stays on torch: one pass per prompt (~0.3 s for CLIP-L at 512 on 2 cores) is not worth a
+conversion. The encoder half of the VAE (img2img, inpaint) runs once per picture and stays on torch too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+log = logging.getLogger("brushwork.backends")
+
+BACKENDS = ("auto", "torch", "openvino")
+# the IR layout this code writes; a change here makes every cached conversion a miss, never a wrong hit
+FORMAT = 1
+# the UNet inputs an IR can take (beside sample, timestep, encoder_hidden_states), by model kind
+_XL_INPUTS = ("text_embeds", "time_ids")
+_LCM_INPUTS = ("timestep_cond",)
+
+
+def check_backend(name: str | None) -> str:
+    """A backend name from outside (setting, CLI), checked once."""
+    from ..errors import InvalidRequest
+
+    name = (getattr(name, "value", name) or "auto").lower()
+    if name not in BACKENDS:
+        raise InvalidRequest(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot be used here (one line), or None."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed (pip install 'brushwork[openvino]')"
+    except Exception as error:  # a broken install that fails as it loads its libraries
+        return f"OpenVINO does not load ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    return None
+
+
+# ---- the converted components of one model -------------------------------------------------------------------
+
+
+class OpenVinoModel:
+    """The UNet and VAE decoder of one loaded model on OpenVINO: converted once (cached on disk by fingerprint),
+    compiled for the input shape of the run (the last shape is kept; a new one compiles again, from OpenVINO's
+    kernel cache when it has been seen)."""
+
+    def __init__(self, cache_dir: Path, threads: int = 0):
+        self.cache_dir = Path(cache_dir)
+        self.threads = threads
+        self.notes: list[str] = []  # said once, in the next result
+        self.failed: dict[str, str] = {}  # component -> why it stays on torch
+        self.stats = {"converted": 0, "loaded_from_cache": 0, "compiled": 0, "convert_s": 0.0}
+        self._compiled: dict[str, tuple] = {}  # component -> (input shapes, compiled model)
+        self._ir: dict[str, object] = {}  # component -> ov.Model (read or converted)
+        self._lock = threading.Lock()
+        self._core = None
+
+    # -- public: what a run wraps itself in --------------------------------------------------------------------
+
+    @contextmanager
+    def unet(self, unet):
+        """Within the block, calls of ``unet`` the IR can take run on OpenVINO; others on torch."""
+        if "unet" in self.failed:
+            yield
+            return
+        inputs = unet_inputs(unet)
+        original = unet.forward
+
+        def forward(sample, timestep, encoder_hidden_states=None, *args, **kwargs):
+            feeds = None if "unet" in self.failed else \
+                self._unet_feeds(inputs, sample, timestep, encoder_hidden_states, args, kwargs)
+            if feeds is None:  # inputs the IR does not take: this call on torch
+                return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            out = self._run("unet", unet, feeds, lambda: _UNetIO(unet, original))
+            if out is None:  # the conversion failed just now: torch from here on
+                return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            import torch
+
+            out = torch.from_numpy(out).to(sample.dtype)
+            if kwargs.get("return_dict", True):
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+                return UNet2DConditionOutput(sample=out)
+            return (out,)
+
+        unet.forward = forward  # the instance attribute shadows the class's (hooks, as engine.hooks)
+        try:
+            yield
+        finally:
+            del unet.forward
+
+    @contextmanager
+    def decoder(self, vae):
+        """Within the block, ``vae``'s decoder (latents after ``post_quant_conv`` -> pixels) runs on OpenVINO;
+        tiled decodes call it per tile, each tile shape compiled once."""
+        decoder = getattr(vae, "decoder", None)
+        if "vae_decoder" in self.failed or decoder is None or not hasattr(decoder, "up_blocks"):
+            yield  # TAESD's tiny decoder and other VAEs stay on torch
+            return
+        original = decoder.forward
+
+        def forward(sample, latent_embeds=None):
+            if latent_embeds is not None or sample.dtype != _float32() or "vae_decoder" in self.failed:
+                return original(sample, latent_embeds)
+            out = self._run("vae_decoder", decoder, {"sample": sample.numpy()}, lambda: _DecoderIO(decoder, original))
+            if out is None:
+                return original(sample, latent_embeds)
+            import torch
+
+            return torch.from_numpy(out)
+
+        decoder.forward = forward
+        try:
+            yield
+        finally:
+            del decoder.forward
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
+
+    # -- inside ------------------------------------------------------------------------------------------------
+
+    def _unet_feeds(self, inputs, sample, timestep, encoder_hidden_states, args, kwargs) -> dict | None:
+        import torch
+
+        if args or encoder_hidden_states is None or sample.dtype != torch.float32 or sample.device.type != "cpu":
+            return None
+        added = kwargs.get("added_cond_kwargs") or {}
+        known = {"timestep_cond", "added_cond_kwargs", "return_dict", "cross_attention_kwargs", "attention_mask",
+                 "encoder_attention_mask"}
+        if any(kwargs.get(k) is not None for k in kwargs if k not in known):
+            return None  # ControlNet residuals, class labels (the x4 upscaler's noise level), ...
+        if kwargs.get("cross_attention_kwargs") or kwargs.get("attention_mask") is not None \
+                or kwargs.get("encoder_attention_mask") is not None:
+            return None
+        if set(added) - set(_XL_INPUTS):
+            return None
+        batch = sample.shape[0]
+        feeds = {"sample": sample, "timestep": torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
+                 .expand(batch).contiguous(), "encoder_hidden_states": encoder_hidden_states}
+        for name in inputs:
+            value = added.get(name) if name in _XL_INPUTS else kwargs.get(name)
+            if value is None:
+                return None
+            feeds[name] = value
+        if (kwargs.get("timestep_cond") is not None) != ("timestep_cond" in inputs) or \
+                bool(added) != any(n in inputs for n in _XL_INPUTS):
+            return None
+        return {name: value.to(torch.float32).contiguous().numpy() for name, value in feeds.items()}
+
+    def _run(self, name: str, module, feeds: dict, wrapper):
+        shapes = tuple((k, tuple(v.shape)) for k, v in feeds.items())
+        with self._lock:
+            compiled = self._compiled.get(name)
+            if compiled is None or compiled[0] != shapes:
+                try:
+                    compiled = (shapes, self._compile(name, module, feeds, wrapper))
+                except Exception as error:  # one line, never a traceback: that component stays on torch
+                    log.debug("OpenVINO could not take the %s", name, exc_info=True)  # BRUSHWORK_DEBUG shows it
+                    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                    self.failed[name] = why
+                    self.notes.append(f"OpenVINO could not take the {_LABEL[name]} ({why}); it runs on torch")
+                    return None
+                self._compiled[name] = compiled
+        return compiled[1](feeds)[0]
+
+    def _compile(self, name: str, module, feeds: dict, wrapper):
+        import openvino as ov
+
+        model = self._ir.get(name)
+        if model is None:
+            model = self._ir[name] = self._read_or_convert(name, module, feeds, wrapper)
+        model = model.clone()
+        model.reshape({model.input(k).get_any_name(): ov.PartialShape(list(v.shape)) for k, v in feeds.items()})
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if self.threads > 0:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        compiled = self.core().compile_model(model, "CPU", config)
+        self.stats["compiled"] += 1
+        return compiled
+
+    def core(self):
+        if self._core is None:
+            import openvino as ov
+
+            self._core = ov.Core()
+            kernels = self.cache_dir / "kernels"
+            kernels.mkdir(parents=True, exist_ok=True)
+            self._core.set_property({"CACHE_DIR": str(kernels)})
+        return self._core
+
+    def _read_or_convert(self, name: str, module, feeds: dict, wrapper):
+        import openvino as ov
+
+        folder = self.cache_dir / f"{name}-{fingerprint(module, tuple(feeds), ov.__version__)}"
+        xml = folder / "model.xml"
+        if xml.is_file():
+            self.stats["loaded_from_cache"] += 1
+            return self.core().read_model(xml)
+        import torch
+
+        started = time.perf_counter()
+        example = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        import warnings
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent branches are not the user's
+            model = ov.convert_model(wrapper(), example_input=example)
+        for port, key in zip(model.inputs, feeds, strict=True):
+            port.get_tensor().set_names({key})
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        ov.save_model(model, partial / "model.xml", compress_to_fp16=False)
+        (partial / "about.json").write_text(json.dumps({"component": name, "inputs": list(feeds),
+                                                        "openvino": ov.__version__, "format": FORMAT}, indent=1))
+        try:
+            partial.rename(folder)  # whole or not at all: a killed conversion leaves no half IR to reuse
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(partial, ignore_errors=True)
+        seconds = time.perf_counter() - started
+        self.stats["converted"] += 1
+        self.stats["convert_s"] += seconds
+        self.notes.append(f"OpenVINO: the {_LABEL[name]} was converted once ({seconds:.0f} s) and cached in "
+                          f"{folder.parent}")
+        return model
+
+
+_LABEL = {"unet": "UNet", "vae_decoder": "VAE decoder"}
+
+
+def unet_inputs(unet) -> tuple[str, ...]:
+    """The inputs beyond (sample, timestep, encoder_hidden_states) this UNet takes: SDXL's pooled text and size
+    ids, LCM's guidance embedding."""
+    config = unet.config
+    inputs: tuple[str, ...] = ()
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        inputs += _XL_INPUTS
+    if getattr(config, "time_cond_proj_dim", None):
+        inputs += _LCM_INPUTS
+    return inputs
+
+
+def fingerprint(module, inputs: tuple, version: str) -> str:
+    """A SHA-256 of the module's weights (every byte), its config, the inputs the IR takes, OpenVINO's version and
+    this file's format: the same model always finds its conversion, a fine-tune never finds another's."""
+    import torch
+
+    digest = hashlib.sha256(json.dumps({"format": FORMAT, "openvino": version, "inputs": list(inputs),
+                                        "class": type(module).__name__,
+                                        "config": _config_of(module)}, sort_keys=True, default=str).encode())
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(str((data.dtype, tuple(data.shape))).encode())
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        digest.update(memoryview(data.numpy()).cast("B"))
+    return digest.hexdigest()[:24]
+
+
+def _config_of(module) -> dict:
+    config = getattr(module, "config", None)  # diffusers' bookkeeping ("_use_default_values", a set) left out
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")} if config is not None else {}
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def _UNetIO(unet, forward):  # noqa: N802 (a module class made where torch is imported)
+    """The UNet with flat inputs and one output, for tracing; ``forward`` is its own (not the patched) forward."""
+    import torch
+
+    class UNetIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+                    timestep_cond=None):
+            added = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
+            return forward(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                           added_cond_kwargs=added, return_dict=False)[0]
+
+    return UNetIO().eval()
+
+
+def _DecoderIO(decoder, forward):  # noqa: N802
+    import torch
+
+    class DecoderIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, sample):
+            return forward(sample)
+
+    return DecoderIO().eval()
+
+
+# ---- per run ---------------------------------------------------------------------------------------------------
+
+
+def unet_context(accel, unet, *, reasons: list[str]):
+    """What ``RunContext.run_pipe`` wraps a denoising loop in: the OpenVINO UNet unless a reason keeps it on torch
+    (said once per run in the notes)."""
+    if accel is None:
+        return nullcontext()
+    if reasons:
+        note = f"OpenVINO: the UNet runs on torch for this request ({', '.join(reasons)})"
+        if note not in accel.notes:
+            accel.notes.append(note)
+        return nullcontext()
+    return accel.unet(unet)
+
+
+def for_model(parts, policy, settings):
+    """The backend object of a model that has just loaded (None: torch), made once per model."""
+    if policy.backend != "openvino":
+        return None
+    from ..settings import Settings
+
+    settings = settings or Settings.load()
+    return OpenVinoModel(Path(settings.cache_dir) / "openvino", threads=settings.threads)
+
+
+def decoder_context(accel, vae):
+    """What the final decode is wrapped in: the OpenVINO decoder of ``vae`` where its model has the backend."""
+    return nullcontext() if accel is None else accel.decoder(vae)

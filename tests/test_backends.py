@@ -1,0 +1,134 @@
+"""The CPU backends (engine/backends.py): OpenVINO's UNet and VAE decoder against torch's on the bundled mini model,
+the conversion cache, and a backend that is missing or fails (one note, torch's picture, never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brushwork import Engine, GenerationRequest, Settings
+from brushwork.engine import device
+from brushwork.errors import InvalidRequest
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'brushwork[openvino]'")
+
+MINI = Path(__file__).resolve().parents[1] / "src/brushwork/models/mini/mini.safetensors"
+# OpenVINO computes the same fp32 convolutions and attention in another order: at most 1/255 per pixel channel
+TOLERANCE = 1
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """One home for the module, so its conversions are made once and the later tests read them from the cache."""
+    return tmp_path_factory.mktemp("ovhome")
+
+
+def _engine(home, backend):
+    return Engine(Settings(home=home, backend=backend))
+
+
+PROMPT = "a red circle in the center, on a white background"
+
+
+def _run(engine, **extra):
+    request = GenerationRequest(prompt=PROMPT, model=str(MINI), steps=3,
+                                seed=5, watermark=False, **extra)
+    return engine.generate(request)
+
+
+@pytest.fixture(scope="module")
+def torch_picture(shared_home):
+    return np.asarray(_run(_engine(shared_home / "torch", "torch")).images[0]).astype(int)
+
+
+def test_openvino_draws_torch_s_picture_and_a_second_process_reads_the_cache(shared_home, torch_picture, tmp_path):
+    first = _run(_engine(shared_home, "openvino"))
+    picture = np.asarray(first.images[0]).astype(int)
+    assert picture.shape == torch_picture.shape
+    assert np.abs(picture - torch_picture).max() <= TOLERANCE
+    converted = [n for n in first.notes if "converted once" in n]
+    assert len(converted) == 2 and "UNet" in converted[0] and "VAE decoder" in converted[1], first.notes
+    cached = sorted(p.name.split("-")[0] for p in (shared_home / "cache/openvino").iterdir() if p.name != "kernels")
+    assert cached == ["unet", "vae_decoder"]
+
+    again = _engine(shared_home, "openvino")  # a new engine: nothing in memory, everything on disk
+    second = _run(again)
+    assert not [n for n in second.notes if "converted" in n], second.notes
+    stats = again._loaded.parts.backend.stats
+    assert stats["converted"] == 0 and stats["loaded_from_cache"] == 2
+    assert np.array_equal(np.asarray(second.images[0]), np.asarray(first.images[0]))
+
+    # another process (its own hash seed, nothing shared but the disk): the CLI reads the same conversions
+    out = tmp_path / "cli"
+    done = subprocess.run([str(Path(sys.executable).parent / "brushwork"), "txt2img", PROMPT, "--model", str(MINI), "--steps",
+                           "3", "--seed", "5", "--no-watermark", "--backend", "openvino", "--n-samples", "1",
+                           "--outdir", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BRUSHWORK_HOME": str(shared_home)})
+    assert done.returncode == 0, done.stderr
+    assert "OpenVINO" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    cli_picture = next(out.rglob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(cli_picture).convert("RGB")), np.asarray(first.images[0]))
+
+
+def test_a_run_that_changes_the_unet_s_insides_stays_on_torch_and_says_so(shared_home):
+    fast = _run(_engine(shared_home, "openvino"), fast=True)
+    plain = _run(_engine(shared_home / "torch-fast", "torch"), fast=True)
+    assert [n for n in fast.notes if "OpenVINO" in n] == [
+        "OpenVINO: the UNet runs on torch for this request (fast mode)"]
+    # the UNet is torch's, the decoder OpenVINO's
+    assert np.abs(np.asarray(fast.images[0]).astype(int) - np.asarray(plain.images[0]).astype(int)).max() <= TOLERANCE
+
+
+def test_a_failing_conversion_keeps_torch_with_one_line(tmp_path, monkeypatch, torch_picture):
+    import openvino
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot convert this module\nsecond line of detail")
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    result = _run(_engine(tmp_path / "home", "openvino"))
+    failed = [n for n in result.notes if "OpenVINO" in n]
+    assert failed == ["OpenVINO could not take the UNet (RuntimeError: cannot convert this module); it runs on torch",
+                      "OpenVINO could not take the VAE decoder (RuntimeError: cannot convert this module); it runs on "
+                      "torch"]
+    assert np.array_equal(np.asarray(result.images[0]).astype(int), torch_picture)  # exactly torch's
+
+
+def test_a_missing_openvino_falls_back_with_one_line(tmp_path, monkeypatch, torch_picture):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    result = _run(_engine(tmp_path / "home", "openvino"))
+    notes = [n for n in result.notes if "OpenVINO" in n]
+    assert notes == ["OpenVINO is not installed (pip install 'brushwork[openvino]'); torch runs instead"]
+    assert np.array_equal(np.asarray(result.images[0]).astype(int), torch_picture)
+
+
+def test_the_policy_names_the_backend_and_why(monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    large, small = 860_000_000, 1_000_000
+    auto = device.choose("cpu", "auto", unet_params=large)
+    assert auto.backend == "openvino" and "OpenVINO" in auto.why and auto.dtype_name == "fp32"
+    assert device.choose("cpu", "auto", unet_params=small).backend == "torch"  # a conversion would not pay
+    assert device.choose("cpu", "auto", unet_params=large, backend="torch").backend == "torch"
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)  # bf16 by torch: measured 1.74x there
+    native = device.choose("cpu", "auto", unet_params=large)
+    assert (native.backend, native.dtype_name) == ("torch", "bf16")
+    asked = device.choose("cpu", "auto", unet_params=large, backend="openvino")
+    assert (asked.backend, asked.dtype_name) == ("openvino", "fp32")
+    with pytest.raises(InvalidRequest, match="OpenVINO backend computes in fp32"):
+        device.choose("cpu", "bf16", unet_params=large, backend="openvino")
+    with pytest.raises(InvalidRequest, match="unknown backend 'onnx'; choose one of: auto, torch, openvino"):
+        device.choose("cpu", "auto", backend="onnx")
+
+
+def test_a_bad_backend_setting_is_one_line(monkeypatch, tmp_path):
+    from brushwork.request import BrushworkError
+
+    monkeypatch.setenv("BRUSHWORK_BACKEND", "tensorrt")
+    with pytest.raises(BrushworkError, match="setting backend must be auto, torch or openvino, got 'tensorrt'"):
+        Settings.load(home=tmp_path)
