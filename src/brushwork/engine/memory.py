@@ -156,10 +156,13 @@ def remove_offload(pipe) -> None:
 
     import torch
 
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    hooked = any(hasattr(sub, "_hf_hook") for m in modules for sub in m.modules())
     pipe.remove_all_hooks()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if hooked:  # a full collection walks every live object (~1 s with torch and diffusers loaded): only when needed
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _sliced(unet) -> bool:
