@@ -110,11 +110,16 @@ def test_a_missing_openvino_falls_back_with_one_line(tmp_path, monkeypatch, torc
 
 def test_the_policy_names_the_backend_and_why(monkeypatch):
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "memory_available", lambda: 16 * 2**30)
     large, small = 860_000_000, 1_000_000
     auto = device.choose("cpu", "auto", unet_params=large)
     assert auto.backend == "openvino" and "OpenVINO" in auto.why and auto.dtype_name == "fp32"
     assert device.choose("cpu", "auto", unet_params=small).backend == "torch"  # a conversion would not pay
     assert device.choose("cpu", "auto", unet_params=large, backend="torch").backend == "torch"
+    monkeypatch.setattr(device, "memory_available", lambda: 4 * 2**30)  # no room for a second copy of the UNet
+    tight = device.choose("cpu", "auto", unet_params=large)
+    assert tight.backend == "torch" and "4.0 GB of memory free" in tight.why
+    monkeypatch.setattr(device, "memory_available", lambda: None)
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)  # bf16 by torch: measured 1.74x there
     native = device.choose("cpu", "auto", unet_params=large)
     assert (native.backend, native.dtype_name) == ("torch", "bf16")

@@ -179,8 +179,29 @@ def _backend_for(policy: DevicePolicy, asked: str, precision, unet_params: int |
                 policy.why + "; OpenVINO (asked for)", **fp32}
     if missing or policy.dtype_name != "fp32" or unet_params is None or unet_params < CPU_BF16_MIN_UNET_PARAMS:
         return {"backend": "torch"}  # small models: a conversion would cost more than it saves
+    # OpenVINO holds its own copy of the UNet's weights beside torch's (which LoRAs and fast mode still use)
+    need = unet_params * 4 + OPENVINO_MARGIN_BYTES
+    if (free := memory_available()) is not None and free < need:
+        return {"backend": "torch", "why": policy.why + f"; torch, not OpenVINO ({free / 2**30:.1f} GB of memory free, "
+                                                        f"its copy of the UNet needs ~{need / 2**30:.1f} GB)"}
     return {"backend": "openvino", "compile": False,
             "why": policy.why + "; OpenVINO for the UNet and the VAE decoder (installed; faster than torch here)"}
+
+
+# what a conversion and a 512x512 run add beside OpenVINO's copy of the UNet's weights
+OPENVINO_MARGIN_BYTES = 2 * 2**30
+
+
+def memory_available() -> int | None:
+    """Bytes of memory free for a new allocation (Linux' MemAvailable); None where it cannot be told."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _choose(device: str, precision, *, unet_params: int | None, compile: bool) -> DevicePolicy:
