@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser postgres demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/brushwork txt2img "a green square at the top, on a black background" --seed 3 --n-samples 4
 	@echo "pictures are in outputs/txt2img (grids in outputs/txt2img-grids)"
 
-test: setup browser
+test: setup browser postgres
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 # The web UI tests drive Debian's chromium; install it where this machine can (root and apt-get).
@@ -41,6 +41,14 @@ browser:
 	    echo "installing chromium (Debian's) for the web UI tests" && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: chromium could not be installed here; the web UI tests will be skipped"
+
+# The PostgreSQL job-store tests start a throwaway server from Debian's postgresql binaries; installed the same way.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing postgresql (Debian's) for the job-store tests" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "note: postgresql could not be installed here; the PostgreSQL job-store tests will be skipped"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -84,3 +84,8 @@ def pytest_unconfigure(config):
         reporter.write_line(
             f"NOT TESTED: the web UI in a real browser ({len(skipped)} tests skipped: Chromium is not installed); "
             "install it with `apt-get install chromium` (as root) or run `make test` as root", yellow=True)
+    no_pg = [r for r in reporter.stats.get("skipped", []) if "PostgreSQL is not installed" in str(r.longrepr)]
+    if no_pg:
+        reporter.write_line(
+            f"NOT TESTED: the PostgreSQL job store ({len(no_pg)} tests skipped: PostgreSQL is not installed); "
+            "install it with `apt-get install postgresql` (as root) or run `make test` as root", yellow=True)

@@ -686,13 +686,67 @@ def models_convert(file, out):
 @click.option("--auth", "--api-auth", "auth",
               help="user:password, or several as user1:pass1,user2:pass2 (required when listening beyond this "
                    "machine).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run on Ray Serve, generation in replicas (one per GPU or per ray_cpus_per_replica cores): on the "
+                   "cluster at ADDRESS (auto, host:6379, ray://host:10001), else RAY_ADDRESS's or a local one. "
+                   "pip install 'brushwork[ray]'; see docs/scale.md.")
 @friendly_errors
-def serve(host, port, auth):
+def serve(host, port, auth, ray_address):
     """Start the web UI and the HTTP APIs (A1111-compatible /sdapi/v1 and /api/v1)."""
-    from .server.app import serve as run_server
     from .settings import Settings
 
+    if ray_address is not None:
+        from .server.rayserve import serve_ray
+
+        serve_ray(Settings.load(), address=ray_address or None, host=host, port=port, auth=auth)
+        return
+    from .server.app import serve as run_server
+
     run_server(Settings.load(), host=host, port=port, auth=auth)
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder: the pictures and manifest.jsonl [outputs/batch/<FILE's name>].")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run on Ray Data: a local Ray, or the cluster at ADDRESS (auto, host:6379, ray://host:10001).")
+@click.option("--actors", type=int, help="With --ray: engines running at once [one per GPU, else one per machine].")
+@click.option("--num-gpus", "num_gpus", type=float, help="With --ray: GPUs each actor holds [1 where there are GPUs].")
+@click.option("--num-cpus", "num_cpus", type=float, help="With --ray: CPUs each actor holds [1 with a GPU, else "
+                                                         "the machine's share].")
+@click.option("--threads", type=int, help="CPU threads, without --ray [one per physical core].")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the file paths (and errors).")
+@friendly_errors
+def batch(file, out, ray_address, actors, num_gpus, num_cpus, threads, quiet):
+    """Run the requests of a JSON Lines file, one native /api/v1 job body a line; a rerun skips what is done.
+
+    \b
+      brushwork batch prompts.jsonl                 # {"prompt": "a red circle", "seed": 1} a line
+      brushwork batch prompts.jsonl --ray --out runs/cats
+    """
+    from .batch import run
+    from .settings import Settings
+
+    if file is None and ray_address and Path(ray_address).is_file():  # `batch --ray prompts.jsonl`
+        file, ray_address = ray_address, ""
+    if file is None:
+        raise BrushworkError("give the batch file: brushwork batch prompts.jsonl (one JSON request a line)")
+    if threads is not None and threads < 1:
+        raise BrushworkError(f"--threads must be 1 or more, got {threads}")
+    _quiet_libraries()
+    settings = Settings.load(threads=threads)
+    folder = Path(out) if out else settings.outputs_dir / "batch" / Path(file).stem
+    summary = run(file, folder, settings, ray_address=ray_address,
+                  ray_options={"actors": actors, "num_cpus": num_cpus, "num_gpus": num_gpus, "quiet": quiet},
+                  echo=lambda text, kind: (quiet and kind == "info") or click.echo(text, err=kind != "file"))
+    if not quiet:
+        click.echo(f"batch: {summary.done} done, {summary.skipped} skipped, {len(summary.failed)} failed; "
+                   f"{folder / 'manifest.jsonl'}", err=True)
+    if summary.failed:
+        lines = ", ".join(str(line) for line, _ in summary.failed[:10]) + (", ..." if len(summary.failed) > 10 else "")
+        raise BrushworkError(f"{len(summary.failed)} request(s) failed (line {lines}); the others ran, see "
+                             f"{folder / 'manifest.jsonl'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,6 +40,14 @@ class Settings:
     max_steps: int = 1000
     max_side: int = 4096
     max_images: int = 1000
+    # the server's job queue and history: None = SQLite in <home>/data; postgresql://... = a database several
+    # servers share (BRUSHWORK_DATABASE_URL; server/pgstore.py)
+    database_url: str | None = None
+    # `brushwork serve --ray` (docs/scale.md): the generation replicas of the Ray Serve deployment
+    ray_min_replicas: int = 1  # kept running even when idle (0: none until a job comes)
+    ray_max_replicas: int = 0  # 0 = as many as the cluster holds: one per GPU, else one per ray_cpus_per_replica
+    ray_cpus_per_replica: int = 4  # CPU cores a replica holds where there is no GPU
+    ray_target_ongoing_requests: int = 1  # autoscaling: jobs per replica (running and waiting) before one more starts
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
@@ -85,7 +93,8 @@ class Settings:
                 values[name] = values[name].strip().lower() in _YES
         from .request import BrushworkError
 
-        for name in ("max_upload_bytes", "max_image_pixels", "threads", "max_steps", "max_side", "max_images"):
+        for name in ("max_upload_bytes", "max_image_pixels", "threads", "max_steps", "max_side", "max_images",
+                     "ray_min_replicas", "ray_max_replicas", "ray_cpus_per_replica", "ray_target_ongoing_requests"):
             if name in values:
                 value = values[name]
                 try:
@@ -103,7 +112,8 @@ class Settings:
             if name in values and not isinstance(values[name], bool):
                 raise BrushworkError(f"setting {name} must be true or false, got {values[name]!r}; fix "
                                      f"BRUSHWORK_{name.upper()} or {path}")
-        for name in ("models_dir", "outputs_dir", "default_model", "device", "precision", "memory", "backend"):
+        for name in ("models_dir", "outputs_dir", "default_model", "device", "precision", "memory", "backend",
+                     "database_url"):
             if values.get(name) is not None and not isinstance(values[name], str | Path):
                 raise BrushworkError(f"setting {name} must be text, got {values[name]!r}; fix {path}")
         if isinstance(values.get("backend"), str):

@@ -152,8 +152,8 @@ class JobRequest(BaseModel):
 def _job_view(state: ServerState, job: Job) -> dict[str, Any]:
     view = job.public()
     view["position"] = state.store.queue_position(job.id) if job.status == QUEUED else None
-    live = state.worker.live
-    if job.status == RUNNING and live is not None and live.job_id == job.id:
+    live = state.worker.live_of(job.id)
+    if job.status == RUNNING and live is not None:
         view["progress"] = live.fraction
         view["step"], view["total"] = live.step, live.total
         view["eta"] = round(live.eta_relative, 2)
@@ -171,27 +171,35 @@ def _get_job(state: ServerState, job_id: str) -> Job:
     return job
 
 
-@router.post("/jobs", status_code=202, summary="Queue a generation job")
-async def create_job(body: JobRequest, request: Request):
-    state = _state(request)
+def job_request(body: JobRequest, decode_image, *, watermark: bool) -> GenerationRequest:
+    """The ``GenerationRequest`` a job body asks for (checked by ``validate()`` after this): its pictures decoded
+    by ``decode_image(data, what, high_depth=...)``, ``watermark`` where the body leaves it open. The one
+    translation of the native job schema: ``POST /api/v1/jobs`` and each line of ``brushwork batch``."""
     data = body.model_dump()
-    data["watermark"] = state.settings.watermark if body.watermark is None else body.watermark
+    data["watermark"] = watermark if body.watermark is None else body.watermark
     init_b64, mask_b64, depth_b64 = data.pop("init_image"), data.pop("mask_image"), data.pop("depth_map")
     units = data.pop("controlnet") or []
     if isinstance(data["fast"], bool):
         data["fast"] = 3 if data["fast"] else 0
+    gen = GenerationRequest.from_dict(data)
+    if init_b64:
+        gen.init_image = decode_image(init_b64, "init image")
+    if mask_b64:
+        gen.mask_image = decode_image(mask_b64, "mask image")
+    if depth_b64:
+        gen.depth_map = decode_image(depth_b64, "depth map", high_depth=True)
+    gen.controlnet = [ControlUnit(**{**unit, **{key: decode_image(unit[key], f"ControlNet unit {i} {key}")
+                                                for key in ("image", "mask") if unit.get(key)}})
+                      for i, unit in enumerate(units)]
+    return gen
+
+
+@router.post("/jobs", status_code=202, summary="Queue a generation job")
+async def create_job(body: JobRequest, request: Request):
+    state = _state(request)
 
     def accept() -> Job:  # decoding images and hashing a new model file take a while: not on the event loop
-        gen = GenerationRequest.from_dict(data)
-        if init_b64:
-            gen.init_image = state.decode_image(init_b64, "init image")
-        if mask_b64:
-            gen.mask_image = state.decode_image(mask_b64, "mask image")
-        if depth_b64:
-            gen.depth_map = state.decode_image(depth_b64, "depth map", high_depth=True)
-        gen.controlnet = [ControlUnit(**{**unit, **{key: state.decode_image(unit[key], f"ControlNet unit {i} {key}")
-                                                    for key in ("image", "mask") if unit.get(key)}})
-                          for i, unit in enumerate(units)]
+        gen = job_request(body, state.decode_image, watermark=state.settings.watermark)
         return state.submit(gen, source="api")
 
     job = await anyio.to_thread.run_sync(accept)
@@ -271,8 +279,8 @@ async def job_events(job_id: str, request: Request, previews: bool = True):
                     last_sent = time.monotonic()
                     yield _sse("queued", {"position": position})
             else:
-                live = state.worker.live
-                if live is not None and live.job_id == job_id:
+                live = state.worker.live_of(job_id)
+                if live is not None:
                     key = (live.step, live.batch, live.total)
                     new_preview = previews and live.preview_version != last_preview and live.preview is not None
                     if key != last_progress or new_preview:
@@ -282,7 +290,7 @@ async def job_events(job_id: str, request: Request, previews: bool = True):
                                 "eta": round(live.eta_relative, 2), "preview": None}
                         if new_preview:
                             last_preview = live.preview_version
-                            b64 = preview_b64(state)
+                            b64 = preview_b64(state, live)
                             data["preview"] = f"data:image/png;base64,{b64}" if b64 else None
                         last_sent = time.monotonic()
                         yield _sse("progress", data)

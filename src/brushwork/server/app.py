@@ -18,13 +18,12 @@ from ..request import BrushworkError, InvalidRequest
 from ..settings import Settings
 from .edge import BodyLimit
 from .state import _STATUS_NAMES, HTTPError, ServerState
-from .store import JobStore
+from .store import DB_NAME, open_store  # noqa: F401 (DB_NAME: where the SQLite store lives)
 from .worker import Worker, recover_outputs
 
 log = logging.getLogger("brushwork.server")
 
 WEB_DIR = Path(__file__).parent / "web"
-DB_NAME = "brushwork.sqlite3"
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -32,7 +31,8 @@ DB_NAME = "brushwork.sqlite3"
 
 def create_app(engine: Any, settings: Settings | None = None, *, start_worker: bool = True,
                auth: str | None = None):
-    """Build the ASGI app around an engine. The job database lives in ``settings.data_dir``."""
+    """Build the ASGI app around an engine. The job database lives in ``settings.data_dir``, or in the
+    PostgreSQL database of ``settings.database_url`` (``store.open_store``)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -45,7 +45,7 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
 
     settings = settings or Settings.load()
     outputs_dir = Path(settings.outputs_dir).expanduser().resolve()
-    store = JobStore(settings.data_dir / DB_NAME)
+    store = open_store(settings)
     recovered = store.recover()
     if recovered:
         log.info("%d job(s) interrupted by a restart are queued again", recovered)

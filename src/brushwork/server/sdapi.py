@@ -366,9 +366,9 @@ async def img2img(body: Img2ImgRequest, request: Request):
 # ---- progress and control ------------------------------------------------------------------------
 
 
-def preview_b64(state: ServerState) -> str | None:
-    """The running job's latest preview as base64 PNG (encoded once per new preview)."""
-    live = state.worker.live
+def preview_b64(state: ServerState, live: Any = None) -> str | None:
+    """The running job's (or ``live``'s job's) latest preview as base64 PNG (encoded once per new preview)."""
+    live = live or state.worker.live
     if live is None or live.preview is None:
         return None
     key = (live.job_id, live.preview_version)
@@ -401,7 +401,7 @@ async def progress(request: Request, skip_current_image: bool = False):
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(live.started)),
             "job_no": live.batch, "sampling_step": live.step, "sampling_steps": live.total,
         },
-        "current_image": None if skip_current_image else preview_b64(state),
+        "current_image": None if skip_current_image else preview_b64(state, live),
         "textinfo": f"step {live.step}/{live.total}",
     }
 

@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ModelError
 from ..request import BrushworkError, GenerationRequest, InvalidRequest
 from ..settings import Settings
-from .store import FINISHED, Job, JobStore
+from .store import FINISHED, Job, Store
 from .worker import Worker
 
 
@@ -37,7 +37,7 @@ class ServerState:
 
     engine: Any
     settings: Settings
-    store: JobStore
+    store: Store
     worker: Worker
     outputs_dir: Path
     selected_model: str | None = None  # set by POST /sdapi/v1/options sd_model_checkpoint
@@ -190,7 +190,7 @@ class ServerState:
     def submit(self, request: GenerationRequest, *, source: str = "api") -> Job:
         request = self.check_request(request)
         job = self.store.create(request.to_dict(), source=source)
-        self.worker.notify()
+        self.worker.notify(job.id)
         return job
 
     async def wait(self, job_id: str, *, poll: float = 0.1) -> Job:

@@ -5,7 +5,9 @@ nothing: on startup, jobs left ``running`` go back to ``queued`` and run again (
 images and its end are one transaction (``finish_done``). Data read back is made safe to answer with
 (``store_loads``), whatever an older version stored.
 
-Nothing here knows about HTTP or the engine; ``worker.py`` runs the jobs.
+Nothing here knows about HTTP or the engine; ``worker.py`` runs the jobs. ``Store`` is what every job store
+offers; ``open_store(settings)`` picks one: this SQLite file (one machine, the default) or, with
+``BRUSHWORK_DATABASE_URL=postgresql://...``, a PostgreSQL database several servers share (``pgstore.py``).
 """
 from __future__ import annotations
 
@@ -18,13 +20,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINISHED = (DONE, FAILED, CANCELLED)
 INPUT_IMAGES = ("init_image", "mask_image", "depth_map", "controlnet")  # kept apart from the request: listing jobs must not read megabytes
 IMAGE_MARK = "<image>"
+DB_NAME = "brushwork.sqlite3"  # in the data folder
 JSON_INPUTS = ("controlnet",)  # inputs kept as JSON (the ControlNet units: their settings stay in the request, marked)
 
 
@@ -159,8 +165,74 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     )
 
 
+class ClaimLost(Exception):
+    """The job is no longer this worker's (a shared store gave it to another after this one's lease ran out):
+    nothing of this run was recorded, and its files must go."""
+
+
+class Store(Protocol):
+    """What a job store offers the server (``JobStore`` here, ``pgstore.PgJobStore``): the queue, the history, the
+    options. ``errors`` are the exception types meaning "the database is unavailable right now" (the worker
+    carries on); ``finish_done`` is atomic and records a job's images once, however often it is called."""
+
+    errors: tuple[type[BaseException], ...]
+
+    def close(self) -> None: ...
+    def recover(self) -> int: ...
+    def create(self, request: dict[str, Any], *, source: str = "api") -> Job: ...
+    def get(self, job_id: str, *, with_inputs: bool = False) -> Job | None: ...
+    def status(self, job_id: str) -> str | None: ...
+    def list(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> list[Job]: ...
+    def counts(self) -> dict[str, int]: ...
+    def queue_position(self, job_id: str) -> int | None: ...
+    def claim_next(self) -> Job | None: ...
+    def finish(self, job_id: str, status: str, *, result: dict[str, Any] | None = None,
+               error: str | None = None) -> None: ...
+    def finish_done(self, job_id: str, images: list[dict[str, Any]], result: dict[str, Any]) -> list[int]: ...
+    def set_progress(self, job_id: str, progress: float) -> None: ...
+    def cancel_queued(self, job_id: str) -> bool: ...
+    def requeue(self, job_id: str) -> None: ...
+    def mark_cancel_requested(self, job_id: str) -> bool: ...
+    def get_option(self, key: str, default: Any = None) -> Any: ...
+    def set_option(self, key: str, value: Any) -> None: ...
+    def add_image(self, *, job_id: str, idx: int, path: str, request: dict[str, Any], seed: int | None,
+                  width: int, height: int, model: str | None, model_hash: str | None, infotext: str) -> int: ...
+    def get_image(self, image_id: int) -> dict[str, Any] | None: ...
+    def search_images(self, query: str = "", *, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]: ...
+
+
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(settings: Settings) -> Store:
+    """The job store the settings ask for: ``database_url`` (``BRUSHWORK_DATABASE_URL``) a PostgreSQL URL, or
+    unset: the SQLite file in the data folder. A bad URL or a database that cannot be reached is one
+    ``BrushworkError`` line naming the setting."""
+    url = (settings.database_url or "").strip()
+    if not url:
+        return JobStore(settings.data_dir / DB_NAME)
+    from ..request import BrushworkError
+
+    if not url.lower().startswith(DATABASE_SCHEMES):
+        raise BrushworkError(f"BRUSHWORK_DATABASE_URL must be a PostgreSQL URL (postgresql://user:password@host/db), "
+                             f"got {_shown_url(url)!r}; unset it to keep the jobs in SQLite")
+    from .pgstore import PgJobStore, StoreUnreachable
+
+    try:
+        return PgJobStore(url)
+    except StoreUnreachable as err:
+        raise BrushworkError(f"BRUSHWORK_DATABASE_URL={_shown_url(url)}: {err}") from err
+
+
+def _shown_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", url)
+
+
 class JobStore:
     """Jobs and the image history in one SQLite database (WAL). Safe to share between threads."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -286,10 +358,19 @@ class JobStore:
 
     def finish_done(self, job_id: str, images: list[dict[str, Any]], result: dict[str, Any]) -> list[int]:
         """One transaction: the job's images join the history (``add_image``'s keywords, one dict each), the
-        job is done with ``result`` and its uploads go. ``result["images"][i]["id"]`` gets each row's id."""
+        job is done with ``result`` and its uploads go. ``result["images"][i]["id"]`` gets each row's id.
+        A job already done keeps what it has (a second call records nothing and answers its images' ids)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                row = self._db.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
+                if row is not None and row[0] == DONE:
+                    ids = [r[0] for r in self._db.execute("SELECT id FROM images WHERE job_id=? ORDER BY idx, id",
+                                                          (job_id,))]
+                    for entry, image_id in zip(result.get("images", []), ids, strict=False):
+                        entry["id"] = image_id
+                    self._db.execute("COMMIT")
+                    return ids
                 ids = [self._insert_image(job_id=job_id, **image) for image in images]
                 for entry, image_id in zip(result.get("images", []), ids, strict=False):
                     entry["id"] = image_id

@@ -9,7 +9,6 @@ its images exactly once.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..request import BrushworkError, Cancelled, GenerationRequest, ProgressInfo
-from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, JobStore
+from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, ClaimLost, Job, Store
 
 log = logging.getLogger("brushwork.server")
 
@@ -61,7 +60,7 @@ class Worker:
     (``brushwork.output.files.write_linked``), which the worker removes once the job is on record.
     """
 
-    def __init__(self, store: JobStore, engine: Any, outputs_dir: Path, *,
+    def __init__(self, store: Store, engine: Any, outputs_dir: Path, *,
                  save: Callable[[Any, Path, str], list[tuple[Path, Path]]] | None = None,
                  poll_interval: float = 0.5,
                  name: str = "brushwork-worker"):
@@ -104,9 +103,14 @@ class Worker:
     def alive(self) -> bool:
         return bool(self._thread and self._thread.is_alive())
 
-    def notify(self) -> None:
+    def notify(self, job_id: str | None = None) -> None:
         """A job was queued: wake the worker now instead of at the next poll."""
         self._wake.set()
+
+    def live_of(self, job_id: str) -> LiveProgress | None:
+        """The live progress of ``job_id`` while it runs here, else None."""
+        live = self.live
+        return live if live is not None and live.job_id == job_id else None
 
     # ---- cancel -------------------------------------------------------------------------------
 
@@ -144,7 +148,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 job = self.store.claim_next()
-            except sqlite3.Error:
+            except self.store.errors:
                 log.exception("job store unavailable")
                 job = None
             if job is None:
@@ -220,8 +224,8 @@ class Worker:
         try:
             result, rows = self._result(job, out, [Path(path) for path, _ in saved])
             self.store.finish_done(job.id, rows, result)
-        except Exception:
-            self._discard(job.id, saved)
+        except Exception as err:
+            self._discard(job.id, saved, lost=isinstance(err, ClaimLost))
             raise
         for _, tmp in saved:
             try:
@@ -230,13 +234,13 @@ class Worker:
                 log.warning("could not remove %s", tmp)
         return result
 
-    def _discard(self, job_id: str, saved: list[tuple[Path, Path]]) -> None:
+    def _discard(self, job_id: str, saved: list[tuple[Path, Path]], *, lost: bool = False) -> None:
         """The job could not be recorded: its files go too (unless it is done after all, or we cannot tell:
-        then the next start sorts them out)."""
+        then the next start sorts them out). ``lost``: another worker has the job, whatever its status."""
         try:
-            if self.store.status(job_id) == DONE:
+            if not lost and self.store.status(job_id) == DONE:
                 return
-        except sqlite3.Error:
+        except self.store.errors:
             return
         for path, tmp in saved:
             for p in {Path(path), Path(tmp)}:
@@ -307,7 +311,7 @@ def _save_result(result: Any, outdir: Path, job_id: str) -> list[tuple[Path, Pat
     return save_result_linked(result, outdir, job_id, grid=False)
 
 
-def recover_outputs(store: JobStore, outputs_dir: Path, data_dir: Path | None = None) -> dict[str, int]:
+def recover_outputs(store: Store, outputs_dir: Path, data_dir: Path | None = None) -> dict[str, int]:
     """At startup, after ``store.recover()`` and before the worker runs: remove what killed writes left.
 
     A job's ``.tmp-<job id>-*.png`` still there means the job was not recorded when the server died:
@@ -318,7 +322,9 @@ def recover_outputs(store: JobStore, outputs_dir: Path, data_dir: Path | None = 
 
     def job_done(job_id: str) -> bool | None:
         status = store.status(job_id)
-        return None if status is None else status == DONE
+        # running: on another server sharing the store and the outputs folder (none runs here yet); its
+        # picture stays for it to record, only the tmp link goes
+        return None if status is None else status in (DONE, RUNNING)
 
     removed = clean_journal(outputs_dir, job_done)
     thumbs = Path(data_dir) / "thumbs" if data_dir is not None else None
