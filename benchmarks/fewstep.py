@@ -354,6 +354,8 @@ def bench_model(name: str, args, use_defaults: bool, settings, store) -> dict:
                "vae_decoder": parts.vae.decoder, "taesd_decoder": tiny.decoder}
     clock = ModuleClock({k: m for k, m in watched.items() if m is not None})
     for decoder in spec["decoders"]:
+        if args.decoder and ("vae" if decoder == "vae" else "tiny") not in args.decoder:
+            continue
         if decoder == "vae":
             parts.tiny_vae = None
         else:
@@ -420,6 +422,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", choices=["full", "tiny"], default="full",
                     help="tiny: the tests' tiny models (a check of this script, not a measurement)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: what Engine picks)")
+    ap.add_argument("--decoder", choices=["vae", "tiny"], action="append",
+                    help="only this final decoder (repeatable): the full VAE or the model's TAESD [both]")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
                     help="brushwork's CPU backend (engine/backends.py) [auto: what the engine picks here]")
     ap.add_argument("--force", action="store_true", help="run a model even when free memory looks too small")
