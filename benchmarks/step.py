@@ -102,6 +102,8 @@ def machine() -> dict:
 
     info["cpu_native_bf16"] = cpu_has_native_bf16()
     info["cpu_bf16_flags"] = sorted(f for f in _cpu_flags() if "bf16" in f or f.startswith("amx"))
+    # the vector extensions the kernels can use (int8 pays with VNNI: avx512_vnni / avx_vnni)
+    info["cpu_flags"] = sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")) or "vnni" in f)
     try:
         info["load_average_at_start"] = [round(x, 2) for x in __import__("os").getloadavg()]
     except OSError:
