@@ -124,18 +124,27 @@ def clean_journal(outdir: str | Path, job_done, *, stale_after: float = 3600.0) 
                 removed["tmps"] += 1
             continue
         if st.st_nlink > 1 and job_done(m.group(1)) is False:
-            for other in tmp.parent.iterdir():
-                if other == tmp:
-                    continue
-                try:
-                    ost = other.lstat()
-                except FileNotFoundError:
-                    continue
-                if (ost.st_ino, ost.st_dev) == (st.st_ino, st.st_dev):
-                    other.unlink(missing_ok=True)
-                    removed["images"] += 1
+            removed["images"] += remove_linked(tmp, st)
         tmp.unlink(missing_ok=True)
         removed["tmps"] += 1
+    return removed
+
+
+def remove_linked(tmp: Path, st=None) -> int:
+    """Remove the other names of the file the journal link ``tmp`` is (its final picture(s) in the same folder,
+    the same inode); ``tmp`` itself stays. Returns how many went."""
+    st = st or tmp.lstat()
+    removed = 0
+    for other in tmp.parent.iterdir():
+        if other == tmp:
+            continue
+        try:
+            ost = other.lstat()
+        except FileNotFoundError:
+            continue
+        if (ost.st_ino, ost.st_dev) == (st.st_ino, st.st_dev):
+            other.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

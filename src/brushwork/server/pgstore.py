@@ -50,6 +50,7 @@ from .store import (
     _marked,
     _row_to_job,
     clean,
+    prompt_matches,
     store_loads,
 )
 
@@ -374,14 +375,8 @@ class PgJobStore:
 
     def search_images(self, query: str = "", *, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         """Newest first; ``query`` matches the prompt (case-insensitive substring, every word must match)."""
-        words = [w for w in _text(query).split() if w]
-        sql = "SELECT * FROM brushwork_images"
-        params: list[Any] = []
-        if words:
-            sql += " WHERE " + " AND ".join("prompt ILIKE %s ESCAPE '\\'" for _ in words)
-            for w in words:
-                escaped = w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                params.append(f"%{escaped}%")
+        where, params = prompt_matches(_text(query), like="ILIKE", mark="%s")
+        sql = "SELECT * FROM brushwork_images" + where
         sql += " ORDER BY id DESC LIMIT %s OFFSET %s"
         params += [limit, offset]
         return [dict(r) for r in self._execute(sql, tuple(params)).fetchall()]

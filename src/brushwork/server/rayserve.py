@@ -67,6 +67,8 @@ def caller_of(authorization: str | None, host: str | None) -> str:
 
 
 def discard_unrecorded(outputs_dir: Path, job_id: str) -> int:
+    from ..output.files import remove_linked
+
     """Remove the pictures a dead replica wrote for ``job_id`` but never recorded (their ``.tmp-<job id>-*``
     journal links say which), before the job runs again. Other jobs' files are left alone: they may be running.
     Returns how many pictures went."""
@@ -80,15 +82,7 @@ def discard_unrecorded(outputs_dir: Path, job_id: str) -> int:
         except FileNotFoundError:
             continue
         if st.st_nlink > 1:
-            for other in tmp.parent.iterdir():
-                if other != tmp:
-                    try:
-                        ost = other.lstat()
-                    except FileNotFoundError:
-                        continue
-                    if (ost.st_ino, ost.st_dev) == (st.st_ino, st.st_dev):
-                        other.unlink(missing_ok=True)
-                        removed += 1
+            removed += remove_linked(tmp, st)
         tmp.unlink(missing_ok=True)
     return removed
 

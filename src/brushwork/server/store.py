@@ -229,6 +229,18 @@ def _shown_url(url: str) -> str:
     return re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", url)
 
 
+def prompt_matches(query: str, *, like: str, mark: str) -> tuple[str, list[Any]]:
+    """`` WHERE prompt LIKE ? AND ...`` (empty for no words) and its parameters: every word of ``query`` a
+    substring of the prompt, with ``%``, ``_`` and ``\\`` taken literally. ``like``/``mark``: the database's
+    operator (LIKE, ILIKE) and parameter mark (?, %s)."""
+    words = [w for w in query.split() if w]
+    if not words:
+        return "", []
+    escaped = [w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") for w in words]
+    return (" WHERE " + " AND ".join(f"prompt {like} {mark} ESCAPE '\\'" for _ in words),
+            [f"%{e}%" for e in escaped])
+
+
 class JobStore:
     """Jobs and the image history in one SQLite database (WAL). Safe to share between threads."""
 
@@ -445,14 +457,8 @@ class JobStore:
 
     def search_images(self, query: str = "", *, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         """Newest first; ``query`` matches the prompt (case-insensitive substring, every word must match)."""
-        words = [w for w in query.split() if w]
-        sql = "SELECT * FROM images"
-        params: list[Any] = []
-        if words:
-            sql += " WHERE " + " AND ".join("prompt LIKE ? ESCAPE '\\'" for _ in words)
-            for w in words:
-                escaped = w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                params.append(f"%{escaped}%")
+        where, params = prompt_matches(query, like="LIKE", mark="?")
+        sql = "SELECT * FROM images" + where
         sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
         params += [limit, offset]
         return [dict(r) for r in self._execute(sql, tuple(params)).fetchall()]
