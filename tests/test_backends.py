@@ -47,8 +47,13 @@ def torch_picture(shared_home):
     return np.asarray(_run(_engine(shared_home / "torch", "torch")).images[0]).astype(int)
 
 
-def test_openvino_draws_torch_s_picture_and_a_second_process_reads_the_cache(shared_home, torch_picture, tmp_path):
-    first = _run(_engine(shared_home, "openvino"))
+def test_openvino_draws_torch_s_picture_and_a_second_process_reads_the_cache(shared_home, torch_picture, tmp_path,
+                                                                             caplog):
+    with caplog.at_level("WARNING", logger="brushwork.backends"):
+        first = _run(_engine(shared_home, "openvino"))
+    # said as the conversion starts (it takes minutes for a full-size model), once per component
+    assert [r.getMessage().split(" once")[0] for r in caplog.records] == [
+        "OpenVINO: converting the UNet", "OpenVINO: converting the VAE decoder"]
     picture = np.asarray(first.images[0]).astype(int)
     assert picture.shape == torch_picture.shape
     assert np.abs(picture - torch_picture).max() <= TOLERANCE

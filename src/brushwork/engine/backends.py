@@ -225,6 +225,9 @@ class OpenVinoModel:
             return self.core().read_model(xml)
         import torch
 
+        # said before, not only after: a full-size UNet takes minutes, and the run seems to hang meanwhile
+        log.warning("OpenVINO: converting the %s once for this model (minutes for a full-size one; cached in %s; "
+                    "--backend torch skips it)", _LABEL[name], folder.parent)
         started = time.perf_counter()
         example = {k: torch.from_numpy(v) for k, v in feeds.items()}
         import warnings
