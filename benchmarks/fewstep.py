@@ -343,7 +343,7 @@ def bench_model(name: str, args, use_defaults: bool, settings, store) -> dict:
 
     policy = device_mod.choose("cpu", "auto", unet_params=device_mod.unet_param_count(parts), backend=args.backend)
     device_mod.place(parts, policy)
-    parts.backend = backends.for_model(parts, policy, settings)  # OpenVINO: converted in the first run, cached
+    parts.backend = backends.for_model(policy, settings)  # OpenVINO: converted in the first run, cached
     out["policy"], out["policy_why"] = policy.describe(), policy.why
     # brushwork's TAESD: the original .pth layout in the library's vae-approx/, loaded as Engine loads --vae taesd
     tiny_name = taesd.name_for(parts.family.name)

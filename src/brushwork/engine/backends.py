@@ -125,14 +125,12 @@ class OpenVinoModel:
         original = decoder.forward
 
         def forward(sample, latent_embeds=None):
-            if latent_embeds is not None or sample.dtype != _float32() or "vae_decoder" in self.failed:
-                return original(sample, latent_embeds)
-            out = self._run("vae_decoder", decoder, {"sample": sample.numpy()}, lambda: _DecoderIO(decoder, original))
-            if out is None:
-                return original(sample, latent_embeds)
             import torch
 
-            return torch.from_numpy(out)
+            if latent_embeds is not None or sample.dtype != torch.float32 or "vae_decoder" in self.failed:
+                return original(sample, latent_embeds)
+            out = self._run("vae_decoder", decoder, {"sample": sample.numpy()}, lambda: _DecoderIO(decoder, original))
+            return original(sample, latent_embeds) if out is None else torch.from_numpy(out)
 
         decoder.forward = forward
         try:
@@ -152,26 +150,16 @@ class OpenVinoModel:
         if args or encoder_hidden_states is None or sample.dtype != torch.float32 or sample.device.type != "cpu":
             return None
         added = kwargs.get("added_cond_kwargs") or {}
-        known = {"timestep_cond", "added_cond_kwargs", "return_dict", "cross_attention_kwargs", "attention_mask",
-                 "encoder_attention_mask"}
-        if any(kwargs.get(k) is not None for k in kwargs if k not in known):
-            return None  # ControlNet residuals, class labels (the x4 upscaler's noise level), ...
-        if kwargs.get("cross_attention_kwargs") or kwargs.get("attention_mask") is not None \
-                or kwargs.get("encoder_attention_mask") is not None:
-            return None
-        if set(added) - set(_XL_INPUTS):
+        # every other input given (ControlNet residuals, the x4 upscaler's class labels, attention masks and
+        # kwargs) is one the IR does not take; and the IR's own extra inputs must all be there
+        given = {k for k, v in kwargs.items() if v is not None and k not in ("added_cond_kwargs", "return_dict")}
+        if given | set(added) != set(inputs):
             return None
         batch = sample.shape[0]
         feeds = {"sample": sample, "timestep": torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
                  .expand(batch).contiguous(), "encoder_hidden_states": encoder_hidden_states}
         for name in inputs:
-            value = added.get(name) if name in _XL_INPUTS else kwargs.get(name)
-            if value is None:
-                return None
-            feeds[name] = value
-        if (kwargs.get("timestep_cond") is not None) != ("timestep_cond" in inputs) or \
-                bool(added) != any(n in inputs for n in _XL_INPUTS):
-            return None
+            feeds[name] = added[name] if name in _XL_INPUTS else kwargs[name]
         return {name: value.to(torch.float32).contiguous().numpy() for name, value in feeds.items()}
 
     def _run(self, name: str, module, feeds: dict, wrapper):
@@ -293,12 +281,6 @@ def _config_of(module) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")} if config is not None else {}
 
 
-def _float32():
-    import torch
-
-    return torch.float32
-
-
 def _UNetIO(unet, forward):  # noqa: N802 (a module class made where torch is imported)
     """The UNet with flat inputs and one output, for tracing; ``forward`` is its own (not the patched) forward."""
     import torch
@@ -347,8 +329,8 @@ def unet_context(accel, unet, *, reasons: list[str]):
     return accel.unet(unet)
 
 
-def for_model(parts, policy, settings):
-    """The backend object of a model that has just loaded (None: torch), made once per model."""
+def for_model(policy, settings):
+    """The backend object of a model that has just loaded with this policy (None: torch), made once per model."""
     if policy.backend != "openvino":
         return None
     from ..settings import Settings

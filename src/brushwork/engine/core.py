@@ -117,7 +117,7 @@ class Engine:
                                        compile=self.settings.compile, backend=self.settings.backend)
             # on a GPU the memory plan moves the weights there (or offloads them), so any model loads
             device_mod.place(parts, policy, to_device=policy.is_cpu)
-            parts.backend = backends.for_model(parts, policy, self.settings)  # OpenVINO: converted at first use
+            parts.backend = backends.for_model(policy, self.settings)  # OpenVINO: converted at first use
             if policy.backend_note:
                 notes.append(policy.backend_note)
             if parts.tiny_vae is not None:  # ~1M parameters: on the device in every memory mode
@@ -145,7 +145,7 @@ class Engine:
                 raise ModelError(f"{parts.name} is not an SDXL model ({parts.family.label}); a refiner must be SDXL "
                                  "(e.g. sd_xl_refiner_1.0) or an SDXL checkpoint")
             device_mod.place(parts, base.policy, to_device=base.policy.is_cpu)
-            parts.backend = backends.for_model(parts, base.policy, self.settings)
+            parts.backend = backends.for_model(base.policy, self.settings)
             self._refiner = LoadedModel(entry, parts, base.policy, None, key)
             return self._refiner
 
