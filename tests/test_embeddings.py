@@ -5,6 +5,7 @@ encoded exactly as before."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import hashlib
 import shutil
@@ -223,3 +224,54 @@ def test_an_sdxl_embedding_gives_each_text_encoder_its_own_vectors(tmp_path):
     base, text = draw("a red circle")
     named, named_text = draw("a red circle, xlshiny")
     assert np.abs(named - base).max() > 0 and "TI hashes" not in text and 'TI hashes: "xlshiny: ' in named_text
+
+
+def test_the_refiner_reads_an_sdxl_embeddings_clip_g_and_leaves_loras_out_with_a_note(tmp_path, monkeypatch):
+    """With a refiner, the refiner's steps encode the prompt with the embedding's ``clip_g`` vectors too (its bigG):
+    the same run with the refiner's embeddings withheld has the same first steps and another picture. A LoRA tag
+    applies to the model only, and the result says so."""
+    from brushwork import Engine, Settings
+    from brushwork.engine.networks import Networks
+    from tinymodels import save_xl_single
+
+    models = tmp_path / "models"
+    (models / "embeddings").mkdir(parents=True)
+    save_xl_single(models / "xl.safetensors")
+    save_xl_single(models / "xl-refiner.safetensors", seed=1, refiner=True)
+    save_file({"clip_l": vectors(2, 5), "clip_g": vectors(2, 6) * 4}, models / "embeddings" / "xlshiny.safetensors")
+    engine = Engine(Settings(home=tmp_path / "home", models_dir=models))
+    request = GenerationRequest(prompt="a red circle, xlshiny", model="xl", refiner="xl-refiner",
+                                refiner_switch_at=0.5, sampler="Euler", steps=4, seed=SEED, width=64, height=64,
+                                watermark=False, cfg_scale=7.0)
+
+    def draw():
+        previews = []
+        result = engine.generate(request, progress=lambda info: previews.append(np.asarray(info.preview)),
+                                 want_previews=True)
+        return np.asarray(result.images[0]).astype(int), previews, result
+
+    refined, previews, result = draw()
+    assert 'TI hashes: "xlshiny: ' in result.infotexts[0]
+    own = Networks.embeddings_for
+    monkeypatch.setattr(Networks, "embeddings_for", lambda self, parts: own(self, parts) if parts is self.parts
+                        else None)
+    withheld, withheld_previews, _ = draw()
+    assert [np.array_equal(a, b) for a, b in zip(previews, withheld_previews, strict=True)] == [True, True, False,
+                                                                                              False]
+    assert np.abs(refined - withheld).max() > 0
+    assert not any("LoRA" in note for note in result.notes)
+
+    from tinymodels import build_xl_components  # a LoRA on the model's attention queries (kohya's layout)
+    unet = build_xl_components(0)[0]
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn1.to_q"):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn((2, module.in_features), generator=g)
+            state[f"{key}.lora_up.weight"] = torch.randn((module.out_features, 2), generator=g)
+    (models / "lora").mkdir()
+    save_file(state, models / "lora" / "xl-style.safetensors")
+    request = dataclasses.replace(request, prompt="a red circle <lora:xl-style:0.8>")
+    notes = draw()[2].notes
+    assert "LoRAs apply to the model, not to the refiner (an SDXL LoRA does not fit the refiner's layers)" in notes

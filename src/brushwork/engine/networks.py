@@ -102,11 +102,31 @@ class Networks:
         self.loras, self.embedding_library = loras, embedding_library
         self.notes: list[str] = []
         self.embeddings = embedding_library.for_model(parts) if embedding_library is not None else None
+        self._others: dict[int, tuple] = {}  # id(another model's parts: SDXL's refiner) -> (parts, its embeddings)
         # prompt -> [(adapter name, or a lycoris.Network, te strength, unet strength)]
         self._plans: dict[str, list[tuple]] = {}
         self._mentioned: dict[str, object] = {}  # name as written -> LoraFile, in order (the infotext's)
         self._active: tuple | None = None  # what apply() last set; None: not set by this request
         self._hooks = lycoris.Hooks()  # LyCORIS LoHa / LoKr files: forward hooks, while active
+
+    def embeddings_for(self, parts):
+        """The embeddings a model's prompt encoding can use: this model's, or for another model the request runs
+        (SDXL's refiner) those with vectors for its text encoder (an SDXL file's ``clip_g`` for the refiner's bigG,
+        as ComfyUI's refiner reads it; A1111 skips the file there, so the name's words would be read as text).
+        LoRAs apply to the model only (``refiner_note``)."""
+        if parts is self.parts or self.embedding_library is None:
+            return self.embeddings if parts is self.parts else None
+        if id(parts) not in self._others:
+            self._others[id(parts)] = (parts, self.embedding_library.for_model(parts, every=False))
+        return self._others[id(parts)][1]
+
+    def refiner_note(self) -> None:
+        """Say, once, that the request's LoRAs stay off for the refiner's steps: its UNet and its one text encoder
+        have other shapes than the SDXL base's a LoRA is made for (A1111 counts them as errors)."""
+        if any(plan for plan in self._plans.values()):
+            note = "LoRAs apply to the model, not to the refiner (an SDXL LoRA does not fit the refiner's layers)"
+            if note not in self.notes:
+                self.notes.append(note)
 
     def prepare(self) -> None:
         """Find and load every LoRA the request's prompts name (errors now, before any step runs)."""
@@ -169,7 +189,9 @@ class Networks:
         loras = []
         for name, found in self._mentioned.items():
             loras.append(f"{name.replace(':', '').replace(',', '')}: {self.loras.hash(found)[:12]}")
-        used = self.embeddings.used if self.embeddings is not None else {}
+        used = dict(self.embeddings.used) if self.embeddings is not None else {}
+        for _, other in self._others.values():  # the refiner's encoding, after the model's
+            used.update({name: e for name, e in other.used.items() if name not in used})
         embeddings = [f"{name.replace(':', '').replace(',', '')}: {self.embedding_library.hash(e)[:12]}"
                       for name, e in used.items()]
         return {"Lora hashes": ", ".join(loras) or None, "TI hashes": ", ".join(embeddings) or None}

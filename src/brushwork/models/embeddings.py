@@ -50,13 +50,15 @@ class Embedding:
         """The vectors for a text encoder: "" (SD 1.x / 2.x), "clip_l" or "clip_g" (SDXL's two)."""
         return self.vectors[""] if "" in self.vectors else self.vectors[encoder]
 
-    def fits(self, encoders: list[tuple[str, int]]) -> bool:
+    def fits(self, encoders: list[tuple[str, int]], *, every: bool = True) -> bool:
         """Whether a model with these text encoders ((kind, width) each: ``text_encoders``) takes it: A1111's
-        width check (its "shape" is the encoders' widths side by side), each encoder finding its own vectors."""
+        width check (its "shape" is the encoders' widths side by side), each encoder finding its own vectors.
+        ``every=False``: its vectors for these encoders suffice (SDXL's refiner reading an SDXL file's ``clip_g``
+        during a base model's run, as ComfyUI's refiner CLIP does; A1111 skips the file there)."""
         if "" in self.vectors:
             return len(encoders) == 1 and self.vectors[""].shape[-1] == encoders[0][1]
         return bool(encoders) and all(kind in self.vectors and self.vectors[kind].shape[-1] == width
-                                      for kind, width in encoders) and len(self.vectors) == len(encoders)
+                                      for kind, width in encoders) and (not every or len(self.vectors) == len(encoders))
 
     def to_json(self) -> dict:
         """As A1111's ``/sdapi/v1/embeddings`` describes one."""
@@ -186,15 +188,15 @@ class EmbeddingLibrary:
                 out.append(seen[1])
         return out
 
-    def for_encoders(self, encoders: list[tuple[str, int]]) -> EmbeddingDatabase:
-        """The database for a model with these text encoders (``text_encoders``)."""
+    def for_encoders(self, encoders: list[tuple[str, int]], *, every: bool = True) -> EmbeddingDatabase:
+        """The database for a model with these text encoders (``text_encoders``; ``every``: ``Embedding.fits``)."""
         db = EmbeddingDatabase()
         for embedding in self.embeddings():
-            (db.loaded if embedding.fits(encoders) else db.skipped)[embedding.name] = embedding
+            (db.loaded if embedding.fits(encoders, every=every) else db.skipped)[embedding.name] = embedding
         return db
 
-    def for_model(self, parts) -> EmbeddingDatabase:
-        return self.for_encoders(text_encoders(parts))
+    def for_model(self, parts, *, every: bool = True) -> EmbeddingDatabase:
+        return self.for_encoders(text_encoders(parts), every=every)
 
     def hash(self, embedding: Embedding) -> str:
         if embedding.sha256 is None:

@@ -194,9 +194,9 @@ class RunContext:
         parts = parts or self.parts
         own = prompt is None and negative is None
         text = r.prompt if prompt is None else prompt
-        networks = self.networks if parts is self.parts else None  # LoRAs, embeddings: the model's, not the refiner's
-        if networks is not None:  # the LoRAs this prompt's <lora:...> tags name, at their strengths (engine.networks)
-            networks.activate(text)
+        networks = self.networks
+        if networks is not None and parts is self.parts:  # the LoRAs the prompt's tags name, at their strengths
+            networks.activate(text)  # (engine.networks); the refiner's steps run without them (refiner_note)
         if own and id(parts) in self._embeds:
             embeds = self._embeds[id(parts)]
         else:
@@ -205,7 +205,7 @@ class RunContext:
                 texts = (texts[0], None)
             options = dict(clip_skip=r.clip_skip, device=self.policy.device, emphasis=r.emphasis,
                            comma_padding_backtrack=r.comma_padding_backtrack,
-                           embeddings=networks.embeddings if networks is not None else None)
+                           embeddings=networks.embeddings_for(parts) if networks is not None else None)
             if parts.family.xl:
                 embeds = prompts.encode_xl(parts.encoders, *texts, **options)
             else:
@@ -237,6 +237,8 @@ class RunContext:
         latents = self.run_pipe(pipe, denoising_end=switch, total=total, **kwargs)
         done = getattr(pipe, "_num_timesteps", 0)
         refiner = self.pipe("StableDiffusionImg2ImgPipeline", parts=self.refiner)
+        if self.networks is not None:
+            self.networks.refiner_note()
         return self.run_pipe(refiner, **self.embeddings(latents.shape[0], parts=self.refiner), image=latents,
                              denoising_start=switch, num_inference_steps=steps, generator=kwargs.get("generator"),
                              step_offset=done, total=total)
