@@ -81,6 +81,25 @@ def test_openvino_draws_torch_s_picture_and_a_second_process_reads_the_cache(sha
     assert np.array_equal(np.asarray(Image.open(cli_picture).convert("RGB")), np.asarray(first.images[0]))
 
 
+def test_the_tiny_decoder_runs_on_openvino_too_and_draws_torch_s_picture(tmp_path):
+    """``--vae taesd`` (a tiny TAESD in vae-approx/, the original layout): the final decode is converted as its own
+    component and gives torch's picture; its previews stay on torch."""
+    from test_taesd import save_tiny, tiny_autoencoder, vae_approx
+
+    pictures, engines = {}, {}
+    for backend in ("torch", "openvino"):
+        home = tmp_path / backend
+        save_tiny(tiny_autoencoder(stages=3), vae_approx(home) / "taesd_decoder.pth")
+        engines[backend] = _engine(home, backend)
+        result = _run(engines[backend], vae="taesd")
+        assert "VAE: taesd," in result.infotexts[0]
+        pictures[backend] = np.asarray(result.images[0]).astype(int)
+    assert np.abs(pictures["openvino"] - pictures["torch"]).max() <= TOLERANCE
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "openvino/cache/openvino").iterdir()
+                    if p.name != "kernels")
+    assert cached == ["taesd_decoder", "unet"]  # the full VAE decoder was never run, so never converted
+
+
 def test_a_run_that_changes_the_unet_s_insides_stays_on_torch_and_says_so(shared_home):
     fast = _run(_engine(shared_home, "openvino"), fast=True)
     plain = _run(_engine(shared_home / "torch-fast", "torch"), fast=True)
