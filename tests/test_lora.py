@@ -91,6 +91,80 @@ def lycoris_difference(state: dict, key: str) -> torch.Tensor:
     return torch.kron(state[f"{key}.lokr_w1"], state[f"{key}.lokr_w2_a"] @ w2_b) * state[f"{key}.alpha"] / w2_b.shape[0]
 
 
+NO_RANK_KINDS = ("(IA)^3", "OFT", "full", "norm")  # LyCORIS kinds with no rank: no alpha / rank scale
+
+
+def name_of(kind: str) -> str:
+    """The test file's name for a kind."""
+    return {"(IA)^3": "ia3"}.get(kind, kind.lower())
+
+
+def lycoris_no_rank(parts, kind: str, *, seed: int = 4) -> dict:
+    """A random LyCORIS file of one of NO_RANK_KINDS in kohya's layout, for layers of the UNet and the text encoder:
+    (IA)^3 ``weight`` per output channel (``on_input`` false) and per input channel (the feed-forward outputs,
+    ``on_input`` true); OFT ``oft_blocks`` with alpha, the constraint (UNet), and ``oft_diag``, the rotations
+    themselves (text encoder), in blocks of a quarter of the outputs; full ``diff`` with ``diff_b`` where the layer
+    has a bias (Linear, 1x1 and 3x3 convolutions); norm ``w_norm`` / ``b_norm`` (LayerNorm, GroupNorm). The text
+    encoder's keys are kohya's, ``lora_te_text_model_encoder_...``, whether or not transformers' CLIP has that
+    ``text_model`` level."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, model in (("lora_unet_", parts.unet), ("lora_te_", parts.text_encoder)):
+        for name, layer in model.named_modules():
+            path = name if prefix == "lora_unet_" or name.startswith("text_model.") else "text_model." + name
+            key = prefix + path.replace(".", "_")
+            if kind == "(IA)^3" and name.endswith(("to_k", "to_v", "k_proj", "v_proj", "ff.net.2", "fc2")):
+                on_input = name.endswith(("ff.net.2", "fc2"))
+                state[f"{key}.weight"] = torch.randn(layer.weight.shape[int(on_input)], generator=g)
+                state[f"{key}.on_input"] = torch.tensor(on_input)
+            elif kind == "OFT" and name.endswith(("to_q", "to_out.0", "proj_out", "q_proj", "out_proj")):
+                size = layer.weight.shape[0] // 4
+                if prefix == "lora_unet_":
+                    state[f"{key}.oft_blocks"] = torch.randn(4, size, size, generator=g) * 0.3
+                    state[f"{key}.alpha"] = torch.tensor(0.05)  # |Q| at most 0.05 * outputs: clamps most layers
+                else:
+                    state[f"{key}.oft_diag"] = torch.linalg.qr(torch.randn(4, size, size, generator=g))[0].contiguous()
+            elif kind == "full" and name.endswith(("to_q", "proj_in", "resnets.0.conv1", "q_proj")):
+                state[f"{key}.diff"] = torch.randn(layer.weight.shape, generator=g) * 0.2
+                if layer.bias is not None:
+                    state[f"{key}.diff_b"] = torch.randn(layer.weight.shape[0], generator=g) * 0.2
+            elif kind == "norm" and name.endswith(("transformer_blocks.0.norm1", "resnets.0.norm1", "layer_norm1")):
+                state[f"{key}.w_norm"] = torch.randn(layer.weight.shape, generator=g) * 0.5
+                state[f"{key}.b_norm"] = torch.randn(layer.weight.shape, generator=g) * 0.5
+    return state
+
+
+def merged_copy(layer, tensors: dict, strength: float):
+    """A copy of the layer with the LyCORIS module's difference merged into its weight (and bias) at ``strength``,
+    re-stated from the kinds' definitions: (IA)^3 W * (1 + s w) along the outputs (or inputs); OFT each block of
+    outputs rotated, W' = blockdiag(R)^T W, R = (I - Q)^-1 (I + Q) from the skew-symmetric Q = B - B^T whose norm
+    is clamped to alpha * outputs (oft_diag: R as stored), W + s (W' - W); full and norm W + s diff, b + s diff_b."""
+    import copy
+
+    merged = copy.deepcopy(layer)
+    w, b = merged.weight, merged.bias
+    with torch.no_grad():
+        if "weight" in tensors:
+            factor = 1 + strength * tensors["weight"]
+            w.mul_(factor[None, :] if tensors["on_input"] else factor[:, None])
+        elif "oft_blocks" in tensors or "oft_diag" in tensors:
+            if "oft_diag" in tensors:
+                rotations = tensors["oft_diag"]
+            else:
+                q = tensors["oft_blocks"] - tensors["oft_blocks"].transpose(1, 2)
+                q = q * min(1.0, float(tensors["alpha"]) * w.shape[0] / float(q.norm()))
+                eye = torch.eye(q.shape[1]).expand_as(q)
+                rotations = torch.linalg.solve(eye - q, eye + q)
+            rotated = (torch.block_diag(*rotations).T @ w.flatten(1)).reshape(w.shape)
+            w.add_(strength * (rotated - w))
+        else:
+            w.add_(strength * tensors["diff" if "diff" in tensors else "w_norm"].reshape(w.shape))
+            bias = tensors.get("diff_b", tensors.get("b_norm"))
+            if bias is not None:
+                b.add_(strength * bias)
+    return merged
+
+
 def a1111_lora_hash(path) -> str:
     """A1111's (kohya's "addnet") hash, re-stated: sha256 of the bytes after the safetensors header, 12 hex."""
     data = path.read_bytes()
@@ -352,6 +426,93 @@ def test_lycoris_loha_and_lokr_are_their_merged_weights_and_leave_no_trace(tiny,
     assert np.abs(mine - _plain(pipe)).max() <= 3
 
 
+@pytest.mark.parametrize("kind", NO_RANK_KINDS)
+def test_lycoris_ia3_oft_full_and_norm_files_change_their_request_only(library, eng, sd1, base, kind):
+    name = name_of(kind)
+    path = library / "models" / "lora" / f"{name}.safetensors"
+    save_file(lycoris_no_rank(sd1, kind), path)
+    try:
+        assert np.array_equal(draw(eng, f"a red circle <lora:{name}:0>")[0], base)
+        changed, _ = draw(eng, f"a red circle <lora:{name}:1>")
+        assert np.abs(changed - base).max() > 10
+        assert np.array_equal(draw(eng, "a red circle")[0], base)  # no leak into the next request
+    finally:
+        path.unlink()
+
+
+@pytest.mark.parametrize("kind", NO_RANK_KINDS)
+def test_each_lycoris_module_is_its_layer_with_the_difference_merged_and_comes_off_exactly(sd1, kind):
+    """Every module of the file, hooked on its layer at the tag's strengths, computes what a copy of the layer with
+    the difference merged into its weights (re-stated in ``merged_copy``) computes; unhooked, exactly the layer."""
+    from types import SimpleNamespace
+
+    from brushwork.engine import lycoris
+
+    state = lycoris_no_rank(sd1, kind)
+    network, note = lycoris.read(sd1, state, SimpleNamespace(name=name_of(kind), path=None))
+    assert note is None and len(network.modules) == len({k.partition(".")[0] for k in state})  # the TE's too
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for module in network.modules:
+        layer, strength = module.target, 0.8 if module.part == "unet" else 0.6
+        if isinstance(layer, torch.nn.Linear):
+            x = torch.randn(2, 3, layer.in_features, generator=g)
+        elif isinstance(layer, torch.nn.Conv2d):
+            x = torch.randn(1, layer.in_channels, 5, 5, generator=g)
+        elif isinstance(layer, torch.nn.GroupNorm):
+            x = torch.randn(1, layer.num_channels, 4, 4, generator=g)
+        else:
+            x = torch.randn(2, 3, *layer.normalized_shape, generator=g)
+        cases.append((layer, x, merged_copy(layer, module.tensors, strength)))  # copied before any hook is on
+    assert {type(layer).__name__ for layer, _, _ in cases} == {
+        "(IA)^3": {"Linear"}, "OFT": {"Linear", "Conv2d"}, "full": {"Linear", "Conv2d"},
+        "norm": {"LayerNorm", "GroupNorm"}}[kind]
+    hooks = lycoris.Hooks()
+    with torch.no_grad():
+        before = [layer(x) for layer, x, _ in cases]
+        hooks.attach([(network, 0.6, 0.8)])
+        try:
+            for (layer, x, merged), plain in zip(cases, before, strict=True):
+                hooked = layer(x)
+                assert torch.allclose(hooked, merged(x), atol=1e-4, rtol=1e-4)
+                assert (hooked - plain).abs().max() > 1e-2
+        finally:
+            hooks.remove()
+        for (layer, x, _), plain in zip(cases, before, strict=True):
+            assert torch.equal(layer(x), plain)
+
+
+def test_a_lora_with_linear_shaped_1x1_convolutions_is_the_same_4d_lora(library, eng, sd1, base):
+    """A1111 reshapes a 1x1 convolution's 2-D up / down to (out, in, 1, 1) (some trainers write SD 1.x's proj_in /
+    proj_out so); peft alone refuses the shapes. The picture is the one of the 4-D file with the same values."""
+    flat = {k: v.flatten(1) if v.dim() == 4 else v for k, v in kohya_lora(sd1).items()}
+    assert any(k.endswith("proj_in.lora_down.weight") and v.dim() == 2 for k, v in flat.items())
+    path = library / "models" / "lora" / "flat.safetensors"
+    save_file(flat, path)
+    try:
+        mine, _ = draw(eng, "a red circle <lora:flat:0.8>")
+        assert np.abs(mine - base).max() > 10
+        assert np.array_equal(mine, draw(eng, "a red circle <lora:style:0.8>")[0])
+        assert np.array_equal(draw(eng, "a red circle")[0], base)
+    finally:
+        path.unlink()
+
+
+def test_1x1_up_and_down_are_fitted_to_the_layer_they_are_for():
+    """A 4-D 1x1 pair for a Linear layer (SD 1.x's proj_in on SD 2.x / SDXL's Linear one) is flattened; 2-D ones
+    for a 3x3 convolution, and layers the model does not have, are left as they are (peft then says what is wrong)."""
+    from brushwork.engine.lora import _fit_1x1
+
+    unet = torch.nn.ModuleDict({"proj_in": torch.nn.Linear(8, 8), "conv": torch.nn.Conv2d(8, 8, 1),
+                                "conv3": torch.nn.Conv2d(8, 8, 3)})
+    fitted = _fit_1x1({"unet.proj_in.lora.down.weight": torch.ones(2, 8, 1, 1),
+                       "conv.lora_B.weight": torch.ones(8, 2), "unet.conv3.lora.down.weight": torch.ones(2, 8),
+                       "text_encoder.q.lora.up.weight": torch.ones(8, 2, 1, 1)}, unet)
+    assert {k: tuple(v.shape) for k, v in fitted.items()} == {
+        "unet.proj_in.lora.down.weight": (2, 8), "conv.lora_B.weight": (8, 2, 1, 1),
+        "unet.conv3.lora.down.weight": (2, 8), "text_encoder.q.lora.up.weight": (8, 2, 1, 1)}
+
+
 def test_an_sdxl_kohya_lora_reaches_both_text_encoders_and_is_plain_diffusers(tmp_path):
     """lora_te1_ / lora_te2_ / lora_unet_ on the tiny SDXL model: the pixels of plain diffusers' SDXL pipeline that
     loads the same file, and no trace after."""
@@ -398,8 +559,8 @@ def test_an_unknown_lora_is_a_one_line_error_listing_the_library(eng):
 
 def test_lycoris_kinds_not_applied_and_loras_for_another_model_say_so(library, eng, sd1):
     folder = library / "models" / "lora"
-    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.weight": torch.zeros(32)},
-              folder / "ia3.safetensors")
+    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.a1.weight": torch.zeros(2, 32)},
+              folder / "glora.safetensors")
     save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 1280),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 2)},
               folder / "xl-only.safetensors")
@@ -411,15 +572,15 @@ def test_lycoris_kinds_not_applied_and_loras_for_another_model_say_so(library, e
     draw(eng, "a cat")
     before = lora.loaded(eng._loaded.parts)
     try:
-        with pytest.raises(ModelError, match=r"ia3.safetensors is a LyCORIS \(IA\)\^3 file; brushwork applies LoRA, "
-                                             "LoCon, LoHa and LoKr files"):
-            draw(eng, "a cat <lora:ia3:1>")
+        with pytest.raises(ModelError, match=r"glora.safetensors is a LyCORIS GLoRA file; brushwork applies LoRA, "
+                                             r"LoCon, LoHa, LoKr, \(IA\)\^3, OFT, full and norm files, not yet"):
+            draw(eng, "a cat <lora:glora:1>")
         with pytest.raises(ModelError, match="xl-only.safetensors changes no layer of this model"):
             draw(eng, "a cat <lora:xl-only:1>")
         with pytest.raises(ModelError, match="too-wide.safetensors does not fit this model"):
             draw(eng, "a cat <lora:too-wide:1>")
     finally:
-        for name in ("ia3", "xl-only", "too-wide"):
+        for name in ("glora", "xl-only", "too-wide"):
             (folder / f"{name}.safetensors").unlink()
     assert lora.loaded(eng._loaded.parts) == before  # a file that failed left nothing behind
 

@@ -55,9 +55,10 @@ def loaded(parts) -> list[str]:
 
 def load(parts, lora, *, keep: tuple[str, ...] = ()):
     """Load ``lora`` (a ``models.loras.LoraFile``) onto the model as an adapter, unless it is there already;
-    (its adapter name, a note for the user or None). A LyCORIS LoHa / LoKr file is read for ``engine.lycoris``
-    instead: (its ``lycoris.Network``, note). Other adapters past ``MAX_ADAPTERS`` are dropped, never those in
-    ``keep``. A file that fits no layer of this model, or that cannot be read, is a ModelError naming it."""
+    (its adapter name, a note for the user or None). A LyCORIS file (LoHa, LoKr, (IA)^3, OFT, full, norm) is read
+    for ``engine.lycoris`` instead: (its ``lycoris.Network``, note). Other adapters past ``MAX_ADAPTERS`` are
+    dropped, never those in ``keep``. A file that fits no layer of this model, or that cannot be read, is a
+    ModelError naming it."""
     name = adapter_name(lora)
     if name in loaded(parts):
         return name, None
@@ -68,9 +69,9 @@ def load(parts, lora, *, keep: tuple[str, ...] = ()):
     kinds = lycoris_kinds(state)
     if kinds:
         if not set(kinds) <= set(lycoris.KINDS):
-            raise ModelError(f"{lora.path.name} is a LyCORIS {'/'.join(kinds)} file; brushwork applies LoRA, LoCon, "
-                             f"{' and '.join(lycoris.KINDS)} files, not yet LyCORIS' other kinds: use a LoRA version "
-                             "of it")
+            applied = ", ".join(("LoRA", "LoCon") + lycoris.KINDS[:-1]) + " and " + lycoris.KINDS[-1]
+            raise ModelError(f"{lora.path.name} is a LyCORIS {'/'.join(kinds)} file; brushwork applies {applied} "
+                             "files, not yet LyCORIS' other kinds: use a LoRA version of it")
         return lycoris.read(parts, state, lora)
     try:
         import peft  # noqa: F401  (diffusers' LoRA loading runs on it)
@@ -116,6 +117,7 @@ def _load_adapter(parts, state: dict, name: str) -> tuple[int, int]:
     mixin = StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in found else StableDiffusionLoraLoaderMixin
     with _quiet():
         converted, alphas = mixin.lora_state_dict(dict(state), unet_config=found["unet"].config)
+        converted = _fit_1x1(converted, found["unet"])
         if not converted or not all("lora" in key for key in converted):
             raise ValueError("not a LoRA: its tensors are not named lora_*")
         if any(key.startswith("unet.") for key in converted):
@@ -130,6 +132,33 @@ def _load_adapter(parts, state: dict, name: str) -> tuple[int, int]:
     got = sum(1 for module in found.values() for sub in module.modules()
               if name in (getattr(sub, "lora_A", None) or {}))
     return expected, got
+
+
+_UP_DOWN_KEYS = (".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight")  # as converted
+
+
+def _fit_1x1(converted: dict, unet) -> dict:
+    """A 1x1 convolution's up / down stored as Linear-shaped 2-D tensors (some trainers write SD 1.x's proj_in /
+    proj_out so) taken as that convolution's, ``(out, in, 1, 1)``, and 4-D 1x1 ones for a Linear layer (SD 1.x's
+    proj_in on SD 2.x's and SDXL's Linear one) as Linear ones, as A1111's ``network_lora.py`` reshapes them; peft
+    refuses both shapes. Other tensors are left as they are."""
+    import torch
+
+    fitted = {}
+    for key, tensor in converted.items():
+        suffix = next((s for s in _UP_DOWN_KEYS if key.endswith(s)), None)
+        if suffix is not None and tensor.dim() in (2, 4):
+            try:
+                layer = unet.get_submodule(key[:-len(suffix)].removeprefix("unet."))
+            except AttributeError:  # a text encoder's layer, or a name peft maps itself (attention processors)
+                layer = None
+            layer = getattr(layer, "base_layer", layer)
+            if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1) and tensor.dim() == 2:
+                tensor = tensor[:, :, None, None]
+            elif isinstance(layer, torch.nn.Linear) and tensor.dim() == 4 and tuple(tensor.shape[2:]) == (1, 1):
+                tensor = tensor.flatten(1)
+        fitted[key] = tensor
+    return fitted
 
 
 def apply(parts, uses: list[tuple[str, float, float]]) -> None:
