@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup browser postgres demo test lint clean
+.PHONY: setup browser postgres s3 demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/brushwork txt2img "a green square at the top, on a black background" --seed 3 --n-samples 4
 	@echo "pictures are in outputs/txt2img (grids in outputs/txt2img-grids)"
 
-test: setup browser postgres
+test: setup browser postgres s3
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 # The web UI tests drive Debian's chromium; install it where this machine can (root and apt-get).
@@ -49,6 +49,15 @@ postgres:
 	    echo "installing postgresql (Debian's) for the job-store tests" && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "note: postgresql could not be installed here; the PostgreSQL job-store tests will be skipped"
+
+# The pictures' bucket tests run against a real S3-compatible store: OpenStack Swift with its s3api (Debian's).
+s3:
+	@command -v swift-proxy-server >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing swift (Debian's, an S3-compatible store) for the bucket tests" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      swift-proxy swift-object swift-container swift-account >/dev/null; } || \
+	  echo "note: swift could not be installed here; the S3 bucket tests will be skipped"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks tools

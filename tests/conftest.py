@@ -89,3 +89,9 @@ def pytest_unconfigure(config):
         reporter.write_line(
             f"NOT TESTED: the PostgreSQL job store ({len(no_pg)} tests skipped: PostgreSQL is not installed); "
             "install it with `apt-get install postgresql` (as root) or run `make test` as root", yellow=True)
+    no_s3 = [r for r in reporter.stats.get("skipped", []) if "Swift (an S3-compatible store)" in str(r.longrepr)]
+    if no_s3:
+        reporter.write_line(
+            f"NOT TESTED: the pictures' S3 bucket ({len(no_s3)} tests skipped: no S3-compatible store is installed); "
+            "install Swift with `apt-get install swift-proxy swift-object swift-container swift-account` (as root) "
+            "or run `make test` as root", yellow=True)

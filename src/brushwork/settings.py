@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class Settings:
     # the server's job queue and history: None = SQLite in <home>/data; postgresql://... = a database several
     # servers share (BRUSHWORK_DATABASE_URL; server/pgstore.py)
     database_url: str | None = None
+    # the pictures in an S3-compatible bucket as well, for machines that share no folder (output/bucket.py):
+    # s3://bucket/prefix; the endpoint of a non-AWS store (MinIO, Ceph, Swift ...); credentials as boto3 finds them
+    outputs_bucket: str | None = None
+    outputs_bucket_endpoint: str | None = None
     # `brushwork serve --ray` (docs/scale.md): the generation replicas of the Ray Serve deployment
     ray_min_replicas: int = 1  # kept running even when idle (0: none until a job comes)
     ray_max_replicas: int = 0  # 0 = as many as the cluster holds: one per GPU, else one per ray_cpus_per_replica
@@ -113,7 +118,7 @@ class Settings:
                 raise BrushworkError(f"setting {name} must be true or false, got {values[name]!r}; fix "
                                      f"BRUSHWORK_{name.upper()} or {path}")
         for name in ("models_dir", "outputs_dir", "default_model", "device", "precision", "memory", "backend",
-                     "database_url"):
+                     "database_url", "outputs_bucket", "outputs_bucket_endpoint"):
             if values.get(name) is not None and not isinstance(values[name], str | Path):
                 raise BrushworkError(f"setting {name} must be text, got {values[name]!r}; fix {path}")
         if isinstance(values.get("backend"), str):
@@ -121,6 +126,20 @@ class Settings:
             if values["backend"] not in ("auto", "torch", "openvino"):
                 raise BrushworkError(f"setting backend must be auto, torch or openvino, got {values['backend']!r}; "
                                      f"fix BRUSHWORK_BACKEND or {path}")
+        for name in ("outputs_bucket", "outputs_bucket_endpoint"):
+            if isinstance(values.get(name), str):
+                values[name] = values[name].strip() or None
+        if values.get("outputs_bucket"):
+            from .output.bucket import parse_url
+
+            try:
+                parse_url(values["outputs_bucket"])
+            except BrushworkError as err:
+                raise BrushworkError(f"{err}; fix BRUSHWORK_OUTPUTS_BUCKET or {path}") from None
+        endpoint = values.get("outputs_bucket_endpoint")
+        if endpoint and not re.match(r"^https?://[^\s/]+(/\S*)?$", str(endpoint)):
+            raise BrushworkError(f"setting outputs_bucket_endpoint must be an http:// or https:// URL, got "
+                                 f"{str(endpoint)[:200]!r}; fix BRUSHWORK_OUTPUTS_BUCKET_ENDPOINT or {path}")
         values = {k: v for k, v in values.items() if k in names}
         values.setdefault("home", home)
         return cls(**values)

@@ -192,18 +192,20 @@ def save_beside(picture: Path, tag: str, data: bytes) -> Path:
     return final
 
 
-def save_result_linked(result, outdir: str | Path, tag: str, *, grid: bool = False,
-                       grid_rows: int | None = None) -> list[tuple[Path, Path]]:
+def save_result_linked(result, outdir: str | Path, tag: str, *, grid: bool = False, grid_rows: int | None = None,
+                       unique: str | None = None) -> list[tuple[Path, Path]]:
     """As ``save_result``, but each file keeps its ``.tmp-<tag>-*.png`` link (``write_linked``): returns
-    ``(final, tmp)`` pairs; the caller unlinks the tmps once the files are on record."""
-    return _save(result, outdir, grid, grid_rows, tag)
+    ``(final, tmp)`` pairs; the caller unlinks the tmps once the files are on record. ``unique``: a last part of
+    every name (``00012-1234-<unique>.png``), where folders numbered apart meet (``output/bucket.py``)."""
+    return _save(result, outdir, grid, grid_rows, tag, unique)
 
 
-def _save(result, outdir, grid, grid_rows, tag) -> list[tuple[Path, Path]]:
+def _save(result, outdir, grid, grid_rows, tag, unique=None) -> list[tuple[Path, Path]]:
     outdir = Path(outdir)
     mode = result.request.mode.value
     folder = outdir / mode
     written: list[tuple[Path, Path]] = []
+    end = f"-{unique}" if unique else ""
 
     def write(data, where, stem_for):
         if tag is None:
@@ -214,10 +216,10 @@ def _save(result, outdir, grid, grid_rows, tag) -> list[tuple[Path, Path]]:
 
     try:
         for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
-            write(encode_png(image, text), folder, lambda n, s=seed: f"{n:05d}-{s}.png")
+            write(encode_png(image, text), folder, lambda n, s=seed: f"{n:05d}-{s}{end}.png")
         if grid and len(result.images) > 1:
             data = encode_png(make_grid(result.images, grid_rows), result.infotexts[0])
-            write(data, outdir / f"{mode}-grids", lambda n: f"{n:05d}-grid.png")
+            write(data, outdir / f"{mode}-grids", lambda n: f"{n:05d}-grid{end}.png")
     except BaseException:
         if tag is not None:  # not on record: nothing of a half-saved result stays behind
             for final, tmp in written:

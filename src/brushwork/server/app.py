@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from ..output.bucket import open_bucket
 from ..request import BrushworkError, InvalidRequest
 from ..settings import Settings
 from .edge import BodyLimit
@@ -50,8 +51,12 @@ def create_app(engine: Any, settings: Settings | None = None, *, start_worker: b
     if recovered:
         log.info("%d job(s) interrupted by a restart are queued again", recovered)
     recover_outputs(store, outputs_dir, settings.data_dir)  # a killed run's files go before it runs again
-    worker = Worker(store, engine, outputs_dir)
+    bucket = open_bucket(settings)
+    if bucket is not None:
+        bucket.check()  # one line now, not a failed upload after the first picture
+    worker = Worker(store, engine, outputs_dir, bucket=bucket)
     state = ServerState(engine=engine, settings=settings, store=store, worker=worker, outputs_dir=outputs_dir,
+                        bucket=bucket,
                         selected_model=store.get_option("sd_model_checkpoint"),
                         options=store.get_option("sdapi_options", {}))
 

@@ -418,13 +418,14 @@ class GeneratorReplica:
         from ray import serve
 
         from ..engine.core import Engine
+        from ..output.bucket import open_bucket
         from .worker import Worker
 
         self.settings = settings
         self.store = _open_store(settings)
         self._stores = {None: self.store}  # by the claimer's worker id (a shared store's)
         self.engine = Engine(settings)
-        self.worker = Worker(self.store, self.engine, settings.outputs_dir)
+        self.worker = Worker(self.store, self.engine, settings.outputs_dir, bucket=open_bucket(settings))
         context = serve.get_replica_context()
         self.identity = {"replica": context.replica_id.unique_id, "pid": os.getpid(),
                          "node": ray.get_runtime_context().get_node_id()[:12], "model": None}

@@ -41,6 +41,7 @@ class ServerState:
     worker: Worker
     outputs_dir: Path
     selected_model: str | None = None  # set by POST /sdapi/v1/options sd_model_checkpoint
+    bucket: Any = None  # output.bucket.Bucket: pictures another machine made are read from there
     options: dict[str, Any] = field(default_factory=dict)
 
     # ---- models: only by name from the library, never a path from HTTP -------------------------
@@ -221,10 +222,15 @@ class ServerState:
         return open_image_bytes(raw, self.settings.max_image_pixels, high_depth=high_depth)
 
     def image_path(self, rel: str) -> Path:
-        """A file inside the outputs folder, or a 404: no path from the database or a caller escapes it."""
+        """A file inside the outputs folder (or, with a bucket, one another machine made, read into this one's
+        cache: it blocks while it downloads), or a 404: no path from the database or a caller escapes it."""
         root = self.outputs_dir.resolve()
         path = (root / rel).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        if not path.is_relative_to(root):
+            raise HTTPError(404, "image not found")
+        if not path.is_file() and self.bucket is not None:
+            path = self.bucket.fetch(str(path.relative_to(root))) or path
+        if not path.is_file():
             raise HTTPError(404, "image not found")
         return path
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..output.bucket import StorageError
 from ..request import BrushworkError, Cancelled, GenerationRequest, ProgressInfo
 from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, ClaimLost, Job, Store
 
@@ -63,11 +64,12 @@ class Worker:
     def __init__(self, store: Store, engine: Any, outputs_dir: Path, *,
                  save: Callable[[Any, Path, str], list[tuple[Path, Path]]] | None = None,
                  poll_interval: float = 0.5,
-                 name: str = "brushwork-worker"):
+                 name: str = "brushwork-worker", bucket: Any = None):
         self.store = store
         self.engine = engine
         self.outputs_dir = Path(outputs_dir)
-        self._save = save or _save_result
+        self.bucket = bucket  # output.bucket.Bucket: every picture goes there too before it is on record
+        self._save = save or (_save_result if bucket is None else _save_result_unique)
         self._poll_interval = poll_interval
         self._name = name
         self._wake = threading.Event()
@@ -200,6 +202,9 @@ class Worker:
         except Cancelled:
             # the server is stopping (not a user's cancel): the job runs again after the restart
             status, error = (QUEUED, None) if self._stop.is_set() and not live.interrupted else (CANCELLED, "cancelled")
+        except StorageError as err:  # the pictures' bucket refused them: the server's storage, not the request
+            log.error("job %s failed: %s", job.id, err)
+            status, error, result = FAILED, str(err), {"error_type": "StorageError", "user_error": False}
         except BrushworkError as err:  # the caller's mistake (bad model, bad image, ...): HTTP 4xx
             status, error, result = FAILED, str(err), {"error_type": type(err).__name__, "user_error": True}
         except Exception as err:  # a bug or an engine crash must not kill the worker: the job fails, we go on
@@ -221,11 +226,18 @@ class Worker:
         ``recover_outputs`` reads at the next start: the images are recorded exactly once."""
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         saved = self._save(out, self.outputs_dir, job.id)
+        stored: list[str] = []  # put in the bucket
         try:
             result, rows = self._result(job, out, [Path(path) for path, _ in saved])
+            if self.bucket is not None:  # in the bucket before on record: a recorded picture is always there
+                for row, (path, _) in zip(rows, saved, strict=True):
+                    self.bucket.put(row["path"], Path(path))
+                    stored.append(row["path"])
             self.store.finish_done(job.id, rows, result)
         except Exception as err:
-            self._discard(job.id, saved, lost=isinstance(err, ClaimLost))
+            if self._discard(job.id, saved, lost=isinstance(err, ClaimLost)):
+                for rel in stored:
+                    self.bucket.delete(rel)
             raise
         for _, tmp in saved:
             try:
@@ -234,20 +246,22 @@ class Worker:
                 log.warning("could not remove %s", tmp)
         return result
 
-    def _discard(self, job_id: str, saved: list[tuple[Path, Path]], *, lost: bool = False) -> None:
+    def _discard(self, job_id: str, saved: list[tuple[Path, Path]], *, lost: bool = False) -> bool:
         """The job could not be recorded: its files go too (unless it is done after all, or we cannot tell:
-        then the next start sorts them out). ``lost``: another worker has the job, whatever its status."""
+        then the next start sorts them out); True if they went. ``lost``: another worker has the job, whatever
+        its status."""
         try:
             if not lost and self.store.status(job_id) == DONE:
-                return
+                return False
         except self.store.errors:
-            return
+            return False
         for path, tmp in saved:
             for p in {Path(path), Path(tmp)}:
                 try:
                     p.unlink(missing_ok=True)
                 except OSError:
                     log.warning("could not remove %s", p)
+        return True
 
     def _result(self, job: Job, out: Any, paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The job's result, and its images' history rows (``JobStore.add_image``'s keywords)."""
@@ -309,6 +323,14 @@ def _save_result(result: Any, outdir: Path, job_id: str) -> list[tuple[Path, Pat
     from ..output.files import save_result_linked
 
     return save_result_linked(result, outdir, job_id, grid=False)
+
+
+def _save_result_unique(result: Any, outdir: Path, job_id: str) -> list[tuple[Path, Path]]:
+    """As ``_save_result``, each name ending in the job's id: machines that number their own folders and put
+    their pictures in one bucket never take the same name (``output/bucket.py``)."""
+    from ..output.files import save_result_linked
+
+    return save_result_linked(result, outdir, job_id, grid=False, unique=job_id[:12])
 
 
 def recover_outputs(store: Store, outputs_dir: Path, data_dir: Path | None = None) -> dict[str, int]:
