@@ -74,6 +74,23 @@ def test_modelspec_resolution_sets_default_size(tmp_path):
     assert load_single_file(path).default_size == (64, 96)
 
 
+@pytest.mark.parametrize(("family", "metadata", "size"), [
+    ("sd1", {}, (512, 512)),
+    ("sd1", {"modelspec.resolution": "64x96"}, (64, 96)),
+    ("sd2", {"modelspec.prediction_type": "v"}, (768, 768)),  # SD 2.x 768-v
+    ("sd2", {"brushwork.defaults": '{"turbo": true}'}, (512, 512)),  # SD-Turbo: 512, eps
+    ("sd1", {"brushwork.defaults": '{"width": 40, "height": 48}'}, (40, 48)),
+])
+def test_the_model_list_tells_the_size_loading_finds(tmp_path, family, metadata, size):
+    """``native_size`` (GET /api/v1/models, the web UI's size fields) reads the header alone: what the loader sets."""
+    from brushwork.models.load import native_size
+    from tinymodels import save_single
+
+    path = save_single(tmp_path / "m.safetensors", family, metadata=metadata)
+    assert native_size(path, family) == size == load_single_file(path).default_size
+    assert native_size(path, None) is None and native_size(tmp_path / "gone.safetensors", family) is None
+
+
 def test_a_models_recommended_cfg_applies_only_when_the_request_leaves_it_open(tmp_path, engine):
     from brushwork.models.load import recommended_defaults
     from tinymodels import save_single

@@ -174,6 +174,7 @@ def test_jobs_list_models_samplers_status_docs_and_web_ui(client):
     assert client.get("/api/v1/jobs/nope").status_code == 404
     models = client.get("/api/v1/models").json()["models"]
     assert {m["name"]: m["family"] for m in models}["tiny"] == "sd1"  # read from the file's header
+    assert {m["name"]: m["native_size"] for m in models}["tiny"] == [512, 512]  # the web UI's size fields follow it
     samplers = client.get("/api/v1/samplers").json()
     assert "Euler a" in [s["name"] for s in samplers["samplers"]] and "Karras" in samplers["schedule_types"]
     assert samplers["schedule_types"][4:8] == ["Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps"]

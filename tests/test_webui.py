@@ -650,6 +650,52 @@ def test_depth_to_image_with_an_uploaded_16_bit_depth_map(browser, server, tmp_p
 # ---- LoRAs, embeddings and ControlNet (issue 15) ------------------------------------------------------------------
 
 
+def test_the_size_follows_the_model_until_the_user_chooses_one(browser, server, tmp_path):
+    """SDXL draws at 1024x1024, SD 1.x at 512x512 (GET /api/v1/models native_size): the size fields follow the model
+    chosen, as Forge's do, until the user types a size; image to image keeps the init image's size meanwhile."""
+    from tinymodels import save_xl_single
+
+    model = save_xl_single(server.paths["models"] / "tiny-xl.safetensors")
+    try:
+        page, errors = _page(browser, server)
+
+        def size():
+            return page.input_value("#width"), page.input_value("#height")
+
+        page.select_option("#model", "tiny")
+        assert size() == ("512", "512")
+        page.select_option("#model", "tiny-xl")  # the models list says its family: sdxl
+        assert size() == ("1024", "1024")
+        page.select_option("#model", "tiny")
+        assert size() == ("512", "512")
+
+        # image to image with a size the user did not choose: the init image's size, as before (not 512x512)
+        _upload(page, tmp_path, _quadrants(64))
+        _set_range(page, "#steps", 2)
+        body, job_id = _submit(page)
+        assert body["mode"] == "img2img" and body["width"] is None and body["height"] is None
+        assert _result_image(server, _finished(server, job_id)).size == (64, 64)
+        page.click("#init-clear")
+
+        page.fill("#width", "640")  # the user's own size stays, over model changes and a reload
+        page.select_option("#model", "tiny-xl")
+        assert size() == ("640", "512")
+        page.reload()
+        page.wait_for_selector("#sampler option", state="attached")
+        assert page.input_value("#model") == "tiny-xl" and size() == ("640", "512")
+        page.select_option("#model", "tiny")
+        assert size() == ("640", "512")
+
+        # both fields emptied: the size follows the model again
+        page.fill("#width", "")
+        page.fill("#height", "")
+        page.select_option("#model", "tiny-xl")
+        assert size() == ("1024", "1024")
+        assert not errors, errors
+    finally:
+        model.unlink()
+
+
 def test_lora_panel_toggles_the_tag_and_a_generation_with_it_has_lora_hashes(browser, server, tiny_model_file):  # noqa: F811
     import torch
     from safetensors.torch import save_file
@@ -706,34 +752,56 @@ def test_lora_panel_toggles_the_tag_and_a_generation_with_it_has_lora_hashes(bro
         embedding.unlink(missing_ok=True)
 
 
-def test_controlnet_panel_previews_canny_and_generates_with_the_map_shown(browser, server, tmp_path):
+def test_controlnet_panel_previews_canny_and_generates_with_two_units(browser, server, tmp_path):
+    """Unit 0 follows a canny map (previewed first), unit 1 the inverted picture of its own: both go in the job's
+    controlnet list, and the picture comes back with both maps and both units in its parameters."""
     from test_controlnet import build_controlnet, control_picture, save_original
 
     folder = server.paths["models"] / "controlnet"
     folder.mkdir(parents=True, exist_ok=True)
     path = save_original(build_controlnet(0), folder / "tiny_canny.safetensors")
-    picture = tmp_path / "control.png"
-    control_picture(0, 64).save(picture)
+    pictures = [tmp_path / "control0.png", tmp_path / "control1.png"]
+    for seed, picture in enumerate(pictures):
+        control_picture(seed, 64).save(picture)
     page, errors = _page(browser, server)
     try:
         page.click("#controlnet-box summary")
-        page.wait_for_selector("#cn-module option[value='canny']", state="attached")
-        page.wait_for_function("[...document.querySelectorAll('#cn-model option')].some(o => "
+        assert page.locator("#cn-tabs [role=tab]").count() == 3  # A1111's three units
+        page.wait_for_selector("#cn-module-0 option[value='canny']", state="attached")
+        page.wait_for_function("[...document.querySelectorAll('#cn-model-1 option')].some(o => "
                                "o.value.startsWith('tiny_canny'))")
-        page.set_input_files("#cn-file", str(picture))
-        page.wait_for_selector("#cn-image-preview:not([hidden])")
-        assert page.is_checked("#cn-enabled")  # an image turns the unit on
-        page.select_option("#cn-module", "canny")
-        page.click("#cn-preview")
-        page.wait_for_selector("#cn-map:not([hidden])")
-        page.wait_for_function("document.querySelector('#cn-map').naturalWidth > 0")
-        assert page.get_attribute("#cn-map", "src").startswith("data:image/png;base64,")
+        page.set_input_files("#cn-file-0", str(pictures[0]))
+        page.wait_for_selector("#cn-image-preview-0:not([hidden])")
+        assert page.is_checked("#cn-enabled-0")  # an image turns the unit on
+        assert "on" in page.get_attribute("#cn-tab-0", "class") and page.locator("#cn-unit-1").is_hidden()
+        page.select_option("#cn-module-0", "canny")
+        page.click("#cn-preview-0")
+        page.wait_for_selector("#cn-map-0:not([hidden])")
+        page.wait_for_function("document.querySelector('#cn-map-0').naturalWidth > 0")
+        assert page.get_attribute("#cn-map-0", "src").startswith("data:image/png;base64,")
+
+        page.click("#cn-tab-1")
+        assert page.locator("#cn-unit-1").is_visible() and page.locator("#cn-unit-0").is_hidden()
+        page.set_input_files("#cn-file-1", str(pictures[1]))
+        page.wait_for_selector("#cn-image-preview-1:not([hidden])")
+        page.select_option("#cn-module-1", "invert")
+        _set_range(page, "#cn-weight-1", 0.5)
+        assert page.inner_text("#cn-weight-out-1") == "0.5" and page.inner_text("#cn-weight-out-0") == "1"
+        assert not page.is_checked("#cn-enabled-2")
 
         page.fill("#prompt", "a red circle")
-        _generate_small(page, wait_for="#cn-used figure img")
-        page.wait_for_function("document.querySelector('#cn-used img').naturalWidth > 0")
-        assert page.locator("#results img").count() == 1
-        assert "ControlNet 0: " in _result_details(page)
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        _set_range(page, "#steps", 3)
+        body, job_id = _submit(page)
+        units = body["controlnet"]
+        assert [u["module"] for u in units] == ["canny", "invert"] and [u["weight"] for u in units] == [1, 0.5]
+        assert units[0]["image"] != units[1]["image"] and all(u["image"].startswith("data:image/png") for u in units)
+        page.wait_for_function("document.querySelectorAll('#cn-used img').length === 2", timeout=60_000)
+        page.wait_for_function("[...document.querySelectorAll('#cn-used img')].every(i => i.naturalWidth > 0)")
+        details = _result_details(page)
+        assert "ControlNet 0: " in details and "ControlNet 1: " in details
+        assert "Module: canny" in details and "Module: invert" in details
         assert not errors, errors
     finally:
         path.unlink(missing_ok=True)

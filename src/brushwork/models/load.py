@@ -213,6 +213,53 @@ def _defaults_of_file(path: str, _mtime_ns: int, _size: int, short_hash: str | N
     return fewstep.recommended(metadata, shapes, short_hash)
 
 
+def native_size(path: Path, family: str | None, short_hash: str | None = None) -> tuple[int, int] | None:
+    """(width, height) a model draws at where a request leaves them open, as loading it finds it, from its header,
+    its .yaml and its folder's configs alone (the model list asks for every file); None where its family is not
+    known. ``family``: its name (``ModelEntry.family``); ``short_hash``: the file's, when known (an official SD 2.1
+    768 file's)."""
+    known = FAMILY_BY_NAME.get(family or "")
+    path = Path(path)
+    if known is None or not path.exists():
+        return None
+    if path.is_dir():
+        return _folder_size(path, known)
+    stat = path.stat()
+    return _size_of_file(str(path), stat.st_mtime_ns, stat.st_size, known.name, short_hash)
+
+
+@functools.lru_cache(maxsize=256)
+def _size_of_file(path: str, _mtime_ns: int, _size: int, family: str, short_hash: str | None) -> tuple[int, int]:
+    file, known = Path(path), FAMILY_BY_NAME[family]
+    metadata: dict[str, str] = {}
+    if file.suffix == ".safetensors":
+        try:
+            metadata = read_safetensors_header(file)[1]
+        except ModelError:
+            pass  # the loader says what is wrong with it; the list shows the family's size meanwhile
+    kind, _ = fewstep.kind_of_file(metadata, lambda: short_hash)
+    try:
+        pred, _ = decide_prediction(known, explicit=None, yaml_hints=_yaml_hints(file.with_suffix(".yaml")),
+                                    metadata=metadata, short_hash=lambda: short_hash, name=file.name,
+                                    turbo=kind == "turbo")
+    except ModelError:
+        pred = None  # an SD 2.x file that cannot tell 512 eps from 768 v (the loader asks for --prediction)
+    return _native_size(metadata, kind, pred, known)
+
+
+def _folder_size(path: Path, family: Family) -> tuple[int, int]:
+    """A diffusers folder's size as ``load_diffusers_folder`` reads it: its UNet's sample size x the VAE's scale."""
+    if family.configs is not None and not family.xl:
+        return (family.default_size,) * 2
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        side = family.default_size
+    return side, side
+
+
 def decide_prediction(
     family: Family, *, explicit: str | None, yaml_hints: dict, metadata: dict, short_hash, name: str,
     turbo: bool = False,
@@ -388,11 +435,7 @@ def load_single_file(
     depth_estimator = _depth_estimator(sd, det)
     del sd
     defaults = _model_defaults(metadata)
-    profile = fewstep.PROFILES.get(kind, {})
-    # the native size: its brushwork.defaults', its modelspec's, its few-step kind's (Turbo: 512), its family's
-    size = (_resolution(metadata) or _own_size(profile)
-            or ((768, 768) if pred == "v" and det.family.name == "sd2" else (det.family.default_size,) * 2))
-    size = (defaults.get("width", size[0]), defaults.get("height", size[1]))
+    size = _native_size(metadata, kind, pred, det.family)
     # a guess worth telling: a hash or a YAML picked the target (a file that names its own says nothing new)
     notes = [f"prediction {pred} (from {why})"] if why not in ("family", "file metadata", "--prediction") else []
     if det.family.unet_in_channels == 5 and depth_estimator is None:
@@ -405,6 +448,15 @@ def load_single_file(
         pipeline_config=shipped_pipeline_config(det.family), depth_estimator=depth_estimator,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, fewstep=kind, fewstep_why=kind_why,
     )
+
+
+def _native_size(metadata: dict[str, str], kind: str | None, pred: str | None, family: Family) -> tuple[int, int]:
+    """The size a single file draws at where a request leaves it open: its brushwork.defaults', its modelspec's, its
+    few-step kind's (Turbo: 512), its family's (SD 2.x v-prediction: 768)."""
+    size = (_resolution(metadata) or _own_size(fewstep.PROFILES.get(kind, {}))
+            or ((768, 768) if pred == "v" and family.name == "sd2" else (family.default_size,) * 2))
+    defaults = _model_defaults(metadata)
+    return defaults.get("width", size[0]), defaults.get("height", size[1])
 
 
 def _own_size(profile: dict) -> tuple[int, int] | None:

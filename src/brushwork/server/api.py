@@ -335,7 +335,7 @@ def _image_row(state: ServerState, image_id: int) -> dict[str, Any]:
 
 
 @router.get("/images/{image_id}", summary="The PNG file (with its parameters chunk)")
-async def get_image(image_id: ImageId, request: Request, download: bool = False):
+def get_image(image_id: ImageId, request: Request, download: bool = False):  # a thread: it may read a bucket
     state = _state(request)
     row = _image_row(state, image_id)
     path = state.image_path(row["path"])
@@ -399,15 +399,18 @@ async def get_image_meta(image_id: ImageId, request: Request):
 def models(request: Request):
     state = _state(request)
     current = state.current_model_entry()
-    from ..models.load import recommended_defaults
+    from ..models.load import native_size, recommended_defaults
 
     out = []
     for e in state.models():
-        out.append({"name": e.name, "title": getattr(e, "title", e.name), "family": getattr(e, "family", None),
-                    "hash": getattr(e, "short_hash", None), "sha256": getattr(e, "sha256", None),
+        path, family, short_hash = getattr(e, "path", None), getattr(e, "family", None), getattr(e, "short_hash", None)
+        size = native_size(path, family, short_hash) if path else None
+        out.append({"name": e.name, "title": getattr(e, "title", e.name), "family": family,
+                    "hash": short_hash, "sha256": getattr(e, "sha256", None),
                     "current": current is not None and e.name == current.name,
-                    "defaults": recommended_defaults(e.path, getattr(e, "short_hash", None))
-                    if getattr(e, "path", None) else {}})
+                    "defaults": recommended_defaults(path, short_hash) if path else {},
+                    # the size a request without width / height gets (txt2img): SDXL 1024, SD 2.x 768-v 768, ...
+                    "native_size": list(size) if size else None})
     return {"models": out}
 
 

@@ -21,6 +21,7 @@ const FALLBACK_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)"
 const DEPTH_FAMILIES = ["sd2-depth"];
 const OUTPAINT_MASK_BLUR = 8;  // as `brushwork outpaint` (engine/tasks/outpaint.py)
 const OUTPAINT_MAX_BORDER = 2048;
+const CONTROLNET_UNITS = 3;  // A1111's ControlNet extension shows three units ("Multi-ControlNet") by default
 const MODIFIERS = ["highly detailed", "oil painting", "watercolor", "photograph", "digital art",
   "pixel art", "cinematic lighting", "sunset", "pastel colors", "minimalist"];
 
@@ -28,6 +29,8 @@ const state = {
   initImage: null,      // data: URL of the uploaded init image
   depthMap: null,       // data: URL of the uploaded depth map (depth models), its file's bytes as they were
   modelFamilies: {},    // model name -> family (GET /api/v1/models), "" = the default model's
+  modelSizes: {},       // model name -> [width, height] it draws at (GET /api/v1/models native_size), or null
+  sizeByUser: false,    // width / height typed or read back from a picture: a model change leaves them
   depthShown: null,     // whether the panel is in its depth model layout now
   tool: "brush",        // the mask tool: "brush" or "eraser"
   lastSeed: null,       // the seed of the last finished image
@@ -81,6 +84,7 @@ function saveSettings() {
   const values = {};
   for (const name of CHECKS) values[name] = $(name).checked;
   for (const name of FIELDS) values[name] = $(name).value;
+  values.size_by_user = state.sizeByUser;
   localStorage.setItem(STORE_KEY, JSON.stringify(values));
 }
 
@@ -95,6 +99,9 @@ function loadSettings() {
     if (input.tagName === "SELECT" && ![...input.options].some((o) => o.value === values[name])) continue;
     input.value = values[name];
   }
+  // (settings saved before the size followed the model: a saved size was the user's)
+  state.sizeByUser = values.size_by_user ?? Boolean(values.width || values.height);
+  if (!state.sizeByUser) applyNativeSize();
   updateOutputs();
 }
 
@@ -109,7 +116,21 @@ function applyModelDefaults() {
     const value = defaults[name] ?? fallback;
     if ([...$(name).options].some((o) => o.value === value)) $(name).value = value;
   }
+  if (!state.sizeByUser) applyNativeSize();
   updateOutputs();
+}
+
+// the size the model draws at (SDXL 1024x1024, SD 2.x 768-v 768x768, a few-step model its own), as Forge and Easy
+// Diffusion set it; empty (auto: the server's choice) where the list does not say
+function applyNativeSize() {
+  const size = (state.modelSizes || {})[$("model").value];
+  $("width").value = size ? size[0] : "";
+  $("height").value = size ? size[1] : "";
+}
+
+// a size typed by the user stays over model changes; both fields emptied: the size follows the model again
+function sizeTyped() {
+  state.sizeByUser = $("width").value !== "" || $("height").value !== "";
 }
 
 function updateOutputs() {
@@ -128,9 +149,9 @@ function updateOutputs() {
   updateOutpaintSize();
   updateDepth();
   const prompt = $("prompt").value.toLowerCase();
-  $("cn-weight-out").textContent = $("cn-weight").value;
-  $("cn-start-out").textContent = $("cn-start").value;
-  $("cn-end-out").textContent = $("cn-end").value;
+  for (let i = 0; i < CONTROLNET_UNITS; i += 1) {
+    for (const name of ["weight", "start", "end"]) cn(i, `${name}-out`).textContent = cn(i, name).value;
+  }
   if (state.loras) updateLoraChips();
   for (const chip of document.querySelectorAll(".chip[data-text]")) {
     chip.classList.toggle("on", prompt.includes(chip.dataset.text));
@@ -153,6 +174,8 @@ async function loadChoices() {
   state.modelDefaults[""] = current ? current.defaults || {} : {};
   state.modelFamilies = Object.fromEntries(models.models.map((m) => [m.name, m.family]));
   state.modelFamilies[""] = current ? current.family : null;
+  state.modelSizes = Object.fromEntries(models.models.map((m) => [m.name, m.native_size || null]));
+  state.modelSizes[""] = current ? current.native_size || null : null;
   fillSelect($("model"), [["", current ? `default (${current.name})` : "default"],
     ...models.models.map((m) => [m.name, m.title])]);
   fillSelect($("sampler"), samplers.samplers.map((s) => [s.name, s.name]), "Euler a");
@@ -726,9 +749,12 @@ function setupLoras() {
 }
 
 // ---- ControlNet ------------------------------------------------------------------------------
-// One unit of A1111's ControlNet extension: its preprocessors (/controlnet/module_list), the library's ControlNets
-// (/controlnet/model_list), a preview of the preprocessed map (/controlnet/detect); Generate sends the unit in the
-// job's "controlnet" list, and the maps it used (the result's extras.controlnet_maps) are shown under the result.
+// The units of A1111's ControlNet extension, one tab each: its preprocessors (/controlnet/module_list), the library's
+// ControlNets (/controlnet/model_list), a preview of the preprocessed map (/controlnet/detect); Generate sends the
+// enabled units in the job's "controlnet" list, and the maps they used (the result's extras.controlnet_maps) are shown
+// under the result.
+
+const cn = (unit, name) => $(`cn-${name}-${unit}`);
 
 async function loadControlNet() {
   try {
@@ -739,68 +765,77 @@ async function loadControlNet() {
     };
     const [modules, models] = await Promise.all([get("module_list"), get("model_list")]);
     const detail = modules.module_detail || {};
-    const module = $("cn-module").value || "none";
-    fillSelect($("cn-module"), modules.module_list.map((name) => [name,
-      detail[name] && detail[name].model_free === false ? `${name} (needs annotator weights)` : name]), module);
-    const model = $("cn-model").value;
-    fillSelect($("cn-model"), models.model_list.length ? models.model_list.map((m) => [m, m])
-      : [["", "no ControlNets in the library's controlnet/ folder"]], model);
+    for (let i = 0; i < CONTROLNET_UNITS; i += 1) {
+      fillSelect(cn(i, "module"), modules.module_list.map((name) => [name,
+        detail[name] && detail[name].model_free === false ? `${name} (needs annotator weights)` : name]),
+      cn(i, "module").value || "none");
+      fillSelect(cn(i, "model"), models.model_list.length ? models.model_list.map((m) => [m, m])
+        : [["", "no ControlNets in the library's controlnet/ folder"]], cn(i, "model").value);
+    }
   } catch (err) {
-    $("cn-status").textContent = `Cannot list ControlNet's choices: ${err.message}`;
+    cn(0, "status").textContent = `Cannot list ControlNet's choices: ${err.message}`;
   }
 }
 
-function setControlImage(dataUrl) {
-  state.controlImage = dataUrl;
-  const preview = $("cn-image-preview");
+function setControlImage(unit, dataUrl) {
+  state.controlImages[unit] = dataUrl;
+  const preview = cn(unit, "image-preview");
   preview.hidden = !dataUrl;
-  $("cn-clear").hidden = !dataUrl;
-  $("cn-map").hidden = true;
-  $("cn-map").removeAttribute("src");
+  cn(unit, "clear").hidden = !dataUrl;
+  cn(unit, "map").hidden = true;
+  cn(unit, "map").removeAttribute("src");
   if (dataUrl) preview.src = dataUrl; else preview.removeAttribute("src");
-  $("cn-image-note").textContent = dataUrl ? "" : "No image: img2img follows the init image.";
-  if (dataUrl && !$("cn-enabled").checked) $("cn-enabled").checked = true;
+  cn(unit, "image-note").textContent = dataUrl ? "" : "No image: img2img follows the init image.";
+  if (dataUrl) cn(unit, "enabled").checked = true;
+  updateControlTabs();
 }
 
-async function controlNetPreview() {
-  const image = state.controlImage || state.initImage;
-  if (!image) { $("cn-status").textContent = "Choose a control image first."; return; }
-  const button = $("cn-preview");
+async function controlNetPreview(unit) {
+  const image = state.controlImages[unit] || state.initImage;
+  const status = cn(unit, "status");
+  if (!image) { status.textContent = "Choose a control image first."; return; }
+  const button = cn(unit, "preview");
   button.disabled = true;
-  $("cn-status").textContent = "preprocessing…";
+  status.textContent = "preprocessing…";
   try {
     const res = await fetch("controlnet/detect", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ controlnet_module: $("cn-module").value, controlnet_input_images: [image] }),
+      body: JSON.stringify({ controlnet_module: cn(unit, "module").value, controlnet_input_images: [image] }),
     });
     const body = await res.json().catch(() => null);
     if (!res.ok) throw new Error((body && body.detail) || `the server answered ${res.status}`);
-    $("cn-map").src = `data:image/png;base64,${body.images[0]}`;
-    $("cn-map").hidden = false;
-    $("cn-status").textContent = `${$("cn-module").value} map`;
+    cn(unit, "map").src = `data:image/png;base64,${body.images[0]}`;
+    cn(unit, "map").hidden = false;
+    status.textContent = `${cn(unit, "module").value} map`;
   } catch (err) {
-    $("cn-status").textContent = `Cannot preview: ${err.message}`;
+    status.textContent = `Cannot preview: ${err.message}`;
   } finally {
     button.disabled = false;
   }
 }
 
-// the job's "controlnet" list: the unit when it is enabled
+// the job's "controlnet" list: the enabled units, in order
 function controlNetUnits() {
-  if (!$("cn-enabled").checked) return [];
-  if (!$("cn-model").value) throw new Error("ControlNet is on but the library has no ControlNet model to use.");
-  if (!state.controlImage && !state.initImage) {
-    throw new Error("ControlNet is on but has no picture: choose a control image (or an init image).");
+  const units = [];
+  for (let i = 0; i < CONTROLNET_UNITS; i += 1) {
+    if (!cn(i, "enabled").checked) continue;
+    if (!cn(i, "model").value) {
+      throw new Error(`ControlNet unit ${i} is on but the library has no ControlNet model to use.`);
+    }
+    if (!state.controlImages[i] && !state.initImage) {
+      throw new Error(`ControlNet unit ${i} is on but has no picture: choose a control image (or an init image).`);
+    }
+    units.push({
+      model: cn(i, "model").value,
+      image: state.controlImages[i] || null,  // null: the init image
+      module: cn(i, "module").value || "none",
+      weight: Number(cn(i, "weight").value),
+      guidance_start: Number(cn(i, "start").value),
+      guidance_end: Number(cn(i, "end").value),
+      control_mode: cn(i, "control-mode").value,
+    });
   }
-  return [{
-    model: $("cn-model").value,
-    image: state.controlImage || null,  // null: the init image
-    module: $("cn-module").value || "none",
-    weight: Number($("cn-weight").value),
-    guidance_start: Number($("cn-start").value),
-    guidance_end: Number($("cn-end").value),
-    control_mode: $("cn-control-mode").value,
-  }];
+  return units;
 }
 
 function showControlMaps(maps) {
@@ -810,13 +845,48 @@ function showControlMaps(maps) {
     el("img", { src: url, alt: `ControlNet unit ${i} map` }), el("figcaption", {}, `ControlNet ${i} map`))));
 }
 
+function showControlTab(unit) {
+  for (let i = 0; i < CONTROLNET_UNITS; i += 1) {
+    cn(i, "tab").setAttribute("aria-selected", String(i === unit));
+    cn(i, "tab").tabIndex = i === unit ? 0 : -1;
+    cn(i, "unit").hidden = i !== unit;
+  }
+}
+
+// a tab says whether its unit is on
+function updateControlTabs() {
+  for (let i = 0; i < CONTROLNET_UNITS; i += 1) cn(i, "tab").classList.toggle("on", cn(i, "enabled").checked);
+}
+
 function setupControlNet() {
-  state.controlImage = null;
-  const input = $("cn-file");
-  $("cn-choose").addEventListener("click", () => input.click());
-  input.addEventListener("change", () => readFile(input.files[0], setControlImage));
-  $("cn-clear").addEventListener("click", () => { input.value = ""; setControlImage(null); });
-  $("cn-preview").addEventListener("click", controlNetPreview);
+  state.controlImages = Array(CONTROLNET_UNITS).fill(null);
+  const template = $("cn-unit-template").content;
+  for (let i = 0; i < CONTROLNET_UNITS; i += 1) {
+    const unit = template.firstElementChild.cloneNode(true);
+    for (const node of [unit, ...unit.querySelectorAll("[data-cn]")]) node.id = `cn-${node.dataset.cn}-${i}`;
+    unit.setAttribute("aria-labelledby", `cn-tab-${i}`);
+    $("cn-units").append(unit);
+    $("cn-tabs").append(el("button", {
+      type: "button", role: "tab", id: `cn-tab-${i}`, "aria-controls": unit.id, onclick: () => showControlTab(i),
+    }, `Unit ${i}`));
+    const input = cn(i, "file");
+    cn(i, "choose").addEventListener("click", () => input.click());
+    input.addEventListener("change", () => readFile(input.files[0], (url) => setControlImage(i, url)));
+    cn(i, "clear").addEventListener("click", () => { input.value = ""; setControlImage(i, null); });
+    cn(i, "preview").addEventListener("click", () => controlNetPreview(i));
+    cn(i, "enabled").addEventListener("change", updateControlTabs);
+  }
+  // arrow keys move between the tabs, as the ARIA tabs pattern has it
+  $("cn-tabs").addEventListener("keydown", (e) => {
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[e.key];
+    const current = [...$("cn-tabs").children].findIndex((tab) => tab.getAttribute("aria-selected") === "true");
+    if (!step || current < 0) return;
+    const next = (current + step + CONTROLNET_UNITS) % CONTROLNET_UNITS;
+    showControlTab(next);
+    cn(next, "tab").focus();
+  });
+  showControlTab(0);
+  updateControlTabs();
   $("controlnet-box").addEventListener("toggle", () => { if ($("controlnet-box").open) loadControlNet(); });
   loadControlNet();
 }
@@ -827,6 +897,8 @@ function setupControlNet() {
 // outpaint (kind "outpaint": an inpaint of the grown canvas's new border)
 async function buildRequest(kind = "generate") {
   const num = (id) => ($(id).value === "" ? null : Number($(id).value));
+  // a size that only follows the model is its text to image size: image to image keeps the init image's (null)
+  const ownSize = state.sizeByUser || !state.initImage;
   const body = {
     mode: "txt2img",
     prompt: $("prompt").value,
@@ -838,8 +910,8 @@ async function buildRequest(kind = "generate") {
     cfg_scale: num("cfg_scale"),
     cfg_end: num("cfg_end"),
     seed: $("seed").value === "" ? -1 : Number($("seed").value),
-    width: num("width"),
-    height: num("height"),
+    width: ownSize ? num("width") : null,
+    height: ownSize ? num("height") : null,
     batch_size: num("batch_size") || 1,
     fast: $("fast").checked,
     token_merging_ratio: Number($("token_merging_ratio").value) || 0,
@@ -1125,6 +1197,7 @@ function reuseSettings() {
   set("seed", meta.seed);
   set("width", meta.width || r.width);
   set("height", meta.height || r.height);
+  if (meta.width || r.width) state.sizeByUser = true;  // the picture's size: a model change leaves it
   set("batch_size", 1);
   $("fast").checked = Boolean(r.fast);
   const tome = String(r.token_merging_ratio ?? 0);
@@ -1158,6 +1231,7 @@ function reuseSettings() {
 // ---- start -----------------------------------------------------------------------------------
 
 async function main() {
+  setupControlNet();  // (first: updateOutputs reads its units)
   setupModifiers();
   setupStyles();
   setupUpload();
@@ -1165,7 +1239,6 @@ async function main() {
   setupDepth();
   setupOutpaint();
   setupLoras();
-  setupControlNet();
   try { await loadChoices(); } catch (err) { showError(`Cannot reach the server: ${err.message}`); }
   loadSettings();
   try { window.brushworkLimits = (await api("status")).limits; } catch (_) { /* defaults apply */ }
@@ -1177,6 +1250,7 @@ async function main() {
   $("gen-form").addEventListener("input", () => { updateOutputs(); saveSettings(); });
   $("gen-form").addEventListener("change", saveSettings);
   $("model").addEventListener("change", () => { applyModelDefaults(); saveSettings(); });
+  for (const id of ["width", "height"]) $(id).addEventListener("input", sizeTyped);
   $("seed-random").addEventListener("click", () => { $("seed").value = -1; saveSettings(); });
   $("seed-reuse").addEventListener("click", () => {
     if (state.lastSeed !== null) { $("seed").value = state.lastSeed; saveSettings(); }
