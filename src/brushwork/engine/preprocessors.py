@@ -18,12 +18,21 @@ then fitted to the generation size by the unit's resize mode (``fit``: the exten
 with pixel perfect, ``processor_res`` is the generation size's (``pixel_perfect_resolution``).
 
 The weighted ones (depth, openpose, ...) are listed so a request names them clearly: they need their annotator
-weights (``missing``: one line on which file and where). ``depth_midas`` runs when its file is in the library's
-``annotators/`` folder (``annotator_file``; ``find(name, root)`` gives it runnable): MiDaS DPT-Hybrid
-(``dpt_hybrid-midas-501f0c75.pt``, converted as ``models/dpt.py`` converts SD 2 depth's), as the extension's
-``annotator/midas``: the picture at ``processor_res`` padded to 64, ``x / 127.5 - 1`` in, the depth's
-``(d - min) / (max - min) * 255`` out as a grey picture; the model is loaded once and kept. The others are not built
-in. Importing this imports no torch and no OpenCV (they are imported when a map is made).
+weights (``missing``: one line on which file and where). These run when their file (lllyasviel/Annotators' name) is
+in the library's ``annotators/`` folder (``annotator_file``; ``find(name, root)`` gives them runnable), each on the
+picture at ``processor_res`` padded to 64 and cropped back, as the extension's ``annotator/*``:
+
+- ``depth_midas``: MiDaS DPT-Hybrid (``dpt_hybrid-midas-501f0c75.pt``, converted as ``models/dpt.py`` converts SD 2
+  depth's), ``x / 127.5 - 1`` in, the depth's ``(d - min) / (max - min) * 255`` out as a grey picture;
+- ``softedge_hed`` / ``softedge_hedsafe``: ControlNetHED (``ControlNetHED.pth``), the soft edges (hedsafe: in 3 steps);
+- ``lineart_realistic`` / ``lineart_coarse``: informative-drawings' Generator (``sk_model.pth`` / ``sk_model2.pth``),
+  ``lineart_anime``: a UNet (``netG.pth``), their drawings inverted (white lines on black);
+- ``openpose``: CMU's body pose net (``body_pose_model.pth``), its parts and limbs found and drawn in the standard
+  colours on black.
+
+The networks and their maths are in ``annotators.py``; each model is loaded once and kept (``annotator_model``: the
+last one, fp32 on the CPU). The others are not built in. Importing this imports no torch, no numpy and no OpenCV
+(they are imported when a map is made).
 """
 
 from __future__ import annotations
@@ -192,12 +201,10 @@ _models: dict[str, tuple[tuple, object]] = {}  # annotator path -> (size and tim
 _models_lock = threading.Lock()
 
 
-def midas_model(path: Path):
-    """The MiDaS DPT-Hybrid of an annotator file (transformers' DPTForDepthEstimation, fp32, CPU), loaded once. The
-    extension's file has MiDaS's own names (``pretrained.*``, ``scratch.*``) without a prefix; a prefix before them
-    (``model.``, SD 2 depth's ``depth_model.model.``) is read from where the ViT's class token is."""
+def annotator_model(path: Path, build: Callable[[dict], object], what: str):
+    """The model ``build`` makes of an annotator file's tensors (fp32, CPU, eval), loaded once: the last one loaded is
+    kept (until its file changes). A file whose tensors are not ``what`` is a one-line error naming the file."""
     from ..errors import ModelError
-    from ..models import dpt
     from ..models.load import load_state_dict
 
     st = path.stat()
@@ -207,15 +214,33 @@ def midas_model(path: Path):
         if cached is not None and cached[0] == stamp:
             return cached[1]
         sd = load_state_dict(path)
+        try:
+            model = build(sd)
+        except (KeyError, RuntimeError, ValueError, IndexError) as err:  # a missing key, a strict load's mismatch
+            short = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelError(f"{path.name} is not {what} ({short}); get {path.name} from {ANNOTATORS_URL}") from err
+        model = model.float().eval()
+        _models.clear()  # one annotator model kept at a time
+        _models[str(path)] = (stamp, model)
+        return model
+
+
+def midas_model(path: Path):
+    """The MiDaS DPT-Hybrid of an annotator file (transformers' DPTForDepthEstimation, fp32, CPU), loaded once. The
+    extension's file has MiDaS's own names (``pretrained.*``, ``scratch.*``) without a prefix; a prefix before them
+    (``model.``, SD 2 depth's ``depth_model.model.``) is read from where the ViT's class token is."""
+    from ..errors import ModelError
+    from ..models import dpt
+
+    def build(sd):
         prefix = next((k[: -len(_MIDAS_TOKEN)] for k in sd if k.endswith(_MIDAS_TOKEN)), None)
         if prefix is None:
             raise ModelError(f"{path.name} is not a MiDaS DPT-Hybrid ({_MIDAS_TOKEN} not found); get "
                              f"dpt_hybrid-midas-501f0c75.pt from {ANNOTATORS_URL}")
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
-        model = dpt.build(sd, dpt.config_from_shapes(shapes, prefix), prefix).float()
-        _models.clear()  # one annotator model kept at a time
-        _models[str(path)] = (stamp, model)
-        return model
+        return dpt.build(sd, dpt.config_from_shapes(shapes, prefix), prefix)
+
+    return annotator_model(path, build, "a MiDaS DPT-Hybrid")
 
 
 def _depth_midas(path: Path) -> Callable:
@@ -239,6 +264,60 @@ def _depth_midas(path: Path) -> Callable:
     return run
 
 
+def _softedge_hed(safe: bool) -> Callable:
+    def weighted(path: Path) -> Callable:
+        def run(img, res, a, b):
+            import numpy as np
+
+            from . import annotators
+
+            img, remove_pad = resize_with_pad(img, res)
+            model = annotator_model(path, annotators.build_hed, "lllyasviel's ControlNetHED")
+            return remove_pad(np.stack([annotators.hed_edges(model, img, safe)] * 3, axis=2))
+
+        return run
+
+    return weighted
+
+
+def _lineart(path: Path) -> Callable:
+    def run(img, res, a, b):
+        import numpy as np
+
+        from . import annotators
+
+        img, remove_pad = resize_with_pad(img, res)
+        model = annotator_model(path, annotators.build_lineart, "an informative-drawings lineart Generator")
+        return remove_pad(np.stack([255 - annotators.lineart(model, img)] * 3, axis=2))  # white lines on black
+
+    return run
+
+
+def _lineart_anime(path: Path) -> Callable:
+    def run(img, res, a, b):
+        import numpy as np
+
+        from . import annotators
+
+        img, remove_pad = resize_with_pad(img, res)
+        model = annotator_model(path, annotators.build_unet, "the lineart_anime UNet generator")
+        return remove_pad(np.stack([255 - annotators.lineart_anime(model, img)] * 3, axis=2))
+
+    return run
+
+
+def _openpose(path: Path) -> Callable:
+    def run(img, res, a, b):
+        from . import annotators
+
+        img, remove_pad = resize_with_pad(img, res)
+        model = annotator_model(path, annotators.build_body_pose, "the OpenPose body pose net")
+        people = annotators.body_people(*annotators.body_pose_maps(model, img))
+        return remove_pad(annotators.draw_bodies(people, *img.shape[:2]))
+
+    return run
+
+
 PREPROCESSORS: tuple[Preprocessor, ...] = (
     Preprocessor("none", "none", lambda img, res, a, b: img, resolution=False),
     Preprocessor("canny", "canny", _canny, slider_a=Slider("Canny Low Threshold", 1, 255, 100),
@@ -256,13 +335,16 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
               weighted=_depth_midas),
     _weighted("depth_zoe", "depth_zoe", "ZoeD_M12_N.pt"),
     _weighted("normal_bae", "normal_bae", "scannet.pt"),
-    _weighted("openpose", "openpose", "body_pose_model.pth"),
+    _weighted("openpose", "openpose", "body_pose_model.pth", weighted=_openpose),
     _weighted("openpose_full", "openpose_full", "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
     _weighted("dw_openpose_full", "dw_openpose_full", "yolox_l.onnx", "dw-ll_ucoco_384.onnx"),
-    _weighted("softedge_hed", "softedge_hed", "ControlNetHED.pth", aliases=("hed",)),
+    _weighted("softedge_hed", "softedge_hed", "ControlNetHED.pth", aliases=("hed",), weighted=_softedge_hed(False)),
+    _weighted("softedge_hedsafe", "softedge_hedsafe", "ControlNetHED.pth", aliases=("hed_safe",),
+              weighted=_softedge_hed(True)),
     _weighted("softedge_pidinet", "softedge_pidinet", "table5_pidinet.pth", aliases=("pidinet",)),
-    _weighted("lineart_realistic", "lineart_realistic", "sk_model.pth", aliases=("lineart",)),
-    _weighted("lineart_anime", "lineart_anime", "netG.pth"),
+    _weighted("lineart_realistic", "lineart_realistic", "sk_model.pth", aliases=("lineart",), weighted=_lineart),
+    _weighted("lineart_coarse", "lineart_coarse", "sk_model2.pth", weighted=_lineart),
+    _weighted("lineart_anime", "lineart_anime", "netG.pth", weighted=_lineart_anime),
     _weighted("mlsd", "mlsd", "mlsd_large_512_fp32.pth"),
 )
 
