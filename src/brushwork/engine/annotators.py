@@ -273,7 +273,11 @@ def build_body_pose(sd: dict) -> BodyPoseNet:
     stages = max(int(m.group(1)) for k in sd if (m := re.match(r"Mconv1_stage(\d+)_L1\.weight$", k)))
     model = BodyPoseNet({k[: -len(".weight")]: tuple(v.shape) for k, v in sd.items() if k.endswith(".weight")},
                         stages)
-    model.load_state_dict(sd, strict=True)
+    own = model.state_dict()  # the extension's transfer reads only the net's own tensors: extra ones are left
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise KeyError(f"body_pose_model.pth lacks {', '.join(missing[:3])}")
+    model.load_state_dict({k: sd[k] for k in own}, strict=True)
     return model
 
 
