@@ -54,10 +54,11 @@ INFOTEXT = {
 }
 WHY_NOT = {
     "cli": {"mode": "the command's name (txt2img, img2img, inpaint)",
-},
+            "fallbacks": "/sdapi's: A1111's defaults for what its client leaves out (the CLI has its own)"},
     "native": {"device": "the server owner's (settings)",
                "memory": "the server owner's (settings)", "config": "a file path: models by name only",
-               "save_depth": "a file beside the pictures: the command line's and Python's"},
+               "save_depth": "a file beside the pictures: the command line's and Python's",
+               "fallbacks": "/sdapi's: A1111's defaults for what its client leaves out (null is the model's here)"},
     "sdapi": {"mode": "the route (txt2img / img2img)", "prediction": "read from the model", "device": "the owner's",
               "memory": "the owner's", "precision": "the owner's", "watermark": "the owner's setting",
               "config": "a file path", "fast": "not in A1111; the native API and the web UI have it",
@@ -65,7 +66,8 @@ WHY_NOT = {
               "depth_map": "A1111's img2img on a depth model estimates it (the native API takes one)",
               "save_depth": "not in A1111",
               "noise_level": "A1111 has no SD x4 upscaler: the native API and the CLI run it",
-              "tile_size": "the SD x4 upscaler's (native API, CLI)", "tile_overlap": "the SD x4 upscaler's"},
+              "tile_size": "the SD x4 upscaler's (native API, CLI)", "tile_overlap": "the SD x4 upscaler's",
+              "fallbacks": "set by the route: A1111's defaults for what the client left out"},
     "infotext": {"mode": "what the picture is", "vae": "written as VAE, chosen by the reader", "mask_image": "an image",
                  "depth_map": "an image", "save_depth": "not the picture's",
                  "init_image": "an image", "prediction": "read from the model", "device": "not the picture's",
@@ -74,7 +76,8 @@ WHY_NOT = {
                  "turbo": "what it fills is written (Steps, CFG scale, Schedule type, Size): they remake the picture",
                  "comma_padding_backtrack": "A1111 does not write it", "batch_size": "one picture each",
                  "n_iter": "one picture each",
-                 "controlnet": "each unit is written (ControlNet N, as the extension) but its picture is not"},
+                 "controlnet": "each unit is written (ControlNet N, as the extension) but its picture is not",
+                 "fallbacks": "what they fill is written (Steps, CFG scale, Sampler, Size)"},
 }
 
 

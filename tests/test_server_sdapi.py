@@ -337,3 +337,104 @@ def test_sd_vae_lists_the_librarys_vaes_and_selects_one(client):
     for bad in ("nope", "../vae/other-vae.safetensors"):
         r = client.post("/api/v1/jobs", json={**body, "vae": bad})
         assert r.status_code == 400 and "vae" in r.json()["detail"].lower(), r.text
+
+
+# ---- what a client leaves out: the model's recommendation (a few-step model), else A1111's defaults -------------
+
+
+@pytest.fixture(scope="module")
+def turbo_client(tiny_model_file, tmp_path_factory):  # noqa: F811
+    """A library with the ordinary tiny model and a Turbo one (its brushwork.defaults say so, and give a small size:
+    the tiny model takes minutes at Turbo's 512x512)."""
+    from fastapi.testclient import TestClient
+    from safetensors.torch import load_file, save_file
+
+    from brushwork.engine.core import Engine
+    from brushwork.server.app import create_app
+
+    paths = make_home(tmp_path_factory.mktemp("sdapi-turbo"), tiny_model_file, "tiny")
+    save_file(load_file(tiny_model_file), paths["models"] / "tiny-turbo.safetensors",
+              metadata={"brushwork.defaults": json.dumps({"turbo": True, "width": 32, "height": 48})})
+    settings = make_settings(paths)
+    with TestClient(create_app(Engine(settings), settings)) as c:
+        yield c
+
+
+TURBO = {"override_settings": {"sd_model_checkpoint": "tiny-turbo"}}
+ORDINARY = {"override_settings": {"sd_model_checkpoint": "tiny"}}
+
+
+def test_a_turbo_model_fills_what_an_a1111_client_leaves_out(turbo_client):
+    r = turbo_client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 1, **TURBO})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    info = json.loads(data["info"])
+    text = decode_png(data["images"][0]).info["parameters"]
+    assert "Steps: 1," in text and "CFG scale: 1," in text and "Sampler: Euler a," in text, text
+    assert "Schedule type: SGM Uniform," in text and "Size: 32x48," in text, text  # the file's size, not 512
+    assert (info["steps"], info["cfg_scale"], info["sampler_name"], info["height"]) == (1, 1.0, "Euler a", 48)
+    assert any("Turbo" in note and "1 step" in note for note in info["notes"]), info["notes"]
+    params = data["parameters"]  # the echo says what ran, not A1111's 50 steps at CFG 7
+    assert (params["steps"], params["cfg_scale"], params["sampler_name"], params["height"]) == (1, 1.0, "Euler a", 48)
+
+
+def test_what_the_client_sends_wins_on_a_turbo_model(turbo_client):
+    body = {"prompt": "a red circle", "seed": 1, "steps": 3, "cfg_scale": 2, "width": 32, "height": 32, **TURBO}
+    data = turbo_client.post("/sdapi/v1/txt2img", json=body).json()
+    info = json.loads(data["info"])
+    text = info["infotexts"][0]
+    assert "Steps: 3," in text and "CFG scale: 2," in text and "Size: 32x32," in text, text
+    assert "Sampler: Euler a," in text  # not sent: the model's
+    assert (info["steps"], info["cfg_scale"]) == (3, 2.0) and data["parameters"]["steps"] == 3
+    named = turbo_client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler", "sampler_index": "Euler"})
+    assert "Sampler: Euler," in json.loads(named.json()["info"])["infotexts"][0]
+    # a schedule type without a sampler was chosen for A1111's Euler (the model's Euler a cannot take Karras)
+    karras = turbo_client.post("/sdapi/v1/txt2img", json={**body, "scheduler": "karras"})
+    assert karras.status_code == 200, karras.text
+    assert "Sampler: Euler, Schedule type: Karras," in json.loads(karras.json()["info"])["infotexts"][0]
+
+
+def test_turbo_img2img_left_to_the_model_still_runs_a_step(turbo_client):
+    r = turbo_client.post("/sdapi/v1/img2img", json={"prompt": "a red circle", "init_images": [png_b64((32, 32))],
+                                                      "denoising_strength": 0.5, "width": 32, "height": 32, **TURBO})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["steps"] == 2 and "Steps: 2," in info["infotexts"][0]  # 1 x 0.5 would run none
+    assert any("steps raised from 1 to 2" in note for note in info["notes"]), info["notes"]
+
+
+def test_turbo_hires_fix_left_to_the_model_runs_its_steps_in_both_passes(turbo_client):
+    r = turbo_client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 1, "enable_hr": True,
+                                                      "hr_scale": 2, "denoising_strength": 0.5, **TURBO})
+    assert r.status_code == 200, r.text
+    assert decode_png(r.json()["images"][0]).size == (64, 96)  # the file's 32x48, doubled
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert "Steps: 1," in text and "CFG scale: 1," in text and "Hires upscale: 2," in text, text
+
+
+def test_an_ordinary_model_gets_a1111s_defaults_for_what_is_left_out(turbo_client):
+    import dataclasses
+
+    from brushwork.engine.run import model_defaults
+    from brushwork.request import Mode
+    from brushwork.server.sdapi import Txt2ImgRequest, _to_request
+
+    # what runs for a bare {"prompt": ...}: A1111's 50 steps at CFG 7, Euler, 512x512 (not run here: 50 steps)
+    state = turbo_client.app.state.brushwork
+    request, _ = _to_request(state, Txt2ImgRequest(prompt="a cat", **ORDINARY), Mode.TXT2IMG)
+    loaded, _ = state.engine.load(state.check_request(request))
+    filled, notes = model_defaults(request, loaded.parts)
+    used = (filled.steps, filled.cfg_scale, filled.sampler, filled.width, filled.height)
+    assert used == (50, 7.0, "Euler", 512, 512)
+    assert not notes
+    # the same request on a Turbo file that names no size of its own: Turbo's (512x512 too), the rest its own
+    turbo = dataclasses.replace(loaded.parts, fewstep="turbo", fewstep_why="its brushwork.defaults")
+    filled, notes = model_defaults(request, turbo)
+    used = (filled.steps, filled.cfg_scale, filled.sampler, filled.width, filled.height)
+    assert used == (1, 1.0, "Euler a", 512, 512)
+    assert "512x512" in notes[0]
+    # through the API, with a few steps: CFG 7 and Euler, as A1111, and the echo says so
+    data = turbo_client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "seed": 2, **SMALL, **ORDINARY}).json()
+    text = json.loads(data["info"])["infotexts"][0]
+    assert "Steps: 2," in text and "CFG scale: 7," in text and "Sampler: Euler," in text, text
+    assert (data["parameters"]["cfg_scale"], data["parameters"]["sampler_name"]) == (7.0, "Euler")

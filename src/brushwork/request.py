@@ -47,6 +47,7 @@ MAX_BATCH = 64
 MAX_STEPS = 1000
 DEFAULT_STEPS = 20  # where neither the request nor the model (nor its sampler) says
 DEFAULT_SAMPLER = "Euler a"
+FALLBACK_FIELDS = ("sampler", "steps", "cfg_scale", "width", "height")  # what GenerationRequest.fallbacks may fill
 MAX_IMAGES = 1000  # batch size x batches, per request
 MAX_BATCH_PIXELS = 64 * 1024 * 1024  # width x height x batch size: 64 at 1024x1024, 4 at 4096x4096
 # Prompts shared online run to a few thousand tokens; 64 KiB is over 10k tokens of such text, and bounds what
@@ -297,6 +298,10 @@ class GenerationRequest:
     # ControlNet units (ControlUnit; txt2img, img2img, inpaint): each one's model guides the UNet with its map of its
     # picture; several add up (engine/controlnet.py, docs/controlnet.md)
     controlnet: list[ControlUnit] = field(default_factory=list)
+    # what fills a field left open (None) where the model recommends nothing, instead of the usual defaults
+    # (FALLBACK_FIELDS): the A1111 API's own for the fields its client left out (steps 50, CFG 7, Euler, 512x512),
+    # so an ordinary model gets what A1111 gives and a few-step one its own (engine.run.model_defaults)
+    fallbacks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_images(self) -> int:
@@ -412,7 +417,18 @@ class GenerationRequest:
         parse_sampler(self.sampler or DEFAULT_SAMPLER, self.scheduler)
         self._validate_hires(parse_sampler)
         self._validate_controlnet()
+        self._validate_fallbacks()
         return self
+
+    def _validate_fallbacks(self) -> None:
+        """``fallbacks``: only FALLBACK_FIELDS, each a value the field itself takes (checked as the request with
+        them in place: the sizes count towards the batch's pixels too)."""
+        if not isinstance(self.fallbacks, dict):
+            raise InvalidRequest(f"fallbacks must be an object of field: value, got {type(self.fallbacks).__name__}")
+        if unknown := sorted(set(self.fallbacks) - set(FALLBACK_FIELDS)):
+            raise InvalidRequest(f"fallbacks can hold {', '.join(FALLBACK_FIELDS)}; not {', '.join(unknown)}")
+        if self.fallbacks:
+            dataclasses.replace(self, **self.fallbacks, fallbacks={}).validate()
 
     def _validate_controlnet(self) -> None:
         """The ControlNet units: each checked (``ControlUnit.validate``), only for the modes that take them, and

@@ -28,7 +28,8 @@ def model_defaults(request: GenerationRequest, parts, loras=None) -> tuple[Gener
     """(the request with what it leaves open filled, notes for the user). What a request leaves open (``None``; the
     schedule type: Automatic) comes from the model's recommendations (its file's ``brushwork.defaults`` over its
     few-step kind's: SD-Turbo 1 step, CFG 1, SGM Uniform, 512; LCM 4 steps, guidance 8.5, the LCM sampler:
-    ``models/fewstep.py``), then its sampler's (LCM's), then the usual ones. A few-step model's img2img keeps
+    ``models/fewstep.py``), then the request's ``fallbacks`` (/sdapi's: A1111's defaults, sizes too), then its
+    sampler's (LCM's), then the usual ones. A few-step model's img2img keeps
     ``int(steps x strength) >= 1``: diffusers' img2img runs that many of the steps, and none is no picture.
     An LCM-LoRA in the prompt (``loras``: the library its tags are found in) on an ordinary model makes the LCM
     sampler the open sampler's default, and the LCM sampler (picked so or named) takes its 4 steps and CFG 1."""
@@ -42,10 +43,11 @@ def model_defaults(request: GenerationRequest, parts, loras=None) -> tuple[Gener
     kind, why = fewstep.kind_for(parts, request.turbo)
     profile = fewstep.PROFILES.get(kind, {})
     recommended = {**profile, **parts.defaults}
+    fallback = request.fallbacks or {}  # the front end's defaults where the model recommends nothing (/sdapi: A1111's)
     filled: dict = {}
     lcm_lora = _lcm_lora(request, loras) if kind is None else None  # (tag name, why) of an LCM-LoRA, or None
     if request.sampler is None:
-        filled["sampler"] = "LCM" if lcm_lora else recommended.get("sampler", DEFAULT_SAMPLER)
+        filled["sampler"] = "LCM" if lcm_lora else recommended.get("sampler", fallback.get("sampler", DEFAULT_SAMPLER))
     sampler_name = filled.get("sampler", request.sampler)
     sampler, _ = parse_sampler(sampler_name, request.scheduler)
     if lcm_lora and sampler.name == "LCM":  # the LoRA's few-step defaults over the checkpoint's own
@@ -56,11 +58,14 @@ def model_defaults(request: GenerationRequest, parts, loras=None) -> tuple[Gener
         filled["scheduler"] = schedule
     for name, default in (("steps", DEFAULT_STEPS), ("cfg_scale", DEFAULT_CFG_SCALE), ("cfg_end", 1.0)):
         if getattr(request, name) is None:
-            filled[name] = recommended.get(name, sampler.recommends.get(name, default))
+            filled[name] = recommended.get(name, fallback.get(name, sampler.recommends.get(name, default)))
     if kind is not None and kind != getattr(parts, "fewstep", None) and request.mode is Mode.TXT2IMG:
         # --turbo on a file that did not say so: its kind's native size too (a file that says so has it already)
         filled.update({side: profile[side] for side in ("width", "height")
                        if side in profile and side not in parts.defaults and getattr(request, side) is None})
+    for side in ("width", "height"):  # a fallback size gives way to the model's recommended one (Turbo: 512)
+        if side in fallback and getattr(request, side) is None and side not in filled:
+            filled[side] = recommended.get(side, fallback[side])
     notes = []
     if kind is not None and (used := [key for key in profile if key in filled and key not in parts.defaults]):
         notes.append(f"{parts.name} is {fewstep.LABELS[kind]} ({why}): {_described(filled, used, kind)} where the "

@@ -164,6 +164,22 @@ class ExtrasBatchImagesRequest(_Extras):
 
 # ---- translation ---------------------------------------------------------------------------------
 
+# A1111's defaults that give way to the model's recommendation where the client leaves the field out (a few-step
+# model's: SD-Turbo 1 step, CFG 1, Euler a, 512; a file's brushwork.defaults): A1111 field -> request field. The
+# request leaves these open with A1111's value as its fallback, so an ordinary model gets exactly A1111's.
+_MODEL_LED = {"steps": "steps", "cfg_scale": "cfg_scale", "width": "width", "height": "height",
+              "sampler_index": "sampler"}
+
+
+def _left_to_model(body: _Common) -> dict[str, Any]:
+    """The request fields the client left out (pydantic's ``model_fields_set``), each with A1111's default."""
+    sent = set(body.model_fields_set)
+    # either name says which sampler (known clients send both); a schedule type named without a sampler was chosen
+    # for A1111's default one (Euler: it takes Karras, a Turbo model's Euler a does not), so that one runs
+    if "sampler_name" in sent or (body.scheduler or "Automatic").strip().lower() != "automatic":
+        sent.add("sampler_index")
+    return {field: getattr(body, name) for name, field in _MODEL_LED.items() if name not in sent}
+
 
 def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[GenerationRequest, list[str]]:
     """The request, and notes for ``info`` about what was read leniently, as A1111 does."""
@@ -229,6 +245,9 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
         refiner_switch_at=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
         controlnet=control_units,
     )
+    request.fallbacks = _left_to_model(body)  # the model's recommendation, else A1111's default (engine.run)
+    for field in request.fallbacks:
+        setattr(request, field, None)
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         _hires(body, request)
     if isinstance(body, Img2ImgRequest):
@@ -270,8 +289,15 @@ def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
     request.hires_prompt, request.hires_negative_prompt = body.hr_prompt or "", body.hr_negative_prompt or ""
 
 
-def _echo(body: _Common) -> dict[str, Any]:
+def _echo(body: _Common, request: GenerationRequest) -> dict[str, Any]:
+    """The request as A1111 echoes it; the fields the client left out as they ran (``request``, filled)."""
     params = body.model_dump()
+    left = _left_to_model(body)
+    for name, field in _MODEL_LED.items():
+        if field in left and getattr(request, field) is not None:
+            params[name] = getattr(request, field)
+    if "sampler" in left and request.sampler is not None:  # A1111's name, under both of its keys
+        params["sampler_name"] = params["sampler_index"] = display_name(request.sampler, request.scheduler)[0]
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         params["init_images"] = None
         params["mask"] = None
@@ -334,8 +360,11 @@ async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, 
 
     job = await anyio.to_thread.run_sync(accept)
     job = await state.wait(job.id)
-    request = GenerationRequest.from_dict({k: v for k, v in job.request.items() if k not in INPUT_IMAGES})
     result = job.result or {}
+    # what ran: what the request left open as the model's defaults filled it (not run: A1111's fallbacks)
+    asked = {k: v for k, v in job.request.items() if k not in INPUT_IMAGES}
+    ran = {k: v for k, v in (result.get("ran") or {}).items() if v is not None}
+    request = GenerationRequest.from_dict({**asked, **(asked.get("fallbacks") or {}), **ran})
     if job.status == DONE:
         images = []
         if body.send_images:
@@ -345,9 +374,9 @@ async def _generate(state: ServerState, body: _Common, mode: Mode) -> dict[str, 
         info["notes"] = notes + info["notes"]
         if result.get("interrupted"):  # /interrupt: what was there when it stopped, the last picture unfinished
             info["interrupted"] = True
-        return {"images": images, "parameters": _echo(body), "info": json.dumps(info)}
+        return {"images": images, "parameters": _echo(body, request), "info": json.dumps(info)}
     if job.status == CANCELLED:  # cancelled through the native API before it gave anything
-        return {"images": [], "parameters": _echo(body),
+        return {"images": [], "parameters": _echo(body, request),
                 "info": json.dumps({**_info(state, request, {}, body, job.started), "interrupted": True})}
     status = 400 if result.get("user_error") else 500
     raise HTTPError(status, job.error or "generation failed", error=result.get("error_type") or "GenerationError")

@@ -149,15 +149,18 @@ class ServerState:
 
             request.hires_upscaler = hires_upscaler(request.hires_upscaler, self.settings)
         limits = self.settings
+        # an open side with a fallback (/sdapi's A1111 512) gets that, or a few-step model's own (512 too)
+        width, height = (request.fallbacks.get(side) if getattr(request, side) is None else getattr(request, side)
+                         for side in ("width", "height"))
         for value, limit, what, name in (
                 (request.steps, limits.max_steps, "steps", "max_steps"),
-                (request.width, limits.max_side, "width", "max_side"),
-                (request.height, limits.max_side, "height", "max_side"),
+                (width, limits.max_side, "width", "max_side"),
+                (height, limits.max_side, "height", "max_side"),
                 (request.total_images, limits.max_images, "images (batch size x n_iter)", "max_images")):
             if isinstance(value, int) and value > limit:
                 raise InvalidRequest(f"{value} {what} is over this server's limit of {limit} (its owner can change "
                                      f"BRUSHWORK_{name.upper()})")
-        if (request.width is None or request.height is None) and (native := self._native_side(request)):
+        if (width is None or height is None) and (native := self._native_side(request)):
             if native > limits.max_side:  # the size left to the model (or its init image) must fit the limit too
                 raise InvalidRequest(f"the picture would be {native} pixels a side (the model's native size), over "
                                      f"this server's limit of {limits.max_side}; give a smaller width and height")

@@ -21,6 +21,8 @@ from ..request import BrushworkError, Cancelled, GenerationRequest, ProgressInfo
 from .store import CANCELLED, DONE, FAILED, QUEUED, RUNNING, ClaimLost, Job, Store
 
 log = logging.getLogger("brushwork.server")
+# the request's settings that the model's defaults fill where it leaves them open (engine.run.model_defaults)
+FILLED_FIELDS = ("cfg_scale", "cfg_end", "steps", "sampler", "scheduler", "width", "height")
 
 
 @dataclass
@@ -268,9 +270,8 @@ class Worker:
         images, rows = [], []
         root = self.outputs_dir.resolve()
         ran = getattr(out, "request", None)  # what ran: open settings filled in by the model's defaults
-        asked = ({**job.request, **{key: getattr(ran, key) for key in ("cfg_scale", "cfg_end", "steps", "sampler",
-                                                                       "scheduler")}}
-                 if ran is not None else job.request)
+        filled = {key: getattr(ran, key) for key in FILLED_FIELDS} if ran is not None else {}
+        asked = {**job.request, **filled}
         for i, path in enumerate(paths):
             image = out.images[i] if i < len(out.images) else None
             seed = out.seeds[i] if i < len(out.seeds) else None
@@ -294,6 +295,7 @@ class Worker:
             "timings": dict(getattr(out, "timings", {}) or {}),
             "interrupted": bool(getattr(out, "interrupted", False)),
             "extras": extras_view(getattr(out, "extras", None) or {}),
+            "ran": filled,  # the settings the request left open, as the model's defaults filled them
         }
         return result, rows
 
