@@ -217,8 +217,8 @@ class OpenVinoModel:
         import torch
 
         # said before, not only after: a full-size UNet takes minutes, and the run seems to hang meanwhile
-        log.warning("OpenVINO: converting the %s once for this model (minutes for a full-size one; cached in %s; "
-                    "--backend torch skips it)", _LABEL[name], folder.parent)
+        log.warning("OpenVINO: converting the %s once for this model (%s; cached in %s; --backend torch skips it)",
+                    _LABEL[name], _TAKES.get(name, "minutes for a full-size one"), folder.parent)
         started = time.perf_counter()
         example = {k: torch.from_numpy(v) for k, v in feeds.items()}
         import warnings
@@ -247,6 +247,7 @@ class OpenVinoModel:
 
 
 _LABEL = {"unet": "UNet", "vae_decoder": "VAE decoder", "taesd_decoder": "tiny VAE decoder (TAESD)"}
+_TAKES = {"taesd_decoder": "about half a minute"}  # how long a conversion takes here, where not minutes
 
 
 def unet_inputs(unet) -> tuple[str, ...]:
