@@ -181,3 +181,33 @@ def test_files_a_killed_run_left_are_removed_at_start_so_its_rerun_records_them_
     assert not lost.exists() and not lost_tmp.exists() and not unlinked.exists() and not kept_tmp.exists()
     assert kept.read_bytes() == b"recorded" and os.stat(kept).st_nlink == 1
     assert sorted(p.name for p in thumbs.iterdir()) == ["5.webp"]
+
+
+def test_a_run_that_finds_its_job_recorded_by_another_run_leaves_no_files(tmp_path):
+    """A restarted SQLite server queues a running job again while a replica still runs it: the run that finishes
+    second finds the job on record, and its pictures go; the history keeps the first run's, once."""
+    from brushwork import Engine, Settings
+    from brushwork.server.worker import Worker
+
+    outputs = tmp_path / "outputs"
+    store = JobStore(tmp_path / "db.sqlite3")
+    job = store.create(_request())
+    first_run = "txt2img/00000-1.png"  # what the other run wrote and recorded
+    (outputs / "txt2img").mkdir(parents=True)
+    (outputs / first_run).write_bytes(b"the first run's picture")
+
+    class RecordedMeanwhile(Engine):
+        def generate(self, *args, **kwargs):
+            out = super().generate(*args, **kwargs)
+            other = JobStore(tmp_path / "db.sqlite3")  # the other run, through its own connection
+            other.finish_done(job.id, [_image_row(0, first_run)], {"images": [{"path": first_run}]})
+            other.close()
+            return out
+
+    worker = Worker(store, RecordedMeanwhile(Settings(home=tmp_path / "home")), outputs)
+    worker.run_job(store.claim_next())
+    assert store.status(job.id) == DONE
+    assert sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*.png")) == [first_run]
+    assert not list(outputs.rglob(".tmp-*"))
+    assert [row["path"] for row in store.search_images()] == [first_run]
+    assert store.get(job.id).result == {"images": [{"path": first_run, "id": store.search_images()[0]["id"]}]}

@@ -235,12 +235,21 @@ class Worker:
                 for row, (path, _) in zip(rows, saved, strict=True):
                     self.bucket.put(row["path"], Path(path))
                     stored.append(row["path"])
-            self.store.finish_done(job.id, rows, result)
+            ids = self.store.finish_done(job.id, rows, result)
         except Exception as err:
             if self._discard(job.id, saved, lost=isinstance(err, ClaimLost)):
                 for rel in stored:
                     self.bucket.delete(rel)
             raise
+        if rows and ids and (first := self.store.get_image(ids[0])) is not None and first["path"] != rows[0]["path"]:
+            # another run of this job was on record first (a restarted SQLite server queued it again while a
+            # replica still ran it): its pictures are the job's, this run's go
+            log.info("job %s was recorded by another run; this run's %d picture(s) removed", job.id, len(saved))
+            self._discard(job.id, saved, lost=True)
+            for rel in stored:
+                self.bucket.delete(rel)
+            recorded = self.store.get(job.id)
+            return recorded.result if recorded is not None and recorded.result else result
         for _, tmp in saved:
             try:
                 Path(tmp).unlink(missing_ok=True)
