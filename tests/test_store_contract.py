@@ -337,3 +337,32 @@ def test_the_server_on_postgresql_answers_txt2img_and_another_server_serves_its_
         assert picture.content == (paths["outputs"] / images[0]["file"]).read_bytes()
         assert client_b.get("/api/v1/status").json()["counts"]["done"] == 1
     app_b.state.brushwork.store.close()
+
+
+def test_a_job_cancelled_through_another_server_on_the_same_database_stops_within_a_second_or_two(
+        pg_url, tiny_model_file, tmp_path):  # noqa: F811
+    """Two servers on one PostgreSQL database, no Ray: the job runs on B, the user cancels it through A (its
+    DELETE /api/v1/jobs/{id}); B sees the request at its next progress save and stops; nothing is recorded."""
+    from fastapi.testclient import TestClient
+
+    from brushwork.engine.core import Engine
+    from brushwork.server.app import create_app
+
+    paths = make_home(tmp_path, tiny_model_file)
+    settings = make_settings(paths, database_url=pg_url)
+    with TestClient(create_app(Engine(settings), settings)) as runner, \
+            TestClient(create_app(Engine(settings), settings, start_worker=False)) as front:
+        job = runner.post("/api/v1/jobs", json={"prompt": "a red circle", "steps": 1000, "width": 32,
+                                                "height": 32}).json()
+        deadline = time.monotonic() + 60
+        while runner.get(f"/api/v1/jobs/{job['id']}").json()["status"] != RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        asked = time.monotonic()
+        status = front.delete(f"/api/v1/jobs/{job['id']}").json()["status"]  # waits up to 5 s for the end
+        took = time.monotonic() - asked
+        assert status == CANCELLED and took < 5, (status, took)
+        assert runner.get(f"/api/v1/jobs/{job['id']}").json()["progress"] < 0.5  # stopped, not run to its end
+        assert front.get("/api/v1/images").json()["images"] == []
+    for client in (runner, front):
+        client.app.state.brushwork.store.close()

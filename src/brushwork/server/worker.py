@@ -129,7 +129,10 @@ class Worker:
                 live.interrupted = True
                 event.set()
                 return RUNNING  # stops within a step
-        return self.store.status(job_id)
+        status = self.store.status(job_id)
+        if status == RUNNING:  # on another server sharing the store: it sees the request within a second
+            self.store.mark_cancel_requested(job_id)
+        return status
 
     def interrupt_current(self, *, skipped: bool = False) -> str | None:
         """As A1111's interrupt: the running job ends after its current step and keeps its pictures (the
@@ -188,6 +191,9 @@ class Worker:
                 if now - saved_at[0] >= 1.0:  # the database copy of the progress, at most once a second
                     saved_at[0] = now
                     self.store.set_progress(job.id, info.fraction)
+                    if (mine := self.store.get(job.id)) is not None and mine.cancel_requested:
+                        cancel.set()  # cancelled through another server sharing the store (PostgreSQL)
+                        live.interrupted = True
                 if info.preview is not None:
                     live.preview = info.preview
                     live.preview_version += 1
