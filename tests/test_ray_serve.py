@@ -219,3 +219,28 @@ def decode_png_file(path: Path):
     with Image.open(path) as image:
         image.load()
         return image
+
+
+@pytest.mark.parametrize(("share", "gpus", "actor", "most"), [
+    (1.0, 4, {"num_gpus": 1, "num_cpus": 1}, 4),  # one replica per card
+    (0.5, 4, {"num_gpus": 0.5, "num_cpus": 1}, 8),  # two small models on each card
+    (2, 4, {"num_gpus": 2, "num_cpus": 1}, 2),
+    (0.5, 0, {"num_cpus": 4}, 4),  # no GPU: by cores (16 / 4)
+])
+def test_replicas_are_sized_by_whole_or_fractional_gpus(share, gpus, actor, most, tmp_path):
+    from brushwork.server.rayserve import replica_plan
+    from brushwork.settings import Settings
+
+    plan = replica_plan(Settings.load(home=tmp_path, ray_gpus_per_replica=str(share)), {"GPU": gpus, "CPU": 16})
+    assert (plan["ray_actor_options"], plan["max_replicas"]) == (actor, most)
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.5", "1.5", "half", "nan"])
+def test_a_bad_gpu_share_is_one_line(bad, tmp_path, monkeypatch):
+    from brushwork.request import BrushworkError
+    from brushwork.settings import Settings
+
+    monkeypatch.setenv("BRUSHWORK_RAY_GPUS_PER_REPLICA", bad)
+    with pytest.raises(BrushworkError, match=f"setting ray_gpus_per_replica must be a fraction of a GPU .*, got "
+                                             f"'{bad}'; fix BRUSHWORK_RAY_GPUS_PER_REPLICA"):
+        Settings.load(home=tmp_path)

@@ -52,6 +52,9 @@ class Settings:
     ray_min_replicas: int = 1  # kept running even when idle (0: none until a job comes)
     ray_max_replicas: int = 0  # 0 = as many as the cluster holds: one per GPU, else one per ray_cpus_per_replica
     ray_cpus_per_replica: int = 4  # CPU cores a replica holds where there is no GPU
+    # GPUs a replica holds: 1 = one replica per GPU; 0.5 = two replicas share each card (small models), 2 = two
+    # cards for one (they are visible to it; the engine uses the first)
+    ray_gpus_per_replica: float = 1.0
     ray_target_ongoing_requests: int = 1  # autoscaling: jobs per replica (running and waiting) before one more starts
 
     def __post_init__(self) -> None:
@@ -113,6 +116,19 @@ class Settings:
                         f"setting {name} must be a whole number of 0 or more, got {value!r}; fix "
                         f"BRUSHWORK_{name.upper()} or {path}"
                     ) from None
+        if "ray_gpus_per_replica" in values:
+            value = values["ray_gpus_per_replica"]
+            try:
+                if isinstance(value, bool):
+                    raise ValueError
+                number = float(value)
+                if not 0 < number <= 64 or (number > 1 and not number.is_integer()):
+                    raise ValueError
+                values["ray_gpus_per_replica"] = number
+            except (TypeError, ValueError):
+                raise BrushworkError(f"setting ray_gpus_per_replica must be a fraction of a GPU (above 0, up to 1) or a "
+                                     f"whole number of GPUs, got {value!r}; fix BRUSHWORK_RAY_GPUS_PER_REPLICA or "
+                                     f"{path}") from None
         for name in ("watermark", "compile"):
             if name in values and not isinstance(values[name], bool):
                 raise BrushworkError(f"setting {name} must be true or false, got {values[name]!r}; fix "

@@ -369,13 +369,14 @@ def absolute(settings: Settings) -> Settings:
 
 def replica_plan(settings: Settings, resources: dict[str, float]) -> dict[str, Any]:
     """How the generation deployment is sized, from the settings and the cluster's resources (``ray.
-    cluster_resources()``): one replica per GPU (unless the device is ``cpu``), else one per
-    ``ray_cpus_per_replica`` cores; ``ray_max_replicas`` 0 = as many as fit."""
-    gpus = int(resources.get("GPU", 0)) if settings.device not in ("cpu", "mps") else 0
+    cluster_resources()``): ``ray_gpus_per_replica`` GPUs a replica (1: one per GPU; 0.5: two share a card)
+    unless the device is ``cpu``, else ``ray_cpus_per_replica`` cores; ``ray_max_replicas`` 0 = as many as fit."""
+    gpus = float(resources.get("GPU", 0)) if settings.device not in ("cpu", "mps") else 0
     cpus = max(1, settings.ray_cpus_per_replica)
-    if gpus:
-        actor = {"num_gpus": 1, "num_cpus": 1}
-        fit = gpus
+    share = float(getattr(settings, "ray_gpus_per_replica", 1.0) or 1.0)
+    if gpus >= share:
+        actor = {"num_gpus": int(share) if share.is_integer() else share, "num_cpus": 1}
+        fit = int(gpus / share + 1e-9)
     else:
         actor = {"num_cpus": cpus}
         fit = max(1, int(resources.get("CPU", cpus) // cpus))
