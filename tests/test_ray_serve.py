@@ -104,6 +104,24 @@ def test_a_second_request_for_a_model_goes_to_the_replica_that_holds_it(cluster)
     assert replicas == {pids["a"][0]: "a", pids["b"][0]: "b"}
 
 
+def test_unload_checkpoint_unloads_every_replicas_model(cluster):
+    """A1111's POST /sdapi/v1/unload-checkpoint (memory back, e.g. before another program uses the GPU) reaches
+    every replica, not only the ingress; the next job loads its model again."""
+    client = cluster.client
+    held = {r["pid"]: r["model"] for r in client.get("/api/v1/cluster").json()["replicas"]}
+    assert sorted(held.values()) == ["a", "b"], held  # from the routing test
+    assert client.post("/sdapi/v1/unload-checkpoint").status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        replicas = client.get("/api/v1/cluster").json()["replicas"]
+        if all(r["model"] is None for r in replicas):
+            break
+        time.sleep(0.2)
+    assert [r["model"] for r in replicas] == [None, None], replicas
+    job = _wait(client, _submit(client, model="a", steps=2, seed=1))
+    assert job["status"] == "done" and job["result"]["timings"]["load_s"] > 0.05, job
+
+
 def test_concurrent_requests_through_serve_give_the_local_servers_pictures(cluster, tmp_path):
     from fastapi.testclient import TestClient
 

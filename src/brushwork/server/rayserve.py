@@ -47,6 +47,10 @@ APP_NAME = "brushwork"
 INGRESS = "BrushworkIngress"
 GENERATOR = "BrushworkGenerator"
 REPORT_INTERVAL = 0.1  # seconds between a running replica's progress reports (and its look at cancel/interrupt)
+# /sdapi/v1/unload-checkpoint reaches every replica through the store: the ingress writes a new value of this
+# option, and each replica, looking every UNLOAD_POLL seconds, unloads its model when it sees one
+UNLOAD_OPTION = "ray_unload_epoch"
+UNLOAD_POLL = 1.0
 MAX_ATTEMPTS = 3  # a job whose replica dies this many times fails instead of killing a fourth
 RECENT = 1000  # jobs remembered with the replica that ran them (GET /api/v1/cluster)
 
@@ -183,6 +187,17 @@ class ClusterWorker:
             else:
                 live.interrupted = True
         return live.job_id
+
+    def unload_everywhere(self) -> None:
+        """Every replica unloads its model within about UNLOAD_POLL seconds (A1111's unload-checkpoint)."""
+        import uuid
+
+        self.store.set_option(UNLOAD_OPTION, uuid.uuid4().hex)
+
+    def replica_unloaded(self, replica: dict[str, Any]) -> None:
+        with self._lock:
+            self._replicas.setdefault(replica["replica"], {"jobs": 0}).update(
+                {"pid": replica.get("pid"), "node": replica.get("node"), "model": None, "seen": time.time()})
 
     def cluster_view(self) -> dict[str, Any]:
         """GET /api/v1/cluster: the replicas seen, the running jobs and where the recent ones ran."""
@@ -441,6 +456,31 @@ class GeneratorReplica:
 
         self._hold = serve.multiplexed(max_num_models_per_replica=1)(hold)
         _warm_up()  # while the deployment starts (in parallel), not in the first job's time
+        threading.Thread(target=self._watch_unloads, name="brushwork-unload-watch", daemon=True).start()
+
+    def _watch_unloads(self) -> None:
+        """Unload the model when the ingress asks every replica to (``ClusterWorker.unload_everywhere``): never
+        under a running job (the engine's lock), then say so to the ingress."""
+        try:
+            seen = self.store.get_option(UNLOAD_OPTION)
+        except Exception:
+            seen = None
+        while True:
+            time.sleep(UNLOAD_POLL)
+            try:
+                now = self.store.get_option(UNLOAD_OPTION)
+            except Exception:  # the store is away for a moment: look again
+                continue
+            if now == seen:
+                continue
+            seen = now
+            with self.worker.engine_lock:
+                self.engine.unload()
+            self.identity["model"] = None
+            try:
+                self.ingress.unloaded.remote(dict(self.identity))
+            except Exception as err:
+                log.debug("could not tell the ingress about the unload: %s", err)
 
 
     def _preload(self, model_id: str) -> None:
@@ -463,6 +503,7 @@ class GeneratorReplica:
         model_id = serve.get_multiplexed_model_id()
         if model_id:  # none: no model could be resolved, and the run fails the job with the message
             await self._hold(model_id)
+            self.identity["model"] = model_id  # loaded again by the run after an unload, if Serve thinks it held
         job = self.worker.store.get(job_id, with_inputs=True)
         if job is None or job.status != RUNNING:  # cancelled while it waited for this replica
             return {"status": job.status if job else None, **self.identity}
@@ -522,6 +563,9 @@ class IngressReplica:
 
     def report(self, job_id: str, live: LiveProgress | None, replica: dict[str, Any]) -> list[str]:
         return self.worker.report(job_id, live, replica)
+
+    def unloaded(self, replica: dict[str, Any]) -> None:
+        self.worker.replica_unloaded(replica)
 
 
 def build_app(settings: Settings, plan: dict[str, Any], *, auth: str | None = None):

@@ -539,6 +539,8 @@ async def unload_checkpoint(request: Request):
             state.engine.unload()
 
     await anyio.to_thread.run_sync(_unload)
+    if (everywhere := getattr(state.worker, "unload_everywhere", None)) is not None:  # Ray: every replica's model
+        await anyio.to_thread.run_sync(everywhere)
     return None
 
 
