@@ -42,6 +42,16 @@ def pytest_runtest_setup(item):
         _frozen_at = len(sys.modules)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_folder(tmp_path_factory):
+    """Module- and session-wide fixtures are made before a test's own scratch folder (``_isolated_home``): they
+    run in a session one, so nothing they make (a server's relative outputs/ folder) lands in the checkout."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("scratch"))
+    yield
+    os.chdir(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Every test gets its own brushwork home (models, cache, data) and runs in a scratch folder."""
