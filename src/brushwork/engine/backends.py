@@ -78,6 +78,8 @@ class OpenVinoModel:
         self.stats = {"converted": 0, "loaded_from_cache": 0, "compiled": 0, "convert_s": 0.0}
         self._compiled: dict[str, tuple] = {}  # component -> (input shapes, compiled model)
         self._ir: dict[str, object] = {}  # component -> ov.Model (read or converted)
+        self._folders: dict[str, Path] = {}  # component -> its cache folder
+        self._spilled: set[str] = set()  # components whose torch weights are mapped from the cache (``_spill``)
         self._lock = threading.Lock()
         self._core = None
 
@@ -181,12 +183,49 @@ class OpenVinoModel:
                 self._compiled[name] = compiled
         return compiled[1](feeds)[0]
 
+    def _spill(self, name: str, module) -> None:
+        """torch's copy of a converted component's weights moved out of memory: saved once beside its IR
+        (``torch.pt``) and mapped back from there (``torch.load(mmap=True)``), so they take no memory of their
+        own; pages are read back only where torch runs the component again (a LoRA request, fast mode,
+        ControlNet) and can be dropped again under memory pressure. A module that carries adapters (peft's
+        LoRA layers) or whose file does not match keeps its weights in memory."""
+        import torch
+
+        folder = self._folders.get(name)
+        tensors = dict(module.named_parameters())
+        tensors.update(dict(module.named_buffers()))
+        if folder is None or any("lora_" in k or "base_layer" in k for k in tensors) or \
+                any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors.values()):
+            return
+        path = folder / "torch.pt"
+        try:
+            if not path.is_file():
+                partial = path.with_name(f".torch.pt.partial-{os.getpid()}")
+                torch.save({k: t.detach() for k, t in tensors.items()}, partial)
+                os.replace(partial, path)  # whole or not at all
+            mapped = torch.load(path, mmap=True, weights_only=True)
+            if set(mapped) != set(tensors) or any(mapped[k].shape != t.shape for k, t in tensors.items()):
+                log.debug("%s does not match the %s's weights; they stay in memory", path, name)
+                return
+            with torch.no_grad():
+                for key, t in tensors.items():
+                    t.data = mapped[key]
+        except (OSError, RuntimeError) as error:  # a full disk, say: the weights stay in memory, nothing else
+            log.debug("could not map the %s's torch weights from %s: %s", name, path, error)
+            return
+        del tensors
+        _give_back_freed_memory()
+
+
     def _compile(self, name: str, module, feeds: dict, wrapper):
         import openvino as ov
 
         model = self._ir.get(name)
         if model is None:
             model = self._ir[name] = self._read_or_convert(name, module, feeds, wrapper)
+        if name not in self._spilled:  # before compiling: torch's copy and the compiled one are never both in memory
+            self._spilled.add(name)
+            self._spill(name, module)
         model = model.clone()
         model.reshape({model.input(k).get_any_name(): ov.PartialShape(list(v.shape)) for k, v in feeds.items()})
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
@@ -210,6 +249,7 @@ class OpenVinoModel:
         import openvino as ov
 
         folder = self.cache_dir / f"{name}-{fingerprint(module, tuple(feeds), ov.__version__)}"
+        self._folders[name] = folder
         xml = folder / "model.xml"
         if xml.is_file():
             self.stats["loaded_from_cache"] += 1
@@ -243,7 +283,21 @@ class OpenVinoModel:
         self.stats["convert_s"] += seconds
         self.notes.append(f"OpenVINO: the {_LABEL[name]} was converted once ({seconds:.0f} s) and cached in "
                           f"{folder.parent}")
-        return model
+        # the converted model shares memory with torch's tensors; the saved one, read back, maps its own file, so
+        # torch's copy can leave memory (``_spill``)
+        del model
+        return self.core().read_model(folder / "model.xml")
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap that freed tensors leave to the system (glibc keeps it otherwise); elsewhere nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _LABEL = {"unet": "UNet", "vae_decoder": "VAE decoder", "taesd_decoder": "tiny VAE decoder (TAESD)"}

@@ -179,7 +179,8 @@ def _backend_for(policy: DevicePolicy, asked: str, precision, unet_params: int |
                 policy.why + "; OpenVINO (asked for)", **fp32}
     if missing or policy.dtype_name != "fp32" or unet_params is None or unet_params < CPU_BF16_MIN_UNET_PARAMS:
         return {"backend": "torch"}  # small models: a conversion would cost more than it saves
-    # OpenVINO holds its own copy of the UNet's weights beside torch's (which LoRAs and fast mode still use)
+    # OpenVINO holds its own copy of the UNet's weights; torch's (which LoRAs and fast mode still use) is then
+    # mapped from the cache (backends.OpenVinoModel._spill), but the conversion needs both for a while
     need = unet_params * 4 + OPENVINO_MARGIN_BYTES
     if (free := memory_available()) is not None and free < need:
         return {"backend": "torch", "why": policy.why + f"; torch, not OpenVINO ({free / 2**30:.1f} GB of memory free, "
