@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,6 +116,9 @@ def main(argv=None) -> int:
             run()
             times[name].append(round(time.perf_counter() - t0, 2))
         loads.append(round(os.getloadavg()[0], 2))
+    if ort is not None:
+        del session
+        shutil.rmtree(folder, ignore_errors=True)  # the exported model: as large as the weights
     base = statistics.median(times["torch"])
     results = {"benchmark": "cpu_backends", "machine": machine(),
                "command": " ".join(["benchmarks/cpu_backends.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -61,6 +61,10 @@ def test_openvino_draws_torch_s_picture_and_a_second_process_reads_the_cache(sha
     assert len(converted) == 2 and "UNet" in converted[0] and "VAE decoder" in converted[1], first.notes
     cached = sorted(p.name.split("-")[0] for p in (shared_home / "cache/openvino").iterdir() if p.name != "kernels")
     assert cached == ["unet", "vae_decoder"]
+    # torch's copy of the converted weights takes no memory of its own: it is mapped from the cache's file
+    maps = Path("/proc/self/maps").read_text()
+    for folder in (shared_home / "cache/openvino").glob("*-*"):
+        assert (folder / "torch.pt").is_file() and str(folder / "torch.pt") in maps, folder
 
     again = _engine(shared_home, "openvino")  # a new engine: nothing in memory, everything on disk
     second = _run(again)
