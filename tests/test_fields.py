@@ -30,7 +30,7 @@ SDAPI_NAMES = {
     "hires_scale": "hr_scale", "hires_resize_x": "hr_resize_x", "hires_resize_y": "hr_resize_y",
     "hires_upscaler": "hr_upscaler", "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength",
     "hires_sampler": "hr_sampler_name", "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt", "hires_negative_prompt": "hr_negative_prompt",
-    "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
+    "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at", "hires_checkpoint": "hr_checkpoint_name",
     "controlnet": "alwayson_scripts",  # A1111's ControlNet extension: {"controlnet": {"args": [unit, ...]}}
 }
 # field -> (infotext key, a value as written)
@@ -51,6 +51,7 @@ INFOTEXT = {
     "negative_prompt": (None, None), "fast": ("Fast mode", "3"),
     "noise_level": ("Noise level", "40"), "tile_size": ("Tile size", "96"), "tile_overlap": ("Tile overlap", "16"),
     "refiner": ("Refiner", "tiny-xl-refiner [0123456789]"), "refiner_switch_at": ("Refiner switch at", "0.5"),
+    "hires_checkpoint": ("Hires checkpoint", "tiny-b [0123456789]"),
 }
 WHY_NOT = {
     "cli": {"mode": "the command's name (txt2img, img2img, inpaint)",

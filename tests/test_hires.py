@@ -266,3 +266,139 @@ def test_hires_strength_zero_is_the_upscaled_first_pass(tiny, engine):
     assert result.images[0].size == (64, 64) and [p.step for p in seen] == [1, 2]
     other = engine.generate(req(tiny, steps=2, hires_strength=0.0, hires_upscaler="Nearest", hires_prompt="blue"))
     assert np.array_equal(px(result), px(other))  # no second pass: its prompt changes nothing
+
+
+# ---- a hires checkpoint (A1111's hr_checkpoint_name): the second pass on another model ------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny, tmp_path_factory):
+    """The tiny SD1 model's twin (the same weights under another name), one with other weights, ones with another
+    UNet, text encoder or VAE only (the model's other parts), and an SDXL one."""
+    import shutil
+
+    from brushwork.models.convert import save_single_file
+    from tinymodels import build_components, save_single, save_xl_single
+
+    root = tmp_path_factory.mktemp("hires-checkpoints")
+    twin = root / "tiny-twin.safetensors"
+    shutil.copyfile(tiny["sd1"]["safetensors"], twin)
+    out = {"twin": twin, "other": save_single(root / "tiny-other.safetensors", "sd1", seed=3),
+           "xl": save_xl_single(root / "tiny-xl.safetensors", seed=2)}
+    (unet, vae, te), (unet_b, vae_b, te_b) = build_components("sd1", 0), build_components("sd1", 3)  # tiny's: seed 0
+    for name, parts in (("unet", (unet_b, vae, te)), ("text", (unet, vae, te_b)), ("vae", (unet, vae_b, te))):
+        out[name] = save_single_file(root / f"tiny-{name}.safetensors", unet=parts[0], vae=parts[1],
+                                     text_encoder=parts[2])
+    return out
+
+
+def test_a_hires_checkpoint_with_the_same_weights_gives_the_plain_hires_picture(tiny, checkpoints, engine):
+    for upscaler in ("Latent", "Lanczos"):  # Lanczos: decoded by the model's VAE, encoded by the checkpoint's
+        plain = engine.generate(req(tiny, hires_upscaler=upscaler))
+        twin = engine.generate(req(tiny, hires_upscaler=upscaler, hires_checkpoint=str(checkpoints["twin"])))
+        assert np.array_equal(px(plain), px(twin)), upscaler
+        p = parse_infotext(twin.infotexts[0])
+        assert p["Hires checkpoint"].startswith("tiny-twin [") and len(p["Hires checkpoint"]) == len("tiny-twin []") + 10
+        assert "Hires checkpoint" not in plain.infotexts[0]
+
+
+def test_a_hires_checkpoint_runs_the_second_pass_only(tiny, checkpoints, engine):
+    def run(**kw):
+        seen = []
+        result = engine.generate(req(tiny, **kw), progress=seen.append, want_previews=True)
+        return result, [np.asarray(p.preview).astype(int) for p in seen]
+
+    plain, plain_previews = run()
+    other, other_previews = run(hires_checkpoint=str(checkpoints["other"]))
+    assert len(plain_previews) == len(other_previews) == 4  # 2 steps, then 2 of the second pass
+    for a, b in zip(plain_previews[:2], other_previews[:2], strict=True):  # the first pass: the model's
+        assert np.array_equal(a, b)
+    assert np.abs(px(plain) - px(other)).mean() > 1
+    # each of its parts is the checkpoint's: its UNet and text encoder denoise, its VAE encodes and decodes
+    for part, upscaler in (("unet", "Latent"), ("text", "Latent"), ("vae", "Lanczos")):
+        plain = engine.generate(req(tiny, hires_upscaler=upscaler))
+        changed = engine.generate(req(tiny, hires_upscaler=upscaler, hires_checkpoint=str(checkpoints[part])))
+        assert not np.array_equal(px(plain), px(changed)), part
+    text = other.infotexts[0]
+    assert "Hires upscaler: Latent, Hires checkpoint: tiny-other [" in text
+    read = request_from_infotext(text)
+    assert read["hires_checkpoint"] == parse_infotext(text)["Hires checkpoint"]
+    assert "hires_checkpoint" not in request_from_infotext(text.replace(read["hires_checkpoint"], "Use same checkpoint"))
+
+
+def test_an_sdxl_hires_checkpoint_with_the_same_weights_gives_the_plain_hires_picture(tiny, checkpoints, engine,
+                                                                                     tmp_path):
+    import shutil
+
+    twin = shutil.copyfile(checkpoints["xl"], tmp_path / "tiny-xl-twin.safetensors")
+    plain = engine.generate(req(tiny, model=str(checkpoints["xl"]), steps=1, hires_upscaler="Lanczos"))
+    again = engine.generate(req(tiny, model=str(checkpoints["xl"]), steps=1, hires_upscaler="Lanczos",
+                                hires_checkpoint=str(twin)))
+    assert np.array_equal(px(plain), px(again)) and "Hires checkpoint: tiny-xl-twin [" in again.infotexts[0]
+
+
+def test_hires_checkpoint_mistakes_are_one_clear_line(tiny, checkpoints, engine):
+    from brushwork import ModelError
+
+    with pytest.raises(ModelError) as err:
+        engine.generate(req(tiny, hires_checkpoint=str(checkpoints["xl"])))
+    message = str(err.value)
+    assert "\n" not in message and "tiny-xl" in message and "latent space" in message
+    assert "Stable Diffusion XL" in message and "tiny-sd1" in message
+    with pytest.raises(InvalidRequest, match="a hires checkpoint and a refiner do not go together"):
+        req(tiny, hires_checkpoint=str(checkpoints["other"]), refiner=str(checkpoints["xl"])).validate()
+
+
+@pytest.fixture(scope="module")
+def library_client(tiny_model_file, tmp_path_factory):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from brushwork.engine.core import Engine
+    from brushwork.server.app import create_app
+    from tinymodels import save_single
+
+    paths = make_home(tmp_path_factory.mktemp("sdapi-hires-checkpoint"), tiny_model_file, "tiny")
+    save_single(paths["models"] / "tiny-b.safetensors", "sd1", seed=3)
+    settings = make_settings(paths)
+    with TestClient(create_app(Engine(settings), settings)) as c:
+        yield c
+
+
+def test_sdapi_hr_checkpoint_name_runs_the_second_pass_on_it(library_client):
+    body = {"prompt": "a red circle", "width": 32, "height": 32, "steps": 2, "seed": 3, "enable_hr": True,
+            "hr_scale": 2, "denoising_strength": 0.6, "override_settings": {"sd_model_checkpoint": "tiny"}}
+    same = library_client.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": "Use same checkpoint"})
+    r = library_client.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": "tiny-b"})
+    assert same.status_code == 200 and r.status_code == 200, r.text
+    image = decode_png(r.json()["images"][0])
+    assert image.size == (64, 64)
+    info = library_client.post("/sdapi/v1/png-info", json={"image": r.json()["images"][0]})
+    title = info.json()["parameters"]["Hires checkpoint"]  # the picture's infotext, read back
+    assert title.startswith("tiny-b [") and "Hires checkpoint" not in decode_png(same.json()["images"][0]).info[
+        "parameters"]
+    assert not np.array_equal(np.asarray(image), np.asarray(decode_png(same.json()["images"][0])))
+    again = library_client.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": title})  # as read back
+    assert again.status_code == 200 and np.array_equal(np.asarray(decode_png(again.json()["images"][0])),
+                                                       np.asarray(image))
+    bad = library_client.post("/sdapi/v1/txt2img", json={**body, "hr_checkpoint_name": "nope"})
+    assert bad.status_code == 400 and "nope" in bad.json()["detail"] and "tiny-b" in bad.json()["detail"]
+    native = library_client.post("/api/v1/jobs", json={"prompt": "x", "hires_scale": 2, "hires_checkpoint": "nope"})
+    assert native.status_code == 400 and "nope" in native.text and "tiny-b" in native.text  # before it is queued
+
+
+def test_cli_hires_checkpoint(tiny, checkpoints, tmp_path):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from brushwork.cli import main
+
+    args = ["txt2img", "a red circle", "--model", tiny["sd1"]["safetensors"], "--steps", 1, "--seed", 5, "-W", 32,
+            "-H", 32, "--hires-scale", 2, "--hires-checkpoint", checkpoints["other"], "--outdir", tmp_path / "out",
+            "--no-watermark"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    image = Image.open(Path(result.stdout.split()[0]))
+    assert image.size == (64, 64) and parse_infotext(image.info["parameters"])["Hires checkpoint"].startswith(
+        "tiny-other [")

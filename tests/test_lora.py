@@ -676,3 +676,13 @@ def test_an_lcm_lora_picks_the_lcm_sampler_4_steps_and_no_cfg_where_the_request_
     assert filled("a <lora:fast:1:0>")[0] == ("DPM++ 2M", 30, 6.0)  # no UNet strength: not applied to the UNet
     assert filled("a <lora:fast:0.8>", sampler="LCM")[1][0].startswith(
         "fast is an LCM-LoRA (its ss_output_name): 4 steps, CFG 1 (no CFG: one UNet pass a step) where the request")
+
+
+def test_a_hires_checkpoint_runs_its_pass_without_the_loras_and_says_so(eng, tiny, tmp_path):
+    twin = shutil.copyfile(tiny["sd1"]["safetensors"], tmp_path / "tiny-twin.safetensors")  # the model's weights
+    hires = dict(hires_scale=2, hires_steps=2)
+    plain, _ = draw(eng, "<lora:style:1> a red circle", **hires)
+    other, result = draw(eng, "<lora:style:1> a red circle", hires_checkpoint=str(twin), **hires)
+    assert "LoRAs apply to the model, not to the hires checkpoint's second pass" in result.notes
+    assert not np.array_equal(plain, other)  # the same weights, but the second pass without the LoRA
+    assert "Lora hashes" in result.infotexts[0] and "Hires checkpoint: tiny-twin [" in result.infotexts[0]

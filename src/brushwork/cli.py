@@ -272,6 +272,9 @@ def _hires_options(fn):
                      help="Hires fix: the second pass's schedule type (default: --schedule)."),
         click.option("--hires-prompt", default="", help="Hires fix: the second pass's prompt (default: the prompt)."),
         click.option("--hires-negative-prompt", default="", help="Hires fix: the second pass's negative prompt."),
+        click.option("--hires-checkpoint", default=None,
+                     help="Hires fix: run the second pass on this model (file, folder or library name) of the same "
+                          "kind as --model (SD 1.x/2.x or SDXL) instead (A1111's Hires checkpoint)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -358,7 +361,7 @@ def _control_units(o: dict) -> list:
 
 
 _HIRES_FIELDS = ("hires_scale", "hires_resize_x", "hires_resize_y", "hires_upscaler", "hires_steps", "hires_strength",
-                 "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt")
+                 "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt", "hires_checkpoint")
 
 
 @main.command()

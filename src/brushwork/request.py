@@ -275,6 +275,10 @@ class GenerationRequest:
     hires_scheduler: str | None = None  # the second pass's schedule type; None = the first pass's (hr_scheduler)
     hires_prompt: str = ""  # empty = the first pass's prompt (A1111's hr_prompt)
     hires_negative_prompt: str = ""  # empty = the first pass's negative prompt
+    # A1111's hr_checkpoint_name ("Hires checkpoint"): the second pass runs on this model of the library (its UNet,
+    # text encoders and VAE), kept loaded beside the model; it must share the model's latent space (SD 1.x/2.x or
+    # SDXL). None = the model ("Use same checkpoint")
+    hires_checkpoint: str | None = None
     # SDXL's refiner (A1111's refiner_checkpoint / refiner_switch_at): the model runs the first refiner_switch_at
     # of the steps, the refiner the rest on the same schedule; None = no refiner
     refiner: str | None = None
@@ -381,10 +385,17 @@ class GenerationRequest:
                                  f"got {self.cfg_end!r}")
         for name in ("prompt", "negative_prompt"):
             _check_text(name.replace("_", " "), getattr(self, name), MAX_PROMPT_CHARS)
+        if self.hires_enabled and self.hires_checkpoint is not None and self.refiner is not None \
+                and self.refiner_switch_at < 1:
+            raise InvalidRequest("a hires checkpoint and a refiner do not go together (the refiner does not run with "
+                                 "the hires fix); leave the refiner or the hires checkpoint out")
         if self.refiner is not None and not self.refiner_switch_at > 0:
             raise InvalidRequest("refiner switch at must be above 0 (the fraction of the steps before the refiner "
                                  "takes over; 1 = never)")
-        for name in ("model", "vae", "refiner", "sampler", "scheduler", "prediction", "device", "memory"):
+        if self.hires_checkpoint is not None and not str(self.hires_checkpoint).strip():
+            self.hires_checkpoint = None
+        for name in ("model", "vae", "refiner", "hires_checkpoint", "sampler", "scheduler", "prediction", "device",
+                     "memory"):
             if getattr(self, name) is not None:
                 _check_text(name, getattr(self, name), 4096)
         if self.prediction not in (None, "eps", "v"):

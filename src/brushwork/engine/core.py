@@ -20,7 +20,7 @@ from pathlib import Path
 from ..models.store import ModelEntry, ModelStore
 from ..request import GenerationRequest, GenerationResult, ModelError, ProgressInfo
 from ..settings import Settings
-from .tasks.base import RunControl
+from .tasks.base import RunControl, text_to_image_models
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class Engine:
         self.settings = settings or Settings.load()
         self.store = ModelStore(self.settings)
         self._loaded: LoadedModel | None = None
-        self._refiner: LoadedModel | None = None  # SDXL's refiner, when a request asks for one
+        # one more model kept loaded beside it, when a request asks for one: SDXL's refiner or the hires fix's
+        # checkpoint (loading the one replaces the other)
+        self._second: LoadedModel | None = None
         self._lock = threading.RLock()
         from ..models.embeddings import EmbeddingLibrary
         from ..models.loras import LoraLibrary
@@ -81,7 +83,7 @@ class Engine:
 
     def unload(self) -> None:
         with self._lock:
-            self._loaded = self._refiner = None
+            self._loaded = self._second = None
             self.controlnets.unload()
             _free_device_memory()
 
@@ -127,27 +129,52 @@ class Engine:
 
     def load_refiner(self, request: GenerationRequest) -> LoadedModel:
         """The refiner a request names (kept loaded beside the model, as A1111 keeps both), placed as the model."""
+        entry, _ = self.store.resolve(request.refiner, default=None)
+        refiner = self._load_second(entry, request, vae=None)
+        if not refiner.parts.family.xl:
+            raise ModelError(f"{refiner.parts.name} is not an SDXL model ({refiner.parts.family.label}); a refiner "
+                             "must be SDXL (e.g. sd_xl_refiner_1.0) or an SDXL checkpoint")
+        return refiner
+
+    def load_hires_checkpoint(self, request: GenerationRequest) -> LoadedModel:
+        """The hires fix's checkpoint a request names (kept loaded beside the model), placed as the model; with the
+        request's VAE, as A1111 puts the chosen VAE on whatever checkpoint it loads. Its latents must be the
+        model's: the first pass's latents go on to it."""
+        entry, _ = self.store.resolve(request.hires_checkpoint, default=None)
+        if entry.path == self._loaded.entry.path:  # the model itself (A1111 then switches nothing)
+            return self._loaded
+        second = self._load_second(entry, request, vae=request.vae)
+        base, other = self._loaded.parts, second.parts
+        if (base.family.xl, base.vae.config.latent_channels) != (other.family.xl, other.vae.config.latent_channels):
+            raise ModelError(f"the hires checkpoint {other.name} ({other.family.label}) does not share the latent space "
+                             f"of {base.name} ({base.family.label}); choose a checkpoint of the same kind")
+        if (problem := text_to_image_models(other)) is not None or other.family.name == "sdxl-refiner":
+            raise ModelError(f"the hires checkpoint must be a text-to-image model: "
+                             f"{problem or f'{other.name} is an SDXL refiner'}")
+        return second
+
+    def _load_second(self, entry: ModelEntry, request: GenerationRequest, *, vae: str | None) -> LoadedModel:
+        """The one model kept loaded beside the model (the refiner or the hires checkpoint), placed as the model."""
         from . import backends
         from . import device as device_mod
 
-        entry, _ = self.store.resolve(request.refiner, default=None)
         base = self._loaded
-        key = (str(entry.path), base.policy.device, str(base.policy.dtype))
+        key = (str(entry.path), vae, base.policy.device, str(base.policy.dtype))
         with self._lock:
-            if self._refiner is not None and self._refiner.key == key:
-                return self._refiner
-            self._refiner = None
+            if self._second is not None and self._second.key == key:
+                return self._second
+            self._second = None
             _free_device_memory()
             import dataclasses
 
-            parts = self._load_parts(entry, dataclasses.replace(request, vae=None, prediction=None, config=None))
-            if not parts.family.xl:
-                raise ModelError(f"{parts.name} is not an SDXL model ({parts.family.label}); a refiner must be SDXL "
-                                 "(e.g. sd_xl_refiner_1.0) or an SDXL checkpoint")
+            parts = self._load_parts(entry, dataclasses.replace(request, vae=vae, prediction=None, config=None,
+                                                                turbo=None))
             device_mod.place(parts, base.policy, to_device=base.policy.is_cpu)
             parts.backend = backends.for_model(base.policy, self.settings)
-            self._refiner = LoadedModel(entry, parts, base.policy, None, key)
-            return self._refiner
+            if parts.tiny_vae is not None:
+                parts.tiny_vae.to(base.policy.device, base.policy.vae_dtype)
+            self._second = LoadedModel(entry, parts, base.policy, vae, key)
+            return self._second
 
     def _load_parts(self, entry: ModelEntry, request: GenerationRequest):
         from ..models import load as load_mod
@@ -225,6 +252,12 @@ class Engine:
                 refiner_entry = self.store.with_hash(refined.entry) if refined.entry.path.is_file() else refined.entry
                 short = refiner_entry.short_hash  # A1111's "Refiner: name [hash]" (the name without its suffix)
                 refiner = (refined.parts, f"{refined.parts.name} [{short}]" if short else refined.parts.name)
+            hires_model = None
+            if request.hires_enabled and request.hires_checkpoint is not None:
+                second = self.load_hires_checkpoint(request)
+                second_entry = self.store.with_hash(second.entry) if second.entry.path.is_file() else second.entry
+                short = second_entry.short_hash  # A1111's "Hires checkpoint: name [hash]", as its Refiner key
+                hires_model = (second.parts, f"{second.parts.name} [{short}]" if short else second.parts.name)
             # the prompt's LoRAs go on the loaded model for this run only, and its embeddings are looked up
             nets = networks.Networks(loaded.parts, request, self.loras, self.embeddings)
             # the ControlNet units' models, loaded for this model (kept for the next request that names them)
@@ -245,6 +278,7 @@ class Engine:
                     version=__version__,
                     settings=self.settings,
                     refiner=refiner,
+                    hires_model=hires_model,
                     networks=nets,
                     controlnet=controls if controls else None,
                 )

@@ -123,8 +123,13 @@ class Networks:
     def refiner_note(self) -> None:
         """Say, once, that the request's LoRAs stay off for the refiner's steps: its UNet and its one text encoder
         have other shapes than the SDXL base's a LoRA is made for (A1111 counts them as errors)."""
+        self.other_model_note("the refiner (an SDXL LoRA does not fit the refiner's layers)")
+
+    def other_model_note(self, what: str) -> None:
+        """Say, once, that the request's LoRAs stay off for ``what`` another loaded model runs (the refiner's steps,
+        the hires checkpoint's pass): they are loaded into the model's layers only."""
         if any(plan for plan in self._plans.values()):
-            note = "LoRAs apply to the model, not to the refiner (an SDXL LoRA does not fit the refiner's layers)"
+            note = f"LoRAs apply to the model, not to {what}"
             if note not in self.notes:
                 self.notes.append(note)
 

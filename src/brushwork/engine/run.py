@@ -173,12 +173,14 @@ def generate(
     version: str = "0",
     settings=None,
     refiner: tuple | None = None,
+    hires_model: tuple | None = None,
     networks=None,
     controlnet=None,
 ) -> GenerationResult:
     """One request on a loaded model, through the task its mode names (``engine.tasks``). ``control``: progress,
     cancel (raise ``Cancelled``), interrupt (return what there is: finished pictures, and the current batch
-    decoded where its denoising stopped), skip (end the current batch that way and go on, as A1111)."""
+    decoded where its denoising stopped), skip (end the current batch that way and go on, as A1111). ``refiner``,
+    ``hires_model``: (parts, "name [hash]") of SDXL's refiner, of the hires fix's checkpoint."""
     control = control or RunControl()
     task = task_for(request, parts)
     if (problem := task.accepts(parts)) is not None:
@@ -201,9 +203,10 @@ def generate(
                              f"{' with the hires fix' if request.hires_enabled else ''} runs without it: "
                              "leave the refiner out")
     # networks: the prompt's LoRAs and embeddings (engine.networks), applied as it is read; controlnet: the units
-    # (engine.controlnet.Controls), prepared; refiner: SDXL's refiner's parts
+    # (engine.controlnet.Controls), prepared; refiner: SDXL's refiner's parts; hires_parts: the second pass's model
     ctx = RunContext(parts, policy, request, width, height, control, apply_memory=ladder.use, settings=settings,
-                     networks=networks, controlnet=controlnet, refiner=refiner[0] if refiner is not None else None)
+                     networks=networks, controlnet=controlnet, refiner=refiner[0] if refiner is not None else None,
+                     hires_parts=hires_model[0] if hires_model is not None else None)
     task.prepare(ctx)
     from .deepcache import interval_for
 
@@ -231,8 +234,8 @@ def generate(
             except Stop as stop:
                 latents, stopped_at = stop.latents, (stop.step, stop.total)
             t1 = time.perf_counter()
-            vae = final_vae(parts, ctx.refiner)
-            owner = ctx.refiner if ctx.refiner is not None and vae is ctx.refiner.vae else parts
+            vae = final_vae(parts, ctx.refiner or ctx.hires_parts)
+            owner = ctx.owner(vae)
             with backends.decoder_context(owner.backend, vae):  # OpenVINO's decoder where the model has it
                 decoded, fell_back = task.decode(ctx, latents) if task.decode else decode(vae, latents)
             timings["sample_s"] += t1 - t0
@@ -254,8 +257,9 @@ def generate(
         if interrupted:
             break
     notes += task.notes(ctx)
-    for owner in (parts, ctx.refiner):  # a conversion done, a component kept on torch
-        if owner is not None and owner.backend is not None:
+    # a conversion done, a component kept on torch (the hires checkpoint can be the model itself: once)
+    for owner in {id(m): m for m in (parts, ctx.refiner, ctx.hires_parts) if m is not None}.values():
+        if owner.backend is not None:
             notes += owner.backend.take_notes()
     if networks is not None:
         notes += networks.notes
@@ -270,6 +274,10 @@ def generate(
     own = task.infotext(request)
     if refiner is not None:  # A1111's keys
         own = {**own, "Refiner": refiner[1], "Refiner switch at": request.refiner_switch_at}
+    if hires_model is not None:  # A1111's key, after the hires fix's upscaler
+        keys = list(own.items())
+        at = next((i + 1 for i, (key, _) in enumerate(keys) if key == "Hires upscaler"), len(keys))
+        own = dict([*keys[:at], ("Hires checkpoint", hires_model[1]), *keys[at:]])
     if networks is not None:  # Lora hashes, TI hashes
         own = {**own, **networks.infotext()}
     if controlnet:  # ControlNet 0, ControlNet 1, ... as A1111's ControlNet extension
@@ -313,11 +321,12 @@ def to_pil(pixels) -> list:
 _CHEAP_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 
 
-def final_vae(parts, refiner=None):
+def final_vae(parts, finisher=None):
     """What decodes the finished latents: ``--vae taesd``'s tiny decoder (its scaling factor is 1.0, so ``decode``
-    passes the latents as they are), else the VAE of the model that finished them (SDXL's refiner's, as A1111)."""
+    passes the latents as they are), else the VAE of the model that finished them (``finisher``: SDXL's refiner,
+    the hires fix's checkpoint, as A1111)."""
     tiny = getattr(parts, "tiny_vae", None)
-    return (refiner or parts).vae if tiny is None else tiny
+    return (finisher or parts).vae if tiny is None else tiny
 
 
 # TAESD previews decode latents averaged down to at most this many latent pixels a side (256-pixel pictures for

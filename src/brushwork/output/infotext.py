@@ -199,9 +199,11 @@ def _hires_from_infotext(p: dict, out: dict) -> None:
     """The hires fix's keys (``Size`` is the first pass's size, as A1111 writes it)."""
     conv = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
             "Hires upscaler": ("hires_upscaler", str), "Hires sampler": ("hires_sampler", str),
-            "Hires schedule type": ("hires_scheduler", str),
+            "Hires schedule type": ("hires_scheduler", str), "Hires checkpoint": ("hires_checkpoint", str),
             "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}
     _convert(p, conv, out)
+    if out.get("hires_checkpoint") == "Use same checkpoint":  # what A1111's UI shows for none
+        del out["hires_checkpoint"]
     if re.fullmatch(r"\d+x\d+", p.get("Hires resize", "")):
         x, y = p["Hires resize"].split("x")
         out["hires_resize_x"], out["hires_resize_y"] = int(x), int(y)

@@ -134,6 +134,8 @@ class JobRequest(BaseModel):
                                         description="hires fix: the second pass's schedule type (null = scheduler)")
     hires_prompt: str = Field("", description="hires fix: the second pass's prompt (empty = prompt)")
     hires_negative_prompt: str = Field("", description="hires fix: the second pass's negative prompt")
+    hires_checkpoint: str | None = Field(None, description="hires fix: the second pass runs on this model (GET "
+                                                           "/api/v1/models) of the model's kind; null = the model")
     refiner: str | None = Field(None, description="SDXL: a refiner model (GET /api/v1/models) for the last steps")
     refiner_switch_at: float = declared("refiner_switch_at", 0.8, "with a refiner: the fraction of the steps the "
                                                                   "model runs before the refiner takes over")

@@ -273,9 +273,8 @@ def _to_request(state: ServerState, body: _Common, mode: Mode) -> tuple[Generati
 def _hires(body: Txt2ImgRequest, request: GenerationRequest) -> None:
     """A1111's hires fix fields onto the request (its defaults: hr_upscaler null is "Latent", denoising_strength
     null is 0.75 as its txt2img API, hr_second_pass_steps 0 is the same as steps)."""
-    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
-        raise InvalidRequest(f"a second checkpoint for the hires pass is not supported (hr_checkpoint_name "
-                             f"{body.hr_checkpoint_name!r}); send null or \"Use same checkpoint\"")
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):  # a library model: checked before queueing
+        request.hires_checkpoint = body.hr_checkpoint_name
     upscaler = body.hr_upscaler or "Latent"  # a latent mode, or one of /upscalers: checked by state.check_request
     request.hires_scale = body.hr_scale
     request.hires_resize_x, request.hires_resize_y = body.hr_resize_x, body.hr_resize_y

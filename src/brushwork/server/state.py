@@ -124,6 +124,8 @@ class ServerState:
         request.model = self.resolve_model(request.model)
         if request.refiner is not None:
             request.refiner = self.resolve_model(request.refiner)
+        if request.hires_checkpoint is not None and str(request.hires_checkpoint).strip():  # blank: none (validate)
+            request.hires_checkpoint = self.resolve_model(request.hires_checkpoint)
         request.vae = self.resolve_vae(request.vae)
         request.config = None  # a file path: HTTP callers choose models by name only
         # the device and memory policy belong to whoever runs the server, not to HTTP callers

@@ -102,6 +102,7 @@ class RunContext:
     extras: dict[str, Any] = field(default_factory=dict)  # what the result carries beside the pictures (its extras)
     settings: Any = None  # the engine's Settings (its library: upscaler models); None: Settings.load()
     refiner: Any = None  # SDXL's refiner (models.load.ModelParts) when the request names one
+    hires_parts: Any = None  # the hires fix's checkpoint (models.load.ModelParts) when the request names one
     networks: Any = None  # the request's LoRAs and embeddings (engine.networks.Networks); None: none
     controlnet: Any = None  # the request's ControlNet units (engine.controlnet.Controls); None: none
     _pipes: dict[tuple, Any] = field(default_factory=dict)
@@ -151,8 +152,10 @@ class RunContext:
         if key not in self._pipes:
             scheduler = scheduler or build_scheduler(parts.scheduler_config, self.request.sampler,
                                                      self.request.scheduler)
-            # ControlNet units (the model's, not the refiner's): the ControlNet pipeline of the same kind
-            controls = self.controlnet if self.controlnet and parts is self.parts else None
+            # ControlNet units (the model's and the hires checkpoint's, of the same kind; not the refiner's): the
+            # ControlNet pipeline of the same kind
+            ours = parts is self.parts or parts is self.hires_parts
+            controls = self.controlnet if self.controlnet and ours else None
             control = {"controlnet": controls.model} if controls else {}
             if parts.family.xl:  # the same task on SDXL's pipeline of that kind
                 name = XL_PIPELINES[class_name] if not controls else controlnet_pipeline(class_name, True)
@@ -243,6 +246,14 @@ class RunContext:
                              denoising_start=switch, num_inference_steps=steps, generator=kwargs.get("generator"),
                              step_offset=done, total=total)
 
+    def owner(self, module):
+        """The loaded model (``parts``, the refiner's or the hires checkpoint's) that ``module`` (a UNet, a VAE) is
+        part of."""
+        for other in (self.refiner, self.hires_parts):
+            if other is not None and (module is other.unet or module is other.vae):
+                return other
+        return self.parts
+
     def backend_for(self, pipe, controls=None):
         """The CPU backend (``engine.backends``) of the model whose UNet ``pipe`` runs, for one denoising loop; torch
         where this request changes the UNet's insides."""
@@ -250,7 +261,7 @@ class RunContext:
         from ..deepcache import interval_for
 
         r = self.request
-        owner = self.refiner if self.refiner is not None and pipe.unet is self.refiner.unet else self.parts
+        owner = self.owner(pipe.unet)
         reasons = [why for why, applies in (
             ("fast mode", interval_for(r.fast) > 1), ("token merging", float(r.token_merging_ratio) > 0),
             ("a LoRA on the UNet", owner is self.parts and self.networks is not None and self.networks.changes_unet),
@@ -266,7 +277,7 @@ class RunContext:
         from ..run import end_guidance_after
         from ..tome import token_merging
 
-        r, control, parts = self.request, self.control, self.parts
+        r, control = self.request, self.control
 
         def on_step_end(p, i, t, callback_kwargs):
             if control.cancel is not None and control.cancel.is_set():
@@ -289,8 +300,8 @@ class RunContext:
         if controls:  # the units' maps, weights, start / end (engine.controlnet); their images halve with CFG end
             kwargs.update(controls.inputs(pipe, self, kwargs))
             tensors += ("image", "control_image")
-        with (torch.inference_mode(), deep_cache(parts.unet, interval_for(r.fast)),
-              token_merging(parts.unet, float(r.token_merging_ratio)),
+        with (torch.inference_mode(), deep_cache(pipe.unet, interval_for(r.fast)),  # the UNet this loop runs
+              token_merging(pipe.unet, float(r.token_merging_ratio)),
               controls.applied(pipe) if controls else nullcontext(), self.backend_for(pipe, controls)):
             out = pipe(**kwargs, output_type="latent", callback_on_step_end=on_step_end,
                        callback_on_step_end_tensor_inputs=[name for name in tensors

@@ -15,6 +15,11 @@
    they are): fresh per-image CPU generators seeded with the same seeds (as A1111's new ``ImageRNG`` over
    the same seeds) draw the noise, at the target size, with the hires prompt and sampler when set.
 
+A hires checkpoint (A1111's ``hr_checkpoint_name``; ``RunContext.hires_parts``, loaded by the engine beside the
+model) runs the second pass: its UNet, its text encoders for the prompts, its scheduler config, and its VAE for
+the final decode; an image upscaler decodes the first pass with the model's VAE and encodes the upscaled pictures
+with the checkpoint's, as A1111 switches checkpoints between the two. The prompts' LoRAs stay on the model.
+
 Steps: A1111 runs exactly ``hires_steps or steps`` steps in the second pass, the last ones of a schedule of
 ``int(N / min(strength, 0.999))`` steps (``sd_samplers_common.setup_img2img_steps`` with steps given). Diffusers'
 img2img runs the last ``int(num_inference_steps * strength)`` of ``num_inference_steps``; so it is called with
@@ -92,7 +97,7 @@ def upscale(ctx: RunContext, latents):
     images = [upscale_image(im, uw, uh, upscaler, ctx.settings, device=ctx.policy.device) for im in images]
     left, top = (uw - out[0]) // f // 2 * f, (uh - out[1]) // f // 2 * f  # the latent crop's, in pixels
     images = [im.crop((left, top, left + out[0], top + out[1])) for im in images]
-    vae = ctx.parts.vae
+    vae = (ctx.hires_parts or ctx.parts).vae  # the second pass's model encodes what it denoises
     pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
     pixels = (pixels.float() / 127.5 - 1).to(ctx.policy.device, vae.dtype)  # as decode: offload hooks move the VAE
     with torch.inference_mode():
@@ -113,10 +118,14 @@ def denoise(ctx: RunContext, seeds: list[int]):
     latents = upscale(ctx, latents)
     if not steps:
         return latents
+    model = ctx.hires_parts or ctx.parts  # the hires checkpoint, else the model
+    if model is not ctx.parts and ctx.networks is not None:
+        ctx.networks.other_model_note("the hires checkpoint's second pass")
     own = r.hires_sampler is not None or r.hires_scheduler is not None
-    scheduler = build_scheduler(ctx.parts.scheduler_config, *r.hires_sampler_and_schedule) if own else None
-    pipe = ctx.pipe("StableDiffusionImg2ImgPipeline", scheduler=scheduler)
-    embeds = ctx.embeddings(len(seeds), prompt=r.hires_prompt or None, negative=r.hires_negative_prompt or None)
+    scheduler = build_scheduler(model.scheduler_config, *r.hires_sampler_and_schedule) if own else None
+    pipe = ctx.pipe("StableDiffusionImg2ImgPipeline", scheduler=scheduler, parts=model)
+    embeds = ctx.embeddings(len(seeds), prompt=r.hires_prompt or None, negative=r.hires_negative_prompt or None,
+                            parts=model)
     return ctx.run_pipe(pipe, step_offset=r.steps, total=total, **embeds, image=latents,
                         num_inference_steps=schedule, strength=strength, generator=ctx.generators(seeds))
 
