@@ -28,36 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from step import machine, sd15_unet, sd21_unet, write_results  # noqa: E402
+from step import add_unet_pass_options, machine, unet_pass, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unet", choices=["sd21", "sd15"], default="sd21")
-    parser.add_argument("--side", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
+    add_unet_pass_options(parser, rounds=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_backends.json"))
     args = parser.parse_args(argv)
     import torch
 
     started = time.time()
-    torch.manual_seed(0)
-    unet = sd21_unet() if args.unet == "sd21" else sd15_unet()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 4, args.side // 8, args.side // 8, generator=gen)
-    t = torch.full((args.batch,), 999.0)
-    context = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=gen)
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-
-    wrapped = Wrapped().eval()
+    _, wrapped, (x, t, context) = unet_pass(args)
     setup: dict[str, dict] = {}
     runs: dict = {}
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from step import machine, sd15_unet, sd21_unet, write_results  # noqa: E402
+from step import add_unet_pass_options, machine, unet_pass, write_results  # noqa: E402
 
 
 def flops(unet, x, t, context) -> dict[str, float]:
@@ -66,10 +66,7 @@ def flops(unet, x, t, context) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unet", choices=["sd21", "sd15"], default="sd21")
-    parser.add_argument("--side", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
+    add_unet_pass_options(parser, rounds=2)
     parser.add_argument("--peak-gflops", type=float, default=166.0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ov_profile.json"))
     args = parser.parse_args(argv)
@@ -77,25 +74,12 @@ def main(argv=None) -> int:
     import torch
 
     started = time.time()
-    torch.manual_seed(0)
-    unet = sd21_unet() if args.unet == "sd21" else sd15_unet()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 4, args.side // 8, args.side // 8, generator=gen)
-    t = torch.full((args.batch,), 999.0)
-    context = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=gen)
+    unet, wrapped, (x, t, context) = unet_pass(args)
     work = flops(unet, x, t, context)
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        model = ov.convert_model(Wrapped(), example_input=(x, t, context))
+        model = ov.convert_model(wrapped, example_input=(x, t, context))
     convert_s = time.perf_counter() - t0
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                                                       "PERF_COUNT": True})

@@ -45,6 +45,37 @@ def sd15_unet():
     return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
 
 
+def unet_pass(args):
+    """One pass of a full-size UNet for the single-pass benchmarks (``ov_profile.py``, ``cpu_backends.py``): the
+    options they share on ``args`` (``--unet sd21|sd15``, ``--side``, ``--batch``) -> (the UNet, a module taking
+    (sample, timestep, encoder_hidden_states) and returning the prediction, and those three inputs)."""
+    import torch
+
+    torch.manual_seed(0)
+    unet = sd21_unet() if args.unet == "sd21" else sd15_unet()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 4, args.side // 8, args.side // 8, generator=gen)
+    t = torch.full((args.batch,), 999.0)
+    context = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=gen)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    return unet, Wrapped().eval(), (x, t, context)
+
+
+def add_unet_pass_options(parser, rounds: int) -> None:
+    parser.add_argument("--unet", choices=["sd21", "sd15"], default="sd21")
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=rounds)
+
+
 def sd21_unet():
     """The SD 2.1 UNet: linear projections, heads of 64 channels, context 1024 (OpenCLIP-H)."""
     from diffusers import UNet2DConditionModel
