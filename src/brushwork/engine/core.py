@@ -153,6 +153,13 @@ class Engine:
                              f"{problem or f'{other.name} is an SDXL refiner'}")
         return second
 
+    def _titled(self, loaded: LoadedModel) -> tuple:
+        """(its parts, A1111's "name [hash]" of it: the infotext's ``Refiner`` / ``Hires checkpoint``, the name
+        without its suffix)."""
+        entry = self.store.with_hash(loaded.entry) if loaded.entry.path.is_file() else loaded.entry
+        short = entry.short_hash
+        return loaded.parts, f"{loaded.parts.name} [{short}]" if short else loaded.parts.name
+
     def _load_second(self, entry: ModelEntry, request: GenerationRequest, *, vae: str | None) -> LoadedModel:
         """The one model kept loaded beside the model (the refiner or the hires checkpoint), placed as the model."""
         from . import backends
@@ -248,16 +255,10 @@ class Engine:
                 if not loaded.parts.family.xl:
                     raise ModelError(f"a refiner takes over from an SDXL model; {loaded.parts.name} is "
                                      f"{loaded.parts.family.label}: leave the refiner out")
-                refined = self.load_refiner(request)
-                refiner_entry = self.store.with_hash(refined.entry) if refined.entry.path.is_file() else refined.entry
-                short = refiner_entry.short_hash  # A1111's "Refiner: name [hash]" (the name without its suffix)
-                refiner = (refined.parts, f"{refined.parts.name} [{short}]" if short else refined.parts.name)
+                refiner = self._titled(self.load_refiner(request))
             hires_model = None
             if request.hires_enabled and request.hires_checkpoint is not None:
-                second = self.load_hires_checkpoint(request)
-                second_entry = self.store.with_hash(second.entry) if second.entry.path.is_file() else second.entry
-                short = second_entry.short_hash  # A1111's "Hires checkpoint: name [hash]", as its Refiner key
-                hires_model = (second.parts, f"{second.parts.name} [{short}]" if short else second.parts.name)
+                hires_model = self._titled(self.load_hires_checkpoint(request))
             # the prompt's LoRAs go on the loaded model for this run only, and its embeddings are looked up
             nets = networks.Networks(loaded.parts, request, self.loras, self.embeddings)
             # the ControlNet units' models, loaded for this model (kept for the next request that names them)
