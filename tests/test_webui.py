@@ -204,6 +204,13 @@ def test_phone_width_has_no_sideways_scrolling(browser, server, tmp_path):
     box = page.locator("#generate").bounding_box()
     assert box["width"] > 300  # the main button spans the screen
     _shot(page, tmp_path, "webui-phone.png")
+    # the hires fix's and the refiner's panels open (their selects list the models' titles) fit too
+    page.check("#enable_hr")
+    page.check("#enable_refiner")
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"with the hires fix and refiner panels open, the page is {overflow}px too wide"
+    page.uncheck("#enable_hr")
+    page.uncheck("#enable_refiner")
 
     # the mask editor fits too, and a finger paints the mask (touch through Pointer Events)
     _upload(page, tmp_path, _quadrants(64))
@@ -805,3 +812,158 @@ def test_controlnet_panel_previews_canny_and_generates_with_two_units(browser, s
         assert not errors, errors
     finally:
         path.unlink(missing_ok=True)
+
+
+# ---- hires checkpoint / sampler / prompt, and the refiner (A1111's txt2img controls) -----------------------------
+
+
+def test_hires_checkpoint_sampler_and_prompt(browser, server):
+    """The hires fix's second pass on another model of the library, with its own sampler and prompt: the picture's
+    parameters name them as A1111 writes them; "Use same ..." and empty prompts are not sent at all."""
+    import re
+
+    import httpx
+
+    from tinymodels import save_single
+
+    model = save_single(server.paths["models"] / "tiny-hires.safetensors", "sd1", seed=1)
+    try:
+        page, errors = _page(browser, server)
+        page.select_option("#model", "tiny")
+        page.fill("#prompt", "a castle")
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        page.fill("#seed", "5")
+        _set_range(page, "#steps", 2)
+        assert page.locator("#hires_checkpoint").is_hidden()  # inside the closed hires panel
+        page.check("#enable_hr")
+        checkpoints = page.eval_on_selector_all("#hires_checkpoint option", "els => els.map(e => [e.value, e.text])")
+        assert checkpoints[0] == ["", "Use same checkpoint"] and "tiny-hires" in [v for v, _ in checkpoints]
+        samplers = page.eval_on_selector_all("#hires_sampler option", "els => els.map(e => [e.value, e.text])")
+        assert samplers[0] == ["", "Use same sampler"] and ["Euler", "Euler"] in samplers
+        assert page.input_value("#hires_checkpoint") == "" and page.input_value("#hires_sampler") == ""
+        page.select_option("#hires_checkpoint", "tiny-hires")
+        page.select_option("#hires_sampler", "Euler")
+        page.fill("#hires_prompt", "a tower at night")
+        page.fill("#hires_negative_prompt", "fog")
+        _set_range(page, "#hires_steps", 1)
+        body, job_id = _submit(page)
+        assert body["hires_checkpoint"] == "tiny-hires" and body["hires_sampler"] == "Euler"
+        assert body["hires_prompt"] == "a tower at night" and body["hires_negative_prompt"] == "fog"
+        assert "hires_scheduler" not in body and "refiner" not in body
+
+        job = _finished(server, job_id)
+        page.wait_for_selector("#results img")
+        text = _result_details(page)
+        assert re.search(r"Hires checkpoint: tiny-hires \[[0-9a-f]+\]", text), text
+        assert "Hires prompt: a tower at night" in text and "Hires negative prompt: fog" in text, text
+        assert "Hires sampler: Euler" in text, text
+        meta = httpx.get(f"{server.url}/api/v1/images/{job['result']['images'][0]['id']}/meta", timeout=10).json()
+        assert "Hires checkpoint: tiny-hires [" in meta["infotext"]
+
+        # "reuse these settings" brings them back
+        page.click("#details button[value=close]")
+        page.select_option("#hires_checkpoint", "")
+        page.fill("#hires_prompt", "")
+        page.uncheck("#enable_hr")
+        page.click("#results img")
+        page.wait_for_selector("#details[open]")
+        page.click("#details-reuse")
+        assert page.is_checked("#enable_hr") and page.input_value("#hires_checkpoint") == "tiny-hires"
+        assert page.input_value("#hires_sampler") == "Euler" and page.input_value("#hires_prompt") == "a tower at night"
+
+        # the same checkpoint, sampler and prompt again: none of the fields is sent
+        page.select_option("#hires_checkpoint", "")
+        page.select_option("#hires_sampler", "")
+        page.fill("#hires_prompt", "")
+        page.fill("#hires_negative_prompt", "  ")
+        body, job_id = _submit(page)
+        assert body["hires_scale"] == 2
+        assert not {"hires_checkpoint", "hires_sampler", "hires_prompt", "hires_negative_prompt"} & set(body), body
+        _finished(server, job_id)
+        assert not errors, errors
+    finally:
+        model.unlink()
+        httpx.post(server.url + "/sdapi/v1/unload-checkpoint", timeout=30).raise_for_status()
+
+
+def test_refiner_panel_on_sdxl_and_the_servers_refusals(browser, server):
+    """The Refiner panel: an SDXL model finished by a tiny SDXL refiner from half the steps (the picture's
+    parameters say so); on an SD 1.x model, or with a hires checkpoint, the server's one-line refusal shows in the
+    error box and the next generation works."""
+    import httpx
+
+    from tinymodels import save_xl_single
+
+    models = server.paths["models"]
+    base = save_xl_single(models / "tiny-xl.safetensors")
+    refiner = save_xl_single(models / "tiny-xl-refiner.safetensors", seed=1, refiner=True)
+    try:
+        page, errors = _page(browser, server)
+        assert page.locator("#refiner-panel").is_hidden() and not page.is_checked("#enable_refiner")
+        page.uncheck("#enable_hr")
+        page.select_option("#model", "tiny-xl")
+        page.fill("#prompt", "a red circle")
+        page.fill("#width", "64")
+        page.fill("#height", "64")
+        page.fill("#seed", "7")
+        page.select_option("#sampler", "Euler")
+        _set_range(page, "#steps", 4)
+        # plain: no refiner fields at all
+        body, job_id = _submit(page)
+        assert "refiner" not in body and "refiner_switch_at" not in body
+        _finished(server, job_id)
+
+        page.check("#enable_refiner")
+        assert page.locator("#refiner-panel").is_visible()
+        assert page.get_attribute("#enable_refiner", "aria-expanded") == "true"
+        names = page.eval_on_selector_all("#refiner option", "els => els.map(e => e.value)")
+        assert {"tiny", "tiny-xl", "tiny-xl-refiner"} <= set(names)
+        assert page.input_value("#refiner") == "tiny-xl-refiner"  # the library's SDXL refiner is offered first
+        assert page.input_value("#refiner_switch_at") == "0.8" and page.inner_text("#refiner-switch-out") == "0.80"
+        _set_range(page, "#refiner_switch_at", 0.5)
+        assert page.inner_text("#refiner-switch-out") == "0.50"
+        body, job_id = _submit(page)
+        assert body["refiner"] == "tiny-xl-refiner" and body["refiner_switch_at"] == 0.5
+        job = _finished(server, job_id)
+        assert _result_image(server, job).size == (64, 64)
+        image_id = job["result"]["images"][0]["id"]  # the refined picture shown (not the plain one before it)
+        page.wait_for_function("id => document.querySelector('#results img')?.src.includes(id)", arg=image_id,
+                               timeout=30_000)
+        text = _result_details(page)
+        assert "Refiner: tiny-xl-refiner [" in text and "Refiner switch at: 0.5" in text, text
+        page.click("#details button[value=close]")
+
+        # a refiner on an SD 1.x model: the job fails with the engine's one line, shown in the error box
+        page.select_option("#model", "tiny")
+        page.fill("#width", "32")
+        page.fill("#height", "32")
+        _set_range(page, "#steps", 2)
+        page.click("#generate")
+        page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+        message = page.inner_text("#error")
+        assert "a refiner takes over from an SDXL model" in message and "\n" not in message.strip(), message
+
+        # a hires checkpoint with a refiner: refused at once (400), its message in the same box
+        page.check("#enable_hr")
+        page.select_option("#hires_checkpoint", "tiny")
+        with page.expect_response(lambda r: r.url.endswith("/api/v1/jobs") and r.request.method == "POST") as answer:
+            page.click("#generate")
+        assert answer.value.status == 400
+        page.wait_for_function("document.querySelector('#error').textContent.includes('do not go together')")
+        assert page.locator("#error").is_visible()
+
+        # the refiner off again: the UI keeps working, the error box clears
+        page.select_option("#hires_checkpoint", "")
+        page.uncheck("#enable_hr")
+        page.uncheck("#enable_refiner")
+        assert page.locator("#refiner-panel").is_hidden()
+        body, job_id = _submit(page)
+        assert "refiner" not in body
+        assert page.locator("#error").is_hidden()
+        _finished(server, job_id)
+        assert not errors, errors
+    finally:
+        base.unlink()
+        refiner.unlink()
+        httpx.post(server.url + "/sdapi/v1/unload-checkpoint", timeout=30).raise_for_status()

@@ -8,9 +8,10 @@ const STORE_KEY = "brushwork.settings.v1";
 const STYLES_KEY = "brushwork.styles.v1";
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "scheduler", "steps", "cfg_scale", "cfg_end",
   "width", "height", "batch_size", "seed", "strength", "token_merging_ratio", "emphasis",
-  "hires_upscaler", "hires_scale", "hires_steps", "hires_strength",
+  "hires_upscaler", "hires_scale", "hires_steps", "hires_strength", "hires_checkpoint", "hires_sampler",
+  "hires_scheduler", "hires_prompt", "hires_negative_prompt", "refiner", "refiner_switch_at",
   "mask_blur", "inpainting_fill", "inpaint_full_res_padding", "brush_size"];
-const CHECKS = ["fast", "enable_hr", "inpaint_full_res"];  // checkboxes and radios saved with the settings
+const CHECKS = ["fast", "enable_hr", "enable_refiner", "inpaint_full_res"];  // checkboxes and radios saved with the settings
 // the partner of each saved radio, checked when the saved one is not
 const RADIO_PARTNER = { inpaint_full_res: "inpaint_area_whole", inpainting_mask_invert: "mask_mode_masked" };
 // the hires fix's upscalers (request.py HIRES_UPSCALERS), used when /sdapi/v1 cannot be read
@@ -145,7 +146,9 @@ function updateOutputs() {
   $("hires-scale-out").textContent = `${Number($("hires_scale").value).toFixed(2)}x`;
   $("hires-steps-out").textContent = $("hires_steps").value === "0" ? "same as steps" : $("hires_steps").value;
   $("hires-strength-out").textContent = $("hires_strength").value;
+  $("refiner-switch-out").textContent = Number($("refiner_switch_at").value).toFixed(2);
   updateHires();
+  updateRefiner();
   updateOutpaintSize();
   updateDepth();
   const prompt = $("prompt").value.toLowerCase();
@@ -181,6 +184,15 @@ async function loadChoices() {
   fillSelect($("sampler"), samplers.samplers.map((s) => [s.name, s.name]), "Euler a");
   fillSelect($("scheduler"), samplers.schedule_types.map((s) => [s, s]), "Automatic");
   fillSelect($("hires_upscaler"), upscalers.map((name) => [name, name]), "Latent");
+  // the hires fix's second pass and the refiner: the library's models, as the model picker lists them; "" = the
+  // same as the first pass (not sent)
+  const library = models.models.map((m) => [m.name, m.title]);
+  fillSelect($("hires_checkpoint"), [["", "Use same checkpoint"], ...library]);
+  fillSelect($("hires_sampler"), [["", "Use same sampler"], ...samplers.samplers.map((s) => [s.name, s.name])]);
+  fillSelect($("hires_scheduler"), [["", "Use same scheduler"], ...samplers.schedule_types.map((s) => [s, s])]);
+  const refiner = models.models.find((m) => m.family === "sdxl-refiner");
+  fillSelect($("refiner"), library.length ? library : [["", "no models in the library"]],
+    refiner ? refiner.name : undefined);
   fillSelect($("upscale-upscaler"), imageUpscalers.map((name) => [name, name]),
     imageUpscalers.find((name) => !["Lanczos", "Nearest"].includes(name)) || "Lanczos");
 }
@@ -221,6 +233,16 @@ function updateHires() {
   $("hires-size").textContent = w && h
     ? `${w}x${h} → ${floor8(Math.floor(w * scale))}x${floor8(Math.floor(h * scale))}`
     : `the model's size x ${scale.toFixed(2)}`;
+}
+
+// ---- refiner ---------------------------------------------------------------------------------
+
+// A1111's Refiner: another model (SDXL's refiner, or an SDXL checkpoint) runs the steps after "Switch at"
+function updateRefiner() {
+  const on = $("enable_refiner").checked;
+  $("enable_refiner").setAttribute("aria-expanded", String(on));
+  $("refiner-panel").hidden = !on;
+  $("refiner-note").hidden = on;
 }
 
 // ---- prompt modifiers and saved styles -------------------------------------------------------
@@ -919,6 +941,12 @@ async function buildRequest(kind = "generate") {
   };
   const units = controlNetUnits();
   if (units.length) body.controlnet = units;
+  // the refiner's fields only when it is on: a request without it stays as it was
+  if ($("enable_refiner").checked) {
+    if (!$("refiner").value) throw new Error("The refiner is on but the library has no model to use as one.");
+    body.refiner = $("refiner").value;
+    body.refiner_switch_at = num("refiner_switch_at");
+  }
   if (kind === "outpaint") {
     if (!state.initImage) throw new Error("Outpaint needs an init image: drop one above first.");
     const grown = await outpaintImages();
@@ -958,6 +986,13 @@ async function buildRequest(kind = "generate") {
       hires_steps: num("hires_steps") || 0,
       hires_strength: num("hires_strength"),
     });
+    // "Use same ..." and an empty prompt are not sent: the first pass's
+    for (const name of ["hires_checkpoint", "hires_sampler", "hires_scheduler"]) {
+      if ($(name).value) body[name] = $(name).value;
+    }
+    for (const name of ["hires_prompt", "hires_negative_prompt"]) {
+      if ($(name).value.trim()) body[name] = $(name).value;
+    }
   }
   return body;
 }
@@ -1214,6 +1249,17 @@ function reuseSettings() {
     if ([...$("hires_upscaler").options].some((o) => o.value === r.hires_upscaler)) set("hires_upscaler", r.hires_upscaler);
     set("hires_steps", r.hires_steps);
     set("hires_strength", r.hires_strength);
+    for (const name of ["hires_checkpoint", "hires_sampler", "hires_scheduler"]) {
+      $(name).value = [...$(name).options].some((o) => o.value === r[name]) ? r[name] : "";
+    }
+    $("hires_prompt").value = r.hires_prompt || "";
+    $("hires_negative_prompt").value = r.hires_negative_prompt || "";
+  }
+  const refiner = Boolean(r.refiner) && [...$("refiner").options].some((o) => o.value === r.refiner);
+  $("enable_refiner").checked = refiner;
+  if (refiner) {
+    $("refiner").value = r.refiner;
+    set("refiner_switch_at", r.refiner_switch_at);
   }
   if (r.mode === "inpaint") {
     set("mask_blur", r.mask_blur);
@@ -1260,6 +1306,7 @@ async function main() {
   $("details-to-init").addEventListener("click", detailsToInit);
   $("details-upscale").addEventListener("click", detailsUpscale);
   $("enable_hr").addEventListener("change", updateOutputs);
+  $("enable_refiner").addEventListener("change", updateOutputs);
   let searchTimer = null;
   $("gallery-search").addEventListener("input", () => {
     clearTimeout(searchTimer);
