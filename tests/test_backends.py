@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,15 @@ def test_openvino_draws_torch_s_picture_and_a_second_process_reads_the_cache(sha
         first = _run(_engine(shared_home, "openvino"))
     # said as the conversion starts (it takes minutes for a full-size model), once per component
     assert [r.getMessage().split(" once")[0] for r in caplog.records] == [
-        "OpenVINO: converting the UNet", "OpenVINO: converting the VAE decoder"]
+        "OpenVINO: converting the text encoder", "OpenVINO: converting the UNet", "OpenVINO: converting the VAE decoder"]
     picture = np.asarray(first.images[0]).astype(int)
     assert picture.shape == torch_picture.shape
     assert np.abs(picture - torch_picture).max() <= TOLERANCE
     converted = [n for n in first.notes if "converted once" in n]
-    assert len(converted) == 2 and "UNet" in converted[0] and "VAE decoder" in converted[1], first.notes
+    assert [n.split(" was")[0] for n in converted] == [
+        "OpenVINO: the text encoder", "OpenVINO: the UNet", "OpenVINO: the VAE decoder"], first.notes
     cached = sorted(p.name.split("-")[0] for p in (shared_home / "cache/openvino").iterdir() if p.name != "kernels")
-    assert cached == ["unet", "vae_decoder"]
+    assert cached == ["text_encoder", "unet", "vae_decoder"]
     # torch's copy of the converted weights takes no memory of its own: it is mapped from the cache's file
     maps = Path("/proc/self/maps").read_text()
     for folder in (shared_home / "cache/openvino").glob("*-*"):
@@ -70,7 +72,7 @@ def test_openvino_draws_torch_s_picture_and_a_second_process_reads_the_cache(sha
     second = _run(again)
     assert not [n for n in second.notes if "converted" in n], second.notes
     stats = again._loaded.parts.backend.stats
-    assert stats["converted"] == 0 and stats["loaded_from_cache"] == 2
+    assert stats["converted"] == 0 and stats["loaded_from_cache"] == 3
     assert np.array_equal(np.asarray(second.images[0]), np.asarray(first.images[0]))
 
     # another process (its own hash seed, nothing shared but the disk): the CLI reads the same conversions
@@ -101,7 +103,7 @@ def test_the_tiny_decoder_runs_on_openvino_too_and_draws_torch_s_picture(tmp_pat
     assert np.abs(pictures["openvino"] - pictures["torch"]).max() <= TOLERANCE
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "openvino/cache/openvino").iterdir()
                     if p.name != "kernels")
-    assert cached == ["taesd_decoder", "unet"]  # the full VAE decoder was never run, so never converted
+    assert cached == ["taesd_decoder", "text_encoder", "unet"]  # the full VAE decoder never ran, so never converted
 
 
 def test_a_run_that_changes_the_unet_s_insides_stays_on_torch_and_says_so(shared_home):
@@ -122,9 +124,8 @@ def test_a_failing_conversion_keeps_torch_with_one_line(tmp_path, monkeypatch, t
     monkeypatch.setattr(openvino, "convert_model", broken)
     result = _run(_engine(tmp_path / "home", "openvino"))
     failed = [n for n in result.notes if "OpenVINO" in n]
-    assert failed == ["OpenVINO could not take the UNet (RuntimeError: cannot convert this module); it runs on torch",
-                      "OpenVINO could not take the VAE decoder (RuntimeError: cannot convert this module); it runs on "
-                      "torch"]
+    assert failed == [f"OpenVINO could not take the {what} (RuntimeError: cannot convert this module); it runs on torch"
+                      for what in ("text encoder", "UNet", "VAE decoder")]
     assert np.array_equal(np.asarray(result.images[0]).astype(int), torch_picture)  # exactly torch's
 
 
@@ -165,3 +166,61 @@ def test_a_bad_backend_setting_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("BRUSHWORK_BACKEND", "tensorrt")
     with pytest.raises(BrushworkError, match="setting backend must be auto, torch or openvino, got 'tensorrt'"):
         Settings.load(home=tmp_path)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_text_encoders_on_openvino_give_torch_s_embeddings_with_clip_skip_and_an_embedding(
+        family, tiny, tmp_path):
+    """A prompt's encoding (A1111's chunks, weights, clip skip) with the text encoders on OpenVINO: torch's
+    numbers, a textual-inversion embedding's vectors included (they go in through torch's embedding layer)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from brushwork.engine import backends, prompts
+    from brushwork.models.embeddings import EmbeddingLibrary, text_encoders
+    from brushwork.models.load import load_single_file
+    from brushwork.models.store import ModelStore
+    from tinymodels import save_xl_single
+
+    path = tiny["sd1"]["safetensors"] if family == "sd1" else save_xl_single(tmp_path / "xl.safetensors")
+    parts = load_single_file(path)
+    library = tmp_path / "models"
+    (library / "embeddings").mkdir(parents=True)
+    widths = dict(text_encoders(parts))
+    vectors = {kind or "emb_params": torch.randn((2, width), generator=torch.Generator().manual_seed(7))
+               for kind, width in widths.items()}
+    save_file(vectors, library / "embeddings" / "shinystyle.safetensors")
+    db = EmbeddingLibrary(ModelStore(Settings(home=tmp_path / "home", models_dir=library))).for_model(parts)
+    assert "shinystyle" in db.loaded
+
+    def encode(accel, prompt, clip_skip):
+        options = dict(clip_skip=clip_skip, embeddings=db)
+        with accel.text_encoders(parts) if accel is not None else nullcontext():
+            if parts.family.xl:
+                return prompts.encode_xl(parts.encoders, prompt, "blurry, ugly", **options)
+            return prompts.encode(parts.text_encoder, parts.tokenizer, prompt, "blurry, ugly", **options)
+
+    accel = backends.OpenVinoModel(tmp_path / "cache")
+    # two chunks; no emphasis: "Original" restores each chunk's mean, and a mean near 0 (after clip skip's final
+    # norm) turns any rounding into a visible scale, on torch against torch too
+    prompt = "a shinystyle lighthouse, " + "waves " * 80
+    for clip_skip in (1, 2):
+        on_torch, on_openvino = encode(None, prompt, clip_skip), encode(accel, prompt, clip_skip)
+        assert len(on_torch) == len(on_openvino)
+        for a, b in zip(on_torch, on_openvino, strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4), (clip_skip, (a - b).abs().max())
+    # the embedding's vectors did go in: without them the encoding differs
+    plain = encode(accel, prompt.replace("shinystyle", "shiny style"), 1)
+    assert not torch.allclose(plain[0], encode(None, prompt, 1)[0], atol=1e-3)
+    assert accel.stats["converted"] == (2 if family == "sdxl" else 1) and not accel.failed, accel.failed
+    assert accel.stats["compiled"] == accel.stats["converted"]  # one shape (a chunk), compiled once
+
+
+def test_a_lora_on_the_text_encoder_keeps_it_on_torch_and_says_so(tmp_path):
+    from brushwork.engine import backends
+
+    accel = backends.OpenVinoModel(tmp_path)
+    with backends.text_context(accel, object(), reasons=["a LoRA on the text encoder"]):
+        pass
+    assert accel.notes == ["OpenVINO: the text encoder runs on torch for this request (a LoRA on the text encoder)"]
+    assert accel.stats["converted"] == 0

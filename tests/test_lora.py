@@ -686,3 +686,24 @@ def test_a_hires_checkpoint_runs_its_pass_without_the_loras_and_says_so(eng, tin
     assert "LoRAs apply to the model, not to the hires checkpoint's second pass" in result.notes
     assert not np.array_equal(plain, other)  # the same weights, but the second pass without the LoRA
     assert "Lora hashes" in result.infotexts[0] and "Hires checkpoint: tiny-twin [" in result.infotexts[0]
+
+
+def test_on_openvino_a_lora_keeps_what_it_changes_on_torch_and_draws_torch_s_picture(library, eng):
+    """The converted text encoder and UNet have the plain weights: a LoRA's request runs the parts it changes on
+    torch (one note each), so its picture is torch's; the same engine's next plain request is on OpenVINO again."""
+    pytest.importorskip("openvino")
+    from brushwork import Engine, Settings
+
+    ov = Engine(Settings(home=library / "ov-home", models_dir=library / "models", backend="openvino"))
+    for tag, notes in (("<lora:style:1:0>", ["the text encoder runs on torch for this request (a LoRA on the text "
+                                             "encoder)"]),
+                       ("<lora:style:0:1>", ["the UNet runs on torch for this request (a LoRA on the UNet)"])):
+        on_torch, _ = draw(eng, f"a red circle {tag}")
+        on_ov, result = draw(ov, f"a red circle {tag}")
+        said = [n.removeprefix("OpenVINO: ") for n in result.notes if n.startswith("OpenVINO: the")
+                and "runs on torch" in n]
+        assert said == notes, result.notes
+        assert np.abs(on_ov - on_torch).max() <= 1  # the decoder is OpenVINO's: its rounding, at most 1/255
+    plain, result = draw(ov, "a red circle")
+    assert not [n for n in result.notes if "runs on torch" in n], result.notes
+    assert ov._loaded.parts.backend.stats["compiled"] >= 3  # the text encoder, the UNet, the VAE decoder

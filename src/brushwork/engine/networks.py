@@ -182,6 +182,11 @@ class Networks:
         """Whether the LoRAs now on change the UNet (a CPU backend's converted UNet has the plain weights)."""
         return any(unet != 0 for _, _, unet in self._active or ())
 
+    @property
+    def changes_text_encoder(self) -> bool:
+        """Whether the LoRAs now on change the text encoders (a converted text encoder has the plain weights)."""
+        return any(te != 0 for _, te, _ in self._active or ())
+
     def release(self) -> None:
         """Every adapter off again (the model as loaded), whatever the run did."""
         self._hooks.remove()

@@ -209,10 +209,15 @@ class RunContext:
             options = dict(clip_skip=r.clip_skip, device=self.policy.device, emphasis=r.emphasis,
                            comma_padding_backtrack=r.comma_padding_backtrack,
                            embeddings=networks.embeddings_for(parts) if networks is not None else None)
-            if parts.family.xl:
-                embeds = prompts.encode_xl(parts.encoders, *texts, **options)
-            else:
-                embeds = prompts.encode(parts.text_encoder, parts.tokenizer, *texts, **options)
+            from ..backends import text_context
+
+            lora = parts is self.parts and networks is not None and networks.changes_text_encoder
+            with text_context(getattr(parts, "backend", None), parts,
+                              reasons=["a LoRA on the text encoder"] if lora else []):
+                if parts.family.xl:
+                    embeds = prompts.encode_xl(parts.encoders, *texts, **options)
+                else:
+                    embeds = prompts.encode(parts.text_encoder, parts.tokenizer, *texts, **options)
             if own:
                 self._embeds[id(parts)] = embeds
         out = {"prompt_embeds": embeds[0].repeat(n, 1, 1), "negative_prompt_embeds": embeds[1].repeat(n, 1, 1)}
