@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import os
 import shutil
 
 import numpy as np
@@ -275,3 +276,45 @@ def test_the_refiner_reads_an_sdxl_embeddings_clip_g_and_leaves_loras_out_with_a
     request = dataclasses.replace(request, prompt="a red circle <lora:xl-style:0.8>")
     notes = draw()[2].notes
     assert "LoRAs apply to the model, not to the refiner (an SDXL LoRA does not fit the refiner's layers)" in notes
+
+
+def test_a_prompt_encoded_again_is_read_from_the_model_s_last_encodings_with_its_ti_hashes(library, tmp_path):
+    """As A1111's cached conds: the same prompts and settings again (a new seed) skip the text encoder, and the
+    picture and the infotext's TI hashes are the ones a fresh encoding gives; another clip skip, and an embedding
+    file changed on disk, encode again."""
+    import time
+
+    engine = engine_for(library, "cache-home")
+    calls = []
+
+    def draw(prompt, seed=SEED, **kw):
+        result = engine.generate(GenerationRequest(prompt=prompt, negative_prompt="badhands", model="tiny",
+                                                   sampler="Euler", steps=STEPS, seed=seed, width=SIZE, height=SIZE,
+                                                   watermark=False, **kw))
+        return np.asarray(result.images[0]).astype(int), result.infotexts[0]
+
+    first, text = draw("a red circle, shinystyle")
+    hook = engine._loaded.parts.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again, again_text = draw("a red circle, shinystyle")
+        assert calls == [] and np.array_equal(again, first) and again_text == text
+        assert 'TI hashes: "shinystyle: ' in text and "badhands: " in text
+        other_seed, other_text = draw("a red circle, shinystyle", seed=SEED + 1)
+        assert calls == [] and np.abs(other_seed - first).max() > 0 and "TI hashes" in other_text
+        fresh = engine_for(library, "fresh-home")  # the reference: a new engine, nothing kept
+        reference = fresh.generate(GenerationRequest(prompt="a red circle, shinystyle", negative_prompt="badhands",
+                                                     model="tiny", sampler="Euler", steps=STEPS, seed=SEED + 1,
+                                                     width=SIZE, height=SIZE, watermark=False))
+        assert np.array_equal(other_seed, np.asarray(reference.images[0]).astype(int))
+        assert reference.infotexts[0].split("Seed:")[1] == other_text.split("Seed:")[1]
+
+        draw("a red circle, shinystyle", clip_skip=2)
+        assert len(calls) == 2  # prompt and negative, one chunk each
+        shiny = library / "models" / "embeddings" / "shinystyle.pt"
+        a1111_pt(shiny, vectors(2, 9) * 0.5)  # the file changes on disk: read again, encoded again
+        os.utime(shiny, ns=(time.time_ns(), time.time_ns() + 10**9))
+        changed, _ = draw("a red circle, shinystyle")
+        assert len(calls) == 4 and np.abs(changed - first).max() > 0
+    finally:
+        hook.remove()
+        a1111_pt(library / "models" / "embeddings" / "shinystyle.pt", vectors(2, 1) * 0.5)  # as the fixture made it

@@ -707,3 +707,19 @@ def test_on_openvino_a_lora_keeps_what_it_changes_on_torch_and_draws_torch_s_pic
     plain, result = draw(ov, "a red circle")
     assert not [n for n in result.notes if "runs on torch" in n], result.notes
     assert ov._loaded.parts.backend.stats["compiled"] >= 3  # the text encoder, the UNet, the VAE decoder
+
+
+def test_an_encoding_a_lora_changes_is_never_kept_for_the_next_request(eng, base):
+    """The model keeps its last prompt encodings (A1111's cached conds), but never one a LoRA on the text encoder
+    made: the same tags encode again, and the plain prompt after them is the plain picture."""
+    calls = []
+    hook = eng._loaded.parts.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first, _ = draw(eng, "a red circle <lora:style:1:0>")
+        second, _ = draw(eng, "a red circle <lora:style:1:0>")
+        assert len(calls) == 4 and np.array_equal(first, second)  # prompt and negative, twice
+        plain, _ = draw(eng, "a red circle")
+        assert np.array_equal(plain, base) and np.abs(first - base).max() > 0
+        assert len(calls) == 4  # the plain prompt's encoding was kept from before
+    finally:
+        hook.remove()

@@ -65,6 +65,9 @@ class ModelParts:
     # the CPU backend's converted components (engine/backends.py: OpenVINO's UNet and VAE decoder), made when the
     # model loads per the device policy; None: torch
     backend: object = None
+    # the last prompts' encodings (engine/tasks/base.py ``RunContext.embeddings``): a prompt encoded again with the
+    # same settings is read from here, as A1111's cached conds (cleared with the model)
+    conditionings: dict = field(default_factory=dict)
 
     @property
     def modules(self) -> dict:

@@ -49,6 +49,9 @@ def text_to_image_models(parts) -> str | None:
 
 
 # A task names the SD pipeline it runs; on an SDXL model the same task runs SDXL's pipeline of that kind
+# how many prompt encodings a model keeps (``RunContext._encoded``; a few hundred KB each)
+CONDITIONINGS_KEPT = 16
+
 XL_PIPELINES = {
     "StableDiffusionPipeline": "StableDiffusionXLPipeline",
     "StableDiffusionImg2ImgPipeline": "StableDiffusionXLImg2ImgPipeline",
@@ -206,18 +209,11 @@ class RunContext:
             texts = (prompts.strip_extra_networks(text), r.negative_prompt if negative is None else negative)
             if not self.guided(parts):  # no CFG: the negative prompt is never read, so it is not encoded
                 texts = (texts[0], None)
+            library = networks.embeddings_for(parts) if networks is not None else None
             options = dict(clip_skip=r.clip_skip, device=self.policy.device, emphasis=r.emphasis,
-                           comma_padding_backtrack=r.comma_padding_backtrack,
-                           embeddings=networks.embeddings_for(parts) if networks is not None else None)
-            from ..backends import text_context
-
+                           comma_padding_backtrack=r.comma_padding_backtrack, embeddings=library)
             lora = parts is self.parts and networks is not None and networks.changes_text_encoder
-            with text_context(getattr(parts, "backend", None), parts,
-                              reasons=["a LoRA on the text encoder"] if lora else []):
-                if parts.family.xl:
-                    embeds = prompts.encode_xl(parts.encoders, *texts, **options)
-                else:
-                    embeds = prompts.encode(parts.text_encoder, parts.tokenizer, *texts, **options)
+            embeds = self._encoded(parts, texts, options, lora)
             if own:
                 self._embeds[id(parts)] = embeds
         out = {"prompt_embeds": embeds[0].repeat(n, 1, 1), "negative_prompt_embeds": embeds[1].repeat(n, 1, 1)}
@@ -225,6 +221,46 @@ class RunContext:
             out.update(pooled_prompt_embeds=embeds[2].repeat(n, 1),
                        negative_pooled_prompt_embeds=embeds[3].repeat(n, 1))
         return out
+
+    def _encoded(self, parts, texts: tuple, options: dict, lora: bool) -> tuple:
+        """``texts``' encoding by ``parts``' text encoders; the same texts with the same settings again (a new seed,
+        the next picture of a batch count, the hires pass's same prompt) are read from the model's last encodings,
+        as A1111 caches conds across generations, with the embeddings they used (the infotext's ``TI hashes``).
+        The key holds the library's embeddings, so a file added or changed there is encoded again; an encoding a
+        LoRA on the text encoder changes is never kept."""
+        from .. import prompts
+        from ..backends import text_context
+
+        library = options["embeddings"]
+        key = (texts, *(options[k] for k in ("clip_skip", "emphasis", "comma_padding_backtrack")),
+               str(options["device"]), tuple(str(te.dtype) for te in parts.text_encoders),
+               tuple(sorted((name, id(e)) for name, e in library.loaded.items())) if library is not None else ())
+        cache = parts.conditionings
+        if not lora and key in cache:
+            embeds, used = cache[key] = cache.pop(key)  # the most recent last
+        else:
+            before = {} if library is None else library.used
+            if library is not None:
+                library.used = {}  # what this encoding finds
+            try:
+                with text_context(getattr(parts, "backend", None), parts,
+                                  reasons=["a LoRA on the text encoder"] if lora else []):
+                    if parts.family.xl:
+                        embeds = prompts.encode_xl(parts.encoders, *texts, **options)
+                    else:
+                        embeds = prompts.encode(parts.text_encoder, parts.tokenizer, *texts, **options)
+            finally:
+                if library is not None:
+                    used, library.used = library.used, before
+            if library is None:
+                used = {}
+            if not lora:
+                cache[key] = (embeds, used)
+                while len(cache) > CONDITIONINGS_KEPT:
+                    cache.pop(next(iter(cache)))
+        if library is not None:
+            library.used.update(used)
+        return embeds
 
     def guided(self, parts=None) -> bool:
         """Whether the run uses CFG (a negative prompt): as diffusers decides it, CFG scale above 1 and a UNet that
