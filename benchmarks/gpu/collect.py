@@ -5,9 +5,10 @@
 
 Only the standard library (and torch for ``env``): it must run even when the project's packages do not import.
 Each part writes into WORK; this copies the results into OUT, where at most 8 files come back (run.sh's log, this
-summary, pytest.xml and one JSON per benchmark: unet, step, image, upscale, compile: all 8 of them). A part that was
-stopped by its timeout before writing its JSON gets one rebuilt from the JSON lines it printed (marked
-``"partial": true``); a part that did not run gets one saying why. So every part's file is there whatever happened after it.
+summary, pytest.xml and one JSON per benchmark: unet, step, image (its three parts: sd15, sd21, sdxl), upscale,
+compile: all 8 of them). A part that was stopped by its timeout before writing its JSON gets one rebuilt from the
+JSON lines it printed (marked ``"partial": true``); a part that did not run gets one saying why. So every part's
+file is there whatever happened after it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PARTS = {
     "step": ("step.json", "step.json"),
     "image_sd15": ("image_sd15.json", "image.json"),
     "image_sd21": ("image_sd21.json", "image.json"),
+    "image_sdxl": ("image_sdxl.json", "image.json"),
     "upscale": ("upscale.json", "upscale.json"),
     "compile": ("compile.json", "compile.json"),
 }
@@ -176,7 +178,8 @@ def highlights(files: dict) -> dict:
     for key, entry in (files.get("image.json") or {}).items():
         if key.startswith("gpu_") and isinstance(entry, dict):
             out[key] = {name: {k: v.get(k) for k in ("it_s", "s", "peak_vram_gb", "error") if k in v}
-                        for name, v in entry.items() if isinstance(v, dict) and not name.startswith("_")}
+                        for name, v in entry.items() if isinstance(v, dict) and name.startswith(("diffusers",
+                                                                                                  "brushwork"))}
     upscale = files.get("upscale.json") or {}
     for key, entry in upscale.items():  # "512->2048": {"plain": ..., "brushwork": ...}
         if "->" in key and isinstance(entry, dict):
@@ -214,9 +217,9 @@ def summary(work: Path, out: Path) -> dict:
                 data = {"part": part, "no_results": ": ".join(str(status[k]) for k in ("state", "note")
                                                               if status.get(k))}
         data["_part_status"] = status
-        if dest == "image.json":  # the two image parts, one file
+        if dest == "image.json":  # the three image parts, one file
             merged = files.setdefault(dest, {"benchmark": "image", "parts": {}})
-            merged["parts"][part] = {k: data.get(k) for k in ("wall_s", "peak_rss_mb", "partial", "why",
+            merged["parts"][part] = {k: data.get(k) for k in ("steps", "wall_s", "peak_rss_mb", "partial", "why",
                                                               "no_results", "_part_status") if k in data}
             merged.setdefault("machine", data.get("machine"))
             merged.setdefault("steps", data.get("steps"))

@@ -14,6 +14,9 @@
 #   upscale     benchmarks/upscale.py --device cuda --memory low --sizes 512: the x4 upscaler's 512 -> 2048 (20 steps,
 #               brushwork alone), wall time and peak VRAM (allocated, reserved; issue 13's goal: under 4 GB)
 #                                                                                    -> $OUT/upscale.json
+#   image_sdxl  benchmarks/image.py --device cuda --gpu-families sdxl: SDXL base at 1024 (random weights, built on
+#               the GPU, saved as an fp16 single file, loaded by the engine), 10 steps, it/s and peak VRAM per memory
+#               mode vs diffusers fp16 (its VAE's force_upcast); skipped under 120 s left   -> $OUT/image.json too
 #   compile     unet.py with torch.compile (GPU_CHECK_COMPILE: default,max-autotune), with what time is left
 #                                                                                    -> $OUT/compile.json
 # After every part $OUT/summary.json is rewritten (machine, each part's state, test outcomes, the main numbers), so
@@ -28,7 +31,7 @@ ROOT=$PWD
 OUT=${OUT:-/tmp/brushwork-gpu-out}
 WORK=${GPU_CHECK_WORK:-/tmp/brushwork-gpu-work}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-PARTS=" ${GPU_CHECK_PARTS:-pytest unet step image_sd15 image_sd21 upscale compile} "
+PARTS=" ${GPU_CHECK_PARTS:-pytest unet step image_sd15 image_sd21 upscale image_sdxl compile} "
 COMPILE_MODES=${GPU_CHECK_COMPILE:-default,max-autotune}
 RESERVE=25  # seconds kept for the last summary and a part's kill-after
 if [ -z "${PY:-}" ]; then
@@ -130,6 +133,9 @@ part image_sd15 120 60 1 benchmarks/image.py --device cuda --gpu-families sd15 -
 part image_sd21 150 80 1 benchmarks/image.py --device cuda --gpu-families sd21 --out "$WORK/image_sd21.json"
 part upscale 120 50 1 benchmarks/upscale.py --device cuda --memory low --sizes 512 --plain-steps 0 \
     --brushwork-steps 20 --equal-steps 0 --out "$WORK/upscale.json"
+# SDXL: ~3.5 B parameters made on the GPU, ~7 GB written and read back, then 4 modes (minimal streams the UNet layer by
+# layer each step); under 120 s it would not get past the load, so it is skipped and compile gets the time
+part image_sdxl 210 120 1 benchmarks/image.py --device cuda --gpu-families sdxl --steps 10 --out "$WORK/image_sdxl.json"
 part compile 240 60 1 benchmarks/gpu/unet.py --families sd15:512 --variants diffusers_fp16,brushwork \
     --compile "$COMPILE_MODES" --out "$WORK/compile.json"
 
