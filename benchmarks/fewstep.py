@@ -264,7 +264,14 @@ def plain_pipeline(parts, vae, name: str):
     return pipe
 
 
-def run_plain(pipe, name: str, side: int, clock: ModuleClock):
+def prompt_for(name: str, decoder: str, round_: int) -> str:
+    """Each run's prompt (the same for both sides of a round): a new one for every model, decoder and round, so no
+    run reads another's encoding (brushwork keeps a model's last encodings, as A1111 does; ``same_prompt_again``
+    measures that apart)."""
+    return f"{PROMPT} ({name}, {decoder}, take {round_})"
+
+
+def run_plain(pipe, name: str, side: int, clock: ModuleClock, prompt: str = PROMPT):
     import torch
 
     spec = MODELS[name]
@@ -277,7 +284,7 @@ def run_plain(pipe, name: str, side: int, clock: ModuleClock):
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         before = rss.peak
-        image = pipe(PROMPT, num_inference_steps=1, guidance_scale=guidance, height=side, width=side,
+        image = pipe(prompt, num_inference_steps=1, guidance_scale=guidance, height=side, width=side,
                      generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
     seconds = time.perf_counter() - t0
     return image, {"total_s": round(seconds, 2), "modules": clock.report(), "peak_rss_mb": rss.mb,
@@ -373,9 +380,10 @@ def bench_model(name: str, args, use_defaults: bool, settings, store) -> dict:
                 if args.side_only and side_name != args.side_only:
                     continue
                 if side_name == "plain":
-                    image, record = run_plain(plain, name, side, clock)
+                    image, record = run_plain(plain, name, side, clock, prompt_for(name, decoder, r))
                 else:
-                    image, record = run_brushwork(parts, policy, request, clock, settings)
+                    image, record = run_brushwork(parts, policy, dataclasses.replace(request, prompt=prompt_for(name, decoder, r)),
+                                                  clock, settings)
                 record["round"] = r
                 record["load_average_1min_after"] = round(os.getloadavg()[0], 2)
                 runs[side_name].append(record)
@@ -383,6 +391,13 @@ def bench_model(name: str, args, use_defaults: bool, settings, store) -> dict:
                 print(f"{name} {decoder} round {r} {side_name}: {record['total_s']} s, peak RSS {record['peak_rss_mb']}"
                       f" MB, {record['modules']}", flush=True)
             loads.append(round(os.getloadavg()[0], 2))
+        again = None
+        if runs["brushwork"]:  # the last round's prompt once more: its encoding is read from the model's cache
+            last = len(runs["brushwork"]) - 1
+            again_image, again = run_brushwork(parts, policy, dataclasses.replace(
+                request, prompt=prompt_for(name, decoder, runs["brushwork"][-1]["round"])), clock, settings)
+            print(f"{name} {decoder} same prompt again brushwork: {again['total_s']} s, {again['modules']}",
+                  flush=True)
         entry: dict = {
             "settings": {"brushwork": {k: getattr(request, k) for k in ("steps", "cfg_scale", "sampler", "scheduler",
                                                                         "width", "height", "vae")},
@@ -408,8 +423,9 @@ def bench_model(name: str, args, use_defaults: bool, settings, store) -> dict:
                                                                 2)
         if both:
             entry["pixel_diff_brushwork_vs_plain"] = pixel_diff(images["brushwork"][-1], images["plain"][-1])
-        if runs["brushwork"]:
-            entry["pixel_diff_brushwork_first_vs_last"] = pixel_diff(images["brushwork"][0], images["brushwork"][-1])
+        if again is not None:
+            entry["brushwork"]["same_prompt_again"] = again
+            entry["pixel_diff_brushwork_same_prompt_again"] = pixel_diff(images["brushwork"][last], again_image)
         out[decoder] = entry
         if args.save_images:
             for side_name in (n for n in ("plain", "brushwork") if images[n]):
@@ -457,7 +473,8 @@ def main(argv=None) -> int:
     use_defaults = fewstep_defaults_available()
     names = args.only or list(MODELS)
     results: dict = {
-        "benchmark": "fewstep", "machine": machine(), "command": " ".join(sys.argv), "prompt": PROMPT, "seed": SEED,
+        "benchmark": "fewstep", "machine": machine(), "command": " ".join(sys.argv), "prompt": PROMPT, "prompts": "per run: PROMPT + ' (model, decoder, take r)'",
+        "seed": SEED,
         "rounds": {"first": 1, "warm": args.rounds}, "arch": args.arch,
         "turbo_settings": ("the model's few-step defaults: request turbo=True (models/fewstep.py)" if use_defaults
                            else "explicit: steps 1, CFG 1, Euler a, SGM Uniform (no turbo defaults in this tree)"),
