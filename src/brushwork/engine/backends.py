@@ -284,6 +284,8 @@ class OpenVinoModel:
             config["INFERENCE_NUM_THREADS"] = self.threads
         compiled = self.core().compile_model(model, "CPU", config)
         self.stats["compiled"] += 1
+        if name in self._folders:
+            _page_out(self._folders[name] / "model.bin")
         return compiled
 
     def core(self):
@@ -348,6 +350,27 @@ def _give_back_freed_memory() -> None:
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
+        pass
+
+
+def _page_out(path: Path) -> None:
+    """Drop the pages of ``path``'s read-only mappings from memory (Linux ``madvise(MADV_PAGEOUT)``). The IR's
+    weights file is mapped by OpenVINO and read while it compiles, which repacks the weights into its own memory:
+    the file's pages would then count as the process's memory (a second copy of the weights in its RSS) until the
+    system needs them. Clean file pages come back from disk if anything reads them again; elsewhere nothing."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            ranges = [line.split()[0] for line in f if line.rstrip("\n").endswith(str(path))]
+        if not ranges:
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for span in ranges:
+            start, end = (int(x, 16) for x in span.split("-"))
+            libc.madvise(start, end - start, 21)  # MADV_PAGEOUT (Linux 5.4+; older kernels refuse it: nothing)
+    except (OSError, AttributeError, ValueError):
         pass
 
 
