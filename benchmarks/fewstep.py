@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from step import clip_l, machine, openclip_h, sd_vae, write_results  # noqa: E402
+from step import clip_l, machine, openclip_h, sd_vae, sgemm_gflops, write_results  # noqa: E402
 from upscale import PeakRSS, pixel_diff  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -61,6 +61,7 @@ GOAL = {"what": "SD-Turbo, 1 step, 512x512, TAESD decode, end to end, fp32, on t
         "target_s": 8.0, "arithmetic_limit_s": 6.0,
         "why": "issue 14: UNet 0.80 TFLOP + TAESD 0.14 + text encoder 0.05 at ~166 GFLOP/s"}
 
+UNET_GFLOP = 804.3  # one SD 2.1 UNet pass at 512, batch 1 (benchmarks/ov_profile.py's count)
 # name -> (family, native side, decoders, one-step settings)
 MODELS = {
     "sd-turbo": {"family": "sd2", "side": 512, "decoders": ("vae", "taesd"), "turbo": True},
@@ -473,7 +474,8 @@ def main(argv=None) -> int:
     use_defaults = fewstep_defaults_available()
     names = args.only or list(MODELS)
     results: dict = {
-        "benchmark": "fewstep", "machine": machine(), "command": " ".join(sys.argv), "prompt": PROMPT, "prompts": "per run: PROMPT + ' (model, decoder, take r)'",
+        "benchmark": "fewstep", "machine": machine(), "sgemm_gflops_at_start": sgemm_gflops(),
+        "command": " ".join(sys.argv), "prompt": PROMPT, "prompts": "per run: PROMPT + ' (model, decoder, take r)'",
         "seed": SEED,
         "rounds": {"first": 1, "warm": args.rounds}, "arch": args.arch,
         "turbo_settings": ("the model's few-step defaults: request turbo=True (models/fewstep.py)" if use_defaults
@@ -495,6 +497,14 @@ def main(argv=None) -> int:
         plain = taesd["plain"].get("warm_s") or taesd["plain"].get("first_s")
         results["goal"].update(brushwork_s=best, plain_s=plain, met=best <= GOAL["target_s"],
                                load_average_1min=taesd["load_average_1min_per_round"])
+        warm = taesd["brushwork"]["runs"][1:] or taesd["brushwork"]["runs"]
+        unet_s = statistics.median(r["modules"]["unet"]["s"] for r in warm)
+        results["sgemm_gflops_at_end"] = sgemm_gflops()
+        ceiling = (results["sgemm_gflops_at_start"]["median"] + results["sgemm_gflops_at_end"]["median"]) / 2
+        # the UNet pass's rate (ov_profile.py counted 804 GFLOP in one SD 2.1 pass at 512) against what the cores
+        # did in plain matrix products in the same run: how far the pass is from this machine's fp32 ceiling
+        results["goal"].update(unet_pass_s=round(unet_s, 2), unet_pass_gflops=round(UNET_GFLOP / unet_s, 1),
+                               unet_share_of_sgemm=round(UNET_GFLOP / unet_s / ceiling, 2))
     write_results(results, started, args.out)
     return 0
 

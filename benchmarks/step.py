@@ -145,6 +145,25 @@ def machine() -> dict:
     return info
 
 
+def sgemm_gflops(side: int = 2048, seconds: float = 2.0) -> dict:
+    """What this machine's cores do in fp32 matrix products right now (torch's sgemm, the threads torch uses): the
+    practical ceiling a model's fp32 pass can reach here, which a shared machine moves from one minute to the next.
+    Median and best GFLOP/s over ~``seconds`` of ``side``-square products."""
+    import statistics
+
+    import torch
+
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    a @ b  # warm-up
+    rates, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds or len(rates) < 3:
+        t0 = time.perf_counter()
+        a @ b
+        rates.append(2 * side**3 / (time.perf_counter() - t0) / 1e9)
+    return {"median": round(statistics.median(rates), 1), "best": round(max(rates), 1), "side": side,
+            "threads": torch.get_num_threads()}
+
+
 def write_results(results: dict, started: float, out: str) -> None:
     """Close a benchmark's results (peak RSS, load average, wall time) and write them as JSON."""
     import os
