@@ -132,7 +132,7 @@ def generation_options(fn):
         click.option("--compile", "compile_unet", is_flag=True,
                      help="torch.compile the UNet (slow first image, faster after; for long sessions)."),
         click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default=None,
-                     help="Where a CPU runs the UNet and VAE decoder: auto (OpenVINO for full-size models where "
+                     help="Where a CPU runs the UNet, VAE decoder and text encoders: auto (OpenVINO for full-size models where "
                           "installed), torch, openvino (pip install 'brushwork[openvino]'; converted once, cached)."),
         click.option("--threads", type=int, help="CPU threads [one per physical core]."),
         click.option("--no-watermark", "no_watermark", is_flag=True, help="Do not embed the invisible watermark."),

@@ -31,7 +31,7 @@ class Settings:
     memory: str = "auto"
     watermark: bool = True
     compile: bool = False  # torch.compile the UNet when a model loads (pays for long sessions: minutes to compile)
-    # where a CPU runs the UNet and the VAE decoder: auto (OpenVINO for large models where installed and faster),
+    # where a CPU runs the UNet, VAE decoder and text encoders: auto (OpenVINO for large models where installed and faster),
     # torch, openvino (engine/backends.py)
     backend: str = "auto"
     threads: int = 0  # CPU threads for torch; 0 = torch's default (one per physical core)

@@ -1,4 +1,5 @@
-"""CPU backends: where the UNet and the VAE decoder run on a CPU, chosen once per model by the device policy.
+"""CPU backends: where the UNet, the VAE decoder and the text encoders run on a CPU, chosen once per model by the
+device policy.
 
 ``torch``: PyTorch eager (oneDNN), always there. ``openvino`` (``pip install 'brushwork[openvino]'``, what FastSD
 CPU uses): the module converted to OpenVINO's IR with ``ov.convert_model`` from the very diffusers module that is

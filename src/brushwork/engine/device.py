@@ -31,7 +31,7 @@ class DevicePolicy:
     channels_last: bool = False  # UNet/VAE convolutions in NHWC (faster with oneDNN and on tensor cores)
     compile: bool = False  # torch.compile the UNet (pays after a slow first run; opt-in)
     why: str = ""  # one line on how the precision was chosen, for notes and benchmarks
-    # where the UNet and the VAE decoder run on a CPU: "torch" (eager) or "openvino" (engine/backends.py)
+    # where the UNet, the VAE decoder and the text encoders run on a CPU: "torch" (eager) or "openvino" (engine/backends.py)
     backend: str = "torch"
     # one line for the user when the backend asked for is not the one used (not installed, not for this device)
     backend_note: str = ""
@@ -186,7 +186,8 @@ def _backend_for(policy: DevicePolicy, asked: str, precision, unet_params: int |
         return {"backend": "torch", "why": policy.why + f"; torch, not OpenVINO ({free / 2**30:.1f} GB of memory free, "
                                                         f"its copy of the UNet needs ~{need / 2**30:.1f} GB)"}
     return {"backend": "openvino", "compile": False,
-            "why": policy.why + "; OpenVINO for the UNet and the VAE decoder (installed; faster than torch here)"}
+            "why": policy.why + "; OpenVINO for the UNet, the VAE decoder and the text encoders (installed; faster "
+                                "than torch here)"}
 
 
 # what a conversion and a 512x512 run add beside OpenVINO's copy of the UNet's weights

@@ -62,10 +62,10 @@ class ModelParts:
     # hash; an LCM UNet says so itself), and why; None: an ordinary model (the request's ``turbo`` can say otherwise)
     fewstep: str | None = None
     fewstep_why: str = ""
-    # the CPU backend's converted components (engine/backends.py: OpenVINO's UNet and VAE decoder), made when the
-    # model loads per the device policy; None: torch
+    # the CPU backend's converted components (engine/backends.py: OpenVINO's UNet, VAE decoder and text
+    # encoders), made when the model loads per the device policy; None: torch
     backend: object = None
-    # the last prompts' encodings (engine/tasks/base.py ``RunContext.embeddings``): a prompt encoded again with the
+    # the last prompts' encodings (engine/tasks/base.py ``RunContext._encoded``): a prompt encoded again with the
     # same settings is read from here, as A1111's cached conds (cleared with the model)
     conditionings: dict = field(default_factory=dict)
 

@@ -48,10 +48,10 @@ def text_to_image_models(parts) -> str | None:
     return None
 
 
-# A task names the SD pipeline it runs; on an SDXL model the same task runs SDXL's pipeline of that kind
 # how many prompt encodings a model keeps (``RunContext._encoded``; a few hundred KB each)
 CONDITIONINGS_KEPT = 16
 
+# A task names the SD pipeline it runs; on an SDXL model the same task runs SDXL's pipeline of that kind
 XL_PIPELINES = {
     "StableDiffusionPipeline": "StableDiffusionXLPipeline",
     "StableDiffusionImg2ImgPipeline": "StableDiffusionXLImg2ImgPipeline",
@@ -237,7 +237,7 @@ class RunContext:
                tuple(sorted((name, id(e)) for name, e in library.loaded.items())) if library is not None else ())
         cache = parts.conditionings
         if not lora and key in cache:
-            embeds, used = cache[key] = cache.pop(key)  # the most recent last
+            embeds, used, _ = cache[key] = cache.pop(key)  # the most recent last
         else:
             before = {} if library is None else library.used
             if library is not None:
@@ -255,7 +255,8 @@ class RunContext:
             if library is None:
                 used = {}
             if not lora:
-                cache[key] = (embeds, used)
+                # (the library's embeddings kept with it: the ids in the key stay theirs while it is kept)
+                cache[key] = (embeds, used, tuple(library.loaded.values()) if library is not None else ())
                 while len(cache) > CONDITIONINGS_KEPT:
                     cache.pop(next(iter(cache)))
         if library is not None:
