@@ -268,8 +268,8 @@ def plain_pipeline(parts, vae, name: str):
 def prompt_for(name: str, decoder: str, round_: int) -> str:
     """Each run's prompt (the same for both sides of a round): a new one for every model, decoder and round, so no
     run reads another's encoding (brushwork keeps a model's last encodings, as A1111 does; ``same_prompt_again``
-    measures that apart)."""
-    return f"{PROMPT} ({name}, {decoder}, take {round_})"
+    measures that apart). No brackets: A1111's emphasis would weight them, plain diffusers would not."""
+    return f"{PROMPT}, {name} {decoder} take {round_}"
 
 
 def run_plain(pipe, name: str, side: int, clock: ModuleClock, prompt: str = PROMPT):
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
     names = args.only or list(MODELS)
     results: dict = {
         "benchmark": "fewstep", "machine": machine(), "sgemm_gflops_at_start": sgemm_gflops(),
-        "command": " ".join(sys.argv), "prompt": PROMPT, "prompts": "per run: PROMPT + ' (model, decoder, take r)'",
+        "command": " ".join(sys.argv), "prompt": PROMPT, "prompts": "per run: PROMPT + ', <model> <decoder> take <r>'",
         "seed": SEED,
         "rounds": {"first": 1, "warm": args.rounds}, "arch": args.arch,
         "turbo_settings": ("the model's few-step defaults: request turbo=True (models/fewstep.py)" if use_defaults
