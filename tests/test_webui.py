@@ -244,6 +244,16 @@ def _set_range(page, selector: str, value) -> None:
                                     "{bubbles: true})); }", str(value))
 
 
+def _basics(page, model: str, prompt: str, *, side: int, seed: int, steps: int) -> None:
+    """The model, prompt, a square size, seed and steps, as a user sets them."""
+    page.select_option("#model", model)
+    page.fill("#prompt", prompt)
+    page.fill("#width", str(side))
+    page.fill("#height", str(side))
+    page.fill("#seed", str(seed))
+    _set_range(page, "#steps", steps)
+
+
 def _generate_small(page, wait_for: str = "#results img") -> None:
     """Generate at 32x32 in 3 steps and wait for ``wait_for`` to appear."""
     page.fill("#width", "32")
@@ -829,12 +839,7 @@ def test_hires_checkpoint_sampler_and_prompt(browser, server):
     model = save_single(server.paths["models"] / "tiny-hires.safetensors", "sd1", seed=1)
     try:
         page, errors = _page(browser, server)
-        page.select_option("#model", "tiny")
-        page.fill("#prompt", "a castle")
-        page.fill("#width", "32")
-        page.fill("#height", "32")
-        page.fill("#seed", "5")
-        _set_range(page, "#steps", 2)
+        _basics(page, "tiny", "a castle", side=32, seed=5, steps=2)
         assert page.locator("#hires_checkpoint").is_hidden()  # inside the closed hires panel
         page.check("#enable_hr")
         checkpoints = page.eval_on_selector_all("#hires_checkpoint option", "els => els.map(e => [e.value, e.text])")
@@ -902,13 +907,8 @@ def test_refiner_panel_on_sdxl_and_the_servers_refusals(browser, server):
         page, errors = _page(browser, server)
         assert page.locator("#refiner-panel").is_hidden() and not page.is_checked("#enable_refiner")
         page.uncheck("#enable_hr")
-        page.select_option("#model", "tiny-xl")
-        page.fill("#prompt", "a red circle")
-        page.fill("#width", "64")
-        page.fill("#height", "64")
-        page.fill("#seed", "7")
+        _basics(page, "tiny-xl", "a red circle", side=64, seed=7, steps=4)
         page.select_option("#sampler", "Euler")
-        _set_range(page, "#steps", 4)
         # plain: no refiner fields at all
         body, job_id = _submit(page)
         assert "refiner" not in body and "refiner_switch_at" not in body

@@ -489,14 +489,17 @@ def _DecoderIO(decoder, forward):  # noqa: N802
 def unet_context(accel, unet, *, reasons: list[str]):
     """What ``RunContext.run_pipe`` wraps a denoising loop in: the OpenVINO UNet unless a reason keeps it on torch
     (said once per run in the notes)."""
-    if accel is None:
-        return nullcontext()
-    if reasons:
-        note = f"OpenVINO: the UNet runs on torch for this request ({', '.join(reasons)})"
-        if note not in accel.notes:
-            accel.notes.append(note)
-        return nullcontext()
-    return accel.unet(unet)
+    return nullcontext() if accel is None or _said_on_torch(accel, "UNet", reasons) else accel.unet(unet)
+
+
+def _said_on_torch(accel, what: str, reasons: list[str]) -> bool:
+    """Whether ``reasons`` keep ``what`` on torch for this request; said once per run in the notes."""
+    if not reasons:
+        return False
+    note = f"OpenVINO: the {what} runs on torch for this request ({', '.join(reasons)})"
+    if note not in accel.notes:
+        accel.notes.append(note)
+    return True
 
 
 def for_model(policy, settings):
@@ -512,12 +515,7 @@ def for_model(policy, settings):
 def text_context(accel, parts, *, reasons: list[str]):
     """What a prompt's encoding is wrapped in: the OpenVINO text encoders of ``parts`` unless a reason (a LoRA on
     them) keeps them on torch for this request (said once per run)."""
-    if accel is None:
-        return nullcontext()
-    if reasons:
-        note = f"OpenVINO: the text encoder runs on torch for this request ({', '.join(reasons)})"
-        if note not in accel.notes:
-            accel.notes.append(note)
+    if accel is None or _said_on_torch(accel, "text encoder", reasons):
         return nullcontext()
     return accel.text_encoders(parts)
 
