@@ -678,14 +678,23 @@ def test_an_lcm_lora_picks_the_lcm_sampler_4_steps_and_no_cfg_where_the_request_
         "fast is an LCM-LoRA (its ss_output_name): 4 steps, CFG 1 (no CFG: one UNet pass a step) where the request")
 
 
-def test_a_hires_checkpoint_runs_its_pass_without_the_loras_and_says_so(eng, tiny, tmp_path):
+def test_a_hires_checkpoint_runs_its_pass_with_the_loras_as_a1111_activates_them_again(eng, tiny, tmp_path):
+    """A1111 activates the prompt's extra networks again on the checkpoint it switches to: a hires checkpoint with
+    the model's very weights and the same LoRA draws the picture the model draws alone; without the tag, the next
+    request's second pass is the plain checkpoint's again (nothing left on it)."""
     twin = shutil.copyfile(tiny["sd1"]["safetensors"], tmp_path / "tiny-twin.safetensors")  # the model's weights
     hires = dict(hires_scale=2, hires_steps=2)
     plain, _ = draw(eng, "<lora:style:1> a red circle", **hires)
     other, result = draw(eng, "<lora:style:1> a red circle", hires_checkpoint=str(twin), **hires)
-    assert "LoRAs apply to the model, not to the hires checkpoint's second pass" in result.notes
-    assert not np.array_equal(plain, other)  # the same weights, but the second pass without the LoRA
+    assert not [n for n in result.notes if "LoRAs apply" in n], result.notes
+    assert np.array_equal(plain, other)  # the same weights and the same LoRA on both passes
     assert "Lora hashes" in result.infotexts[0] and "Hires checkpoint: tiny-twin [" in result.infotexts[0]
+    strengths, _ = draw(eng, "<lora:style:1:0> a red circle", hires_checkpoint=str(twin), **hires)
+    assert np.abs(strengths - other).max() > 0  # the tag's strengths (text encoder only) on the twin too
+    assert np.array_equal(strengths, draw(eng, "<lora:style:1:0> a red circle", **hires)[0])
+    without, _ = draw(eng, "a red circle", hires_checkpoint=str(twin), **hires)
+    assert np.array_equal(without, draw(eng, "a red circle", **hires)[0])  # no LoRA left on the twin
+    assert np.abs(without - other).max() > 0
 
 
 def test_on_openvino_a_lora_keeps_what_it_changes_on_torch_and_draws_torch_s_picture(library, eng):
@@ -723,3 +732,26 @@ def test_an_encoding_a_lora_changes_is_never_kept_for_the_next_request(eng, base
         assert len(calls) == 4  # the plain prompt's encoding was kept from before
     finally:
         hook.remove()
+
+
+def test_a_lora_that_does_not_fit_the_hires_checkpoint_is_one_line_before_any_step(eng, tiny, tmp_path,
+                                                                                    monkeypatch):
+    from brushwork.engine import lora as lora_mod
+
+    twin = shutil.copyfile(tiny["sd1"]["safetensors"], tmp_path / "tiny-twin.safetensors")
+    real, steps = lora_mod.load, []
+
+    def load(parts, lora, **kw):  # the twin stands for a checkpoint of other shapes
+        if parts.name == "tiny-twin":
+            raise ModelError(f"{lora.path.name} does not fit this model (its shapes)")
+        return real(parts, lora, **kw)
+
+    monkeypatch.setattr(lora_mod, "load", load)
+    with pytest.raises(ModelError, match=r"^the hires checkpoint tiny-twin: style.safetensors does not fit this model"):
+        eng.generate(GenerationRequest(prompt="<lora:style:1> a red circle", model="tiny", steps=STEPS, seed=SEED,
+                                       width=SIZE, height=SIZE, watermark=False, hires_scale=2, hires_steps=1,
+                                       hires_checkpoint=str(twin)), progress=lambda p: steps.append(p))
+    assert steps == []  # refused before the first step
+    monkeypatch.undo()
+    after, _ = draw(eng, "a red circle")
+    assert after.shape[0] == SIZE  # the engine goes on

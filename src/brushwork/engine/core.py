@@ -267,6 +267,11 @@ class Engine:
                 controls.prepare()
             try:
                 nets.prepare()
+                if hires_model is not None:  # its pass runs with the LoRAs too: a file that does not fit it says so now
+                    try:
+                        nets.for_model(hires_model[0]).prepare()
+                    except ModelError as err:
+                        raise ModelError(f"the hires checkpoint {hires_model[0].name}: {err}") from err
                 result = run.generate(
                     loaded.parts,
                     loaded.policy,

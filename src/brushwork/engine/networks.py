@@ -108,6 +108,19 @@ class Networks:
         self._mentioned: dict[str, object] = {}  # name as written -> LoraFile, in order (the infotext's)
         self._active: tuple | None = None  # what apply() last set; None: not set by this request
         self._hooks = lycoris.Hooks()  # LyCORIS LoHa / LoKr files: forward hooks, while active
+        self._children: dict[int, Networks] = {}  # id(another model's parts: the hires checkpoint) -> its Networks
+
+    def for_model(self, parts) -> Networks:
+        """The request's LoRAs and embeddings on another loaded model that runs part of it from the same prompts:
+        the hires checkpoint, as A1111 activates the extra networks again on the checkpoint it switches to. Its
+        notes are this one's; its embeddings' hashes join this one's infotext; ``release`` releases it too."""
+        if parts is self.parts:
+            return self
+        child = self._children.get(id(parts))
+        if child is None:
+            child = self._children[id(parts)] = Networks(parts, self.request, self.loras, self.embedding_library)
+            child.notes = self.notes
+        return child
 
     def embeddings_for(self, parts):
         """The embeddings a model's prompt encoding can use: this model's, or for another model the request runs
@@ -126,8 +139,8 @@ class Networks:
         self.other_model_note("the refiner (an SDXL LoRA does not fit the refiner's layers)")
 
     def other_model_note(self, what: str) -> None:
-        """Say, once, that the request's LoRAs stay off for ``what`` another loaded model runs (the refiner's steps,
-        the hires checkpoint's pass): they are loaded into the model's layers only."""
+        """Say, once, that the request's LoRAs stay off for ``what`` another loaded model runs (the refiner's
+        steps): they are loaded into the model's layers only."""
         if any(plan for plan in self._plans.values()):
             note = f"LoRAs apply to the model, not to {what}"
             if note not in self.notes:
@@ -188,7 +201,10 @@ class Networks:
         return any(te != 0 for _, te, _ in self._active or ())
 
     def release(self) -> None:
-        """Every adapter off again (the model as loaded), whatever the run did."""
+        """Every adapter off again (the model as loaded, and every other model this request ran), whatever the run
+        did."""
+        for child in self._children.values():
+            child.release()
         self._hooks.remove()
         if lora_mod.loaded(self.parts):
             lora_mod.disable(self.parts)
@@ -200,7 +216,9 @@ class Networks:
         for name, found in self._mentioned.items():
             loras.append(f"{name.replace(':', '').replace(',', '')}: {self.loras.hash(found)[:12]}")
         used = dict(self.embeddings.used) if self.embeddings is not None else {}
-        for _, other in self._others.values():  # the refiner's encoding, after the model's
+        others = [other for _, other in self._others.values()]  # the refiner's encoding, after the model's
+        others += [child.embeddings for child in self._children.values() if child.embeddings is not None]
+        for other in others:  # (and the hires checkpoint's)
             used.update({name: e for name, e in other.used.items() if name not in used})
         embeddings = [f"{name.replace(':', '').replace(',', '')}: {self.embedding_library.hash(e)[:12]}"
                       for name, e in used.items()]

@@ -200,9 +200,10 @@ class RunContext:
         parts = parts or self.parts
         own = prompt is None and negative is None
         text = r.prompt if prompt is None else prompt
-        networks = self.networks
-        if networks is not None and parts is self.parts:  # the LoRAs the prompt's tags name, at their strengths
-            networks.activate(text)  # (engine.networks); the refiner's steps run without them (refiner_note)
+        networks = self.networks_of(parts)
+        if networks is not None:  # the LoRAs the prompt's tags name, at their strengths (engine.networks)
+            networks.activate(text)
+        networks = networks or self.networks  # the refiner's steps run without them (refiner_note), not its embeddings
         if own and id(parts) in self._embeds:
             embeds = self._embeds[id(parts)]
         else:
@@ -212,7 +213,7 @@ class RunContext:
             library = networks.embeddings_for(parts) if networks is not None else None
             options = dict(clip_skip=r.clip_skip, device=self.policy.device, emphasis=r.emphasis,
                            comma_padding_backtrack=r.comma_padding_backtrack, embeddings=library)
-            lora = parts is self.parts and networks is not None and networks.changes_text_encoder
+            lora = networks is not None and parts is networks.parts and networks.changes_text_encoder
             embeds = self._encoded(parts, texts, options, lora)
             if own:
                 self._embeds[id(parts)] = embeds
@@ -263,6 +264,15 @@ class RunContext:
             library.used.update(used)
         return embeds
 
+    def networks_of(self, parts):
+        """The request's LoRAs on ``parts``: the model's, the hires checkpoint's (A1111 activates them again on the
+        checkpoint it switches to); None for the refiner (SDXL LoRAs do not fit its layers) and without LoRAs."""
+        if self.networks is None:
+            return None
+        if parts is self.parts:
+            return self.networks
+        return self.networks.for_model(parts) if parts is self.hires_parts else None
+
     def guided(self, parts=None) -> bool:
         """Whether the run uses CFG (a negative prompt): as diffusers decides it, CFG scale above 1 and a UNet that
         does not take the guidance as an embedding (LCM's)."""
@@ -304,9 +314,10 @@ class RunContext:
 
         r = self.request
         owner = self.owner(pipe.unet)
+        nets = self.networks_of(owner)
         reasons = [why for why, applies in (
             ("fast mode", interval_for(r.fast) > 1), ("token merging", float(r.token_merging_ratio) > 0),
-            ("a LoRA on the UNet", owner is self.parts and self.networks is not None and self.networks.changes_unet),
+            ("a LoRA on the UNet", nets is not None and nets.changes_unet),
             ("ControlNet", bool(controls))) if applies]
         return unet_context(getattr(owner, "backend", None), pipe.unet, reasons=reasons)
 

@@ -18,7 +18,8 @@
 A hires checkpoint (A1111's ``hr_checkpoint_name``; ``RunContext.hires_parts``, loaded by the engine beside the
 model) runs the second pass: its UNet, its text encoders for the prompts, its scheduler config, and its VAE for
 the final decode; an image upscaler decodes the first pass with the model's VAE and encodes the upscaled pictures
-with the checkpoint's, as A1111 switches checkpoints between the two. The prompts' LoRAs stay on the model.
+with the checkpoint's, as A1111 switches checkpoints between the two. The prompts' LoRAs go on it too for its
+pass (``RunContext.networks_of``), as A1111 activates them again on the checkpoint it switches to.
 
 Steps: A1111 runs exactly ``hires_steps or steps`` steps in the second pass, the last ones of a schedule of
 ``int(N / min(strength, 0.999))`` steps (``sd_samplers_common.setup_img2img_steps`` with steps given). Diffusers'
@@ -119,8 +120,6 @@ def denoise(ctx: RunContext, seeds: list[int]):
     if not steps:
         return latents
     model = ctx.hires_parts or ctx.parts  # the hires checkpoint, else the model
-    if model is not ctx.parts and ctx.networks is not None:
-        ctx.networks.other_model_note("the hires checkpoint's second pass")
     own = r.hires_sampler is not None or r.hires_scheduler is not None
     scheduler = build_scheduler(model.scheduler_config, *r.hires_sampler_and_schedule) if own else None
     pipe = ctx.pipe("StableDiffusionImg2ImgPipeline", scheduler=scheduler, parts=model)
