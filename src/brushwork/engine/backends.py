@@ -69,9 +69,9 @@ def openvino_missing() -> str | None:
 
 
 class OpenVinoModel:
-    """The UNet, VAE decoder and text encoders of one loaded model on OpenVINO: converted once (cached on disk by fingerprint),
-    compiled for the input shape of the run (the last shape is kept; a new one compiles again, from OpenVINO's
-    kernel cache when it has been seen)."""
+    """The UNet, VAE decoder and text encoders of one loaded model on OpenVINO: converted once (cached on disk by
+    fingerprint), compiled for the input shape of the run (the last shape is kept; a new one compiles again, from
+    OpenVINO's kernel cache when it has been seen)."""
 
     def __init__(self, cache_dir: Path, threads: int = 0):
         self.cache_dir = Path(cache_dir)
@@ -114,11 +114,8 @@ class OpenVinoModel:
                 return UNet2DConditionOutput(sample=out)
             return (out,)
 
-        unet.forward = forward  # the instance attribute shadows the class's (hooks, as engine.hooks)
-        try:
+        with _forward_replaced(unet, forward):
             yield
-        finally:
-            del unet.forward
 
     @contextmanager
     def decoder(self, vae):
@@ -140,11 +137,8 @@ class OpenVinoModel:
             out = self._run(name, decoder, {"sample": sample.numpy()}, lambda: _DecoderIO(decoder, original))
             return original(sample, *args) if out is None else torch.from_numpy(out)
 
-        decoder.forward = forward
-        try:
+        with _forward_replaced(decoder, forward):
             yield
-        finally:
-            del decoder.forward
 
     @contextmanager
     def text_encoders(self, parts):
@@ -187,11 +181,8 @@ class OpenVinoModel:
 
             return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
-        te.forward = forward
-        try:
+        with _forward_replaced(te, forward):
             yield
-        finally:
-            del te.forward
 
     def take_notes(self) -> list[str]:
         notes, self.notes = self.notes, []
@@ -343,13 +334,28 @@ class OpenVinoModel:
         return self.core().read_model(folder / "model.xml")
 
 
-def _give_back_freed_memory() -> None:
-    """Return the heap that freed tensors leave to the system (glibc keeps it otherwise); elsewhere nothing."""
+@contextmanager
+def _forward_replaced(module, forward):
+    """``module``'s calls go to ``forward`` within the block: an instance attribute shadows the class's forward
+    (its hooks still run, as ``engine.hooks``), removed again whatever happens."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def _libc():
     import ctypes
     import ctypes.util
 
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap that freed tensors leave to the system (glibc keeps it otherwise); elsewhere nothing."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -366,7 +372,7 @@ def _page_out(path: Path) -> None:
             ranges = [line.split()[0] for line in f if line.rstrip("\n").endswith(str(path))]
         if not ranges:
             return
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         for span in ranges:
             start, end = (int(x, 16) for x in span.split("-"))

@@ -240,9 +240,10 @@ class RunContext:
         if not lora and key in cache:
             embeds, used, _ = cache[key] = cache.pop(key)  # the most recent last
         else:
-            before = {} if library is None else library.used
+            used = {}  # what this encoding finds (``prompts.tokenize_weighted`` writes the library's ``used``)
+            before = library.used if library is not None else None
             if library is not None:
-                library.used = {}  # what this encoding finds
+                library.used = used
             try:
                 with text_context(getattr(parts, "backend", None), parts,
                                   reasons=["a LoRA on the text encoder"] if lora else []):
@@ -252,9 +253,7 @@ class RunContext:
                         embeds = prompts.encode(parts.text_encoder, parts.tokenizer, *texts, **options)
             finally:
                 if library is not None:
-                    used, library.used = library.used, before
-            if library is None:
-                used = {}
+                    library.used = before
             if not lora:
                 # (the library's embeddings kept with it: the ids in the key stay theirs while it is kept)
                 cache[key] = (embeds, used, tuple(library.loaded.values()) if library is not None else ())
