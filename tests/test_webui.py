@@ -928,8 +928,9 @@ def test_refiner_panel_on_sdxl_and_the_servers_refusals(browser, server):
         job = _finished(server, job_id)
         assert _result_image(server, job).size == (64, 64)
         image_id = job["result"]["images"][0]["id"]  # the refined picture shown (not the plain one before it)
-        page.wait_for_function("id => document.querySelector('#results img')?.src.includes(id)", arg=image_id,
-                               timeout=30_000)
+        # (the whole id at the URL's end: a short one, as "1", is also in the host, port or "/api/v1/")
+        page.wait_for_function("id => document.querySelector('#results img')?.src.endsWith(`/images/${id}`)",
+                               arg=image_id, timeout=30_000)
         text = _result_details(page)
         assert "Refiner: tiny-xl-refiner [" in text and "Refiner switch at: 0.5" in text, text
         page.click("#details button[value=close]")
